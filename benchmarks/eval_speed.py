@@ -1,0 +1,69 @@
+"""Seconds per evaluated case for each editing method on the embedded model.
+
+Runs :func:`editing.evaluate.evaluate` on the first ``--n`` known CounterFact cases per method
+(MEMIT: one batch of all ``--n``) in a fresh temporary folder and prints a table: seconds per
+edit (the method's own computation), seconds of scoring + generation on the edited model per
+case, seconds per case overall, and the unedited-model costs measured separately (scoring
+all cases in one batch; generating their fluency texts in one batch).
+
+    .venv/bin/python benchmarks/eval_speed.py --n 5 --methods none,rome,memit,ft-l
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from editing.eval_cases import UneditedCache, load_cases, select_cases
+from editing.evaluate import evaluate
+from editing.generation import GenerationSettings
+from editing.metrics import ModelScorer
+from tracing.models import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--n", type=int, default=5, help="cases per method")
+    parser.add_argument("--methods", default="none,rome,memit,ft-l")
+    parser.add_argument("--gen-tokens", type=int, default=40)
+    parser.add_argument("--out", help="output folder (default: a temporary one)")
+    args = parser.parse_args()
+    gen = GenerationSettings(max_new_tokens=args.gen_tokens) if args.gen_tokens > 0 else None
+    model = load_model(args.model)
+    out = Path(args.out or tempfile.mkdtemp(prefix="eval_speed_"))
+
+    # the unedited model's costs, measured on their own
+    _, cases = load_cases("counterfact")
+    cache = UneditedCache(out / "bench_unedited.jsonl", ModelScorer(model), model)
+    t = time.perf_counter()
+    selected, _, _ = select_cases(model, cases, args.n, True, "prefers", cache)
+    t_score = (time.perf_counter() - t) / len(selected)
+    t = time.perf_counter()
+    if gen:
+        cache.get_texts([c for c, _ in selected], gen, 0)
+    t_gen = (time.perf_counter() - t) / len(selected)
+    print(f"unedited model, per case: selection + scoring {t_score:.2f} s "
+          f"(includes cases dropped as unknown), fluency generation {t_gen:.2f} s "
+          f"({args.gen_tokens} tokens x 2 prompts, batched)")
+
+    rows = []
+    for method in [m for m in args.methods.split(",") if m]:
+        t = time.perf_counter()
+        s = evaluate(model, "counterfact", method, n=args.n, batch=args.n, out_dir=out,
+                     generation=gen, progress=False)
+        wall = time.perf_counter() - t
+        rows.append((method, s.batch, s.n, s.seconds_per_edit, s.seconds_per_case,
+                     wall / s.n, s.edited.get("efficacy_success")))
+    print(f"\nmodel {args.model}, {args.n} CounterFact cases per method, output {out}")
+    print(f"{'method':<8} {'batch':>5} {'n':>3} {'s/edit':>8} {'s/case':>8} "
+          f"{'wall/case':>9} {'ES':>6}")
+    for method, batch, n, se, sc, wall, es in rows:
+        se_txt = f"{se:8.2f}" if se is not None else f"{'-':>8}"
+        print(f"{method:<8} {batch:>5} {n:>3} {se_txt} {sc:8.2f} {wall:9.2f} {es:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

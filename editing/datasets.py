@@ -1,0 +1,194 @@
+"""Typed loaders for the benchmark data shipped with factscope: CounterFact, zsRE, WikiText-2.
+
+CounterFact comes in two shapes and both load into :class:`CounterFactRecord`:
+
+* the full ROME schema (``requested_rewrite`` with a ``{}`` template, ``paraphrase_prompts``,
+  ``neighborhood_prompts``, ``attribute_prompts``, ``generation_prompts``): 5 records shipped;
+* the reduced EasyEdit form (``prompt``, ``subject``, ``target_new``, ``ground_truth``,
+  ``rephrase_prompt``, ``locality_prompt``): all 21,919 cases shipped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+
+def data_path(name: str) -> Path:
+    """Path of a data file shipped in ``editing/data``."""
+    return Path(str(files("editing").joinpath("data").joinpath(name)))
+
+
+def _read_json(path: Path) -> Any:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True)
+class CounterFactRecord:
+    """One CounterFact case, whichever form it came in."""
+
+    case_id: int
+    subject: str
+    template: str  # the edit prompt with "{}" where the subject goes
+    target_true: str
+    target_new: str
+    relation_id: str | None = None
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+    attribute_prompts: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+    form: str = "full"
+
+    @property
+    def prompt(self) -> str:
+        """The edit prompt with the subject filled in."""
+        return self.template.format(self.subject)
+
+
+def _require(rec: Any, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    missing = [k for k in keys if k not in rec]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+
+
+def _target(value: Any, where: str, key: str) -> str:
+    text = value.get("str") if isinstance(value, dict) else value
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: empty or malformed {key}")
+    return text
+
+
+def parse_counterfact(rec: Any, index: int = 0) -> CounterFactRecord:
+    """Parse one CounterFact record (full or reduced form); errors name the record."""
+    where = f"CounterFact record {index}"
+    if isinstance(rec, dict) and "case_id" in rec:
+        where += f" (case_id {rec['case_id']})"
+    if isinstance(rec, dict) and "requested_rewrite" in rec:
+        _require(rec, ("case_id", "requested_rewrite"), where)
+        rw = rec["requested_rewrite"]
+        _require(rw, ("prompt", "subject", "target_new", "target_true"), where)
+        if "{}" not in rw["prompt"]:
+            raise ValueError(f"{where}: requested_rewrite.prompt has no '{{}}' for the subject")
+        if not str(rw["subject"]).strip():
+            raise ValueError(f"{where}: empty subject")
+        return CounterFactRecord(
+            case_id=int(rec["case_id"]),
+            subject=rw["subject"],
+            template=rw["prompt"],
+            target_true=_target(rw["target_true"], where, "target_true"),
+            target_new=_target(rw["target_new"], where, "target_new"),
+            relation_id=rw.get("relation_id"),
+            paraphrase_prompts=tuple(rec.get("paraphrase_prompts", ())),
+            neighborhood_prompts=tuple(rec.get("neighborhood_prompts", ())),
+            attribute_prompts=tuple(rec.get("attribute_prompts", ())),
+            generation_prompts=tuple(rec.get("generation_prompts", ())),
+            form="full",
+        )
+    _require(rec, ("case_id", "prompt", "subject", "target_new", "ground_truth"), where)
+    subject, prompt = rec["subject"], rec["prompt"]
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError(f"{where}: empty subject")
+    # A subject missing from its prompt is kept (template without "{}"): evaluation skips and
+    # counts such cases instead of failing the whole run.
+    template = prompt.replace(subject, "{}", 1) if subject in prompt else prompt
+    locality = rec.get("locality_prompt")
+    return CounterFactRecord(
+        case_id=int(rec["case_id"]),
+        subject=subject,
+        template=template,
+        target_true=_target(rec["ground_truth"], where, "ground_truth"),
+        target_new=_target(rec["target_new"], where, "target_new"),
+        relation_id=rec.get("relation_id"),
+        paraphrase_prompts=(rec["rephrase_prompt"],) if rec.get("rephrase_prompt") else (),
+        neighborhood_prompts=(locality,) if locality else (),
+        form="reduced",
+    )
+
+
+def load_counterfact(
+    path: str | Path | None = None, *, full_sample: bool = False
+) -> list[CounterFactRecord]:
+    """Load CounterFact. Default: all 21,919 shipped cases (reduced form), sorted by case_id.
+
+    ``full_sample=True`` loads the 5 shipped records in the full ROME schema. ``path`` loads any
+    JSON (or .json.gz) list of CounterFact-shaped records, full or reduced.
+    """
+    if path is not None:
+        src = Path(path)
+    else:
+        src = data_path(
+            "counterfact_full_first5.json.gz" if full_sample else "counterfact_reduced.json.gz"
+        )
+    raw = _read_json(src)
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{src}: expected a non-empty JSON list of CounterFact records")
+    return [parse_counterfact(r, i) for i, r in enumerate(raw)]
+
+
+@dataclass(frozen=True)
+class ZsreRecord:
+    """One zsRE question (MEND's form): edit ``question`` to answer ``target_new``."""
+
+    subject: str
+    question: str
+    target_new: str
+    answers: tuple[str, ...]
+    rephrase: str
+    loc_question: str
+    loc_answer: str
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+def parse_zsre(rec: Any, index: int = 0) -> ZsreRecord:
+    """Parse one zsRE record; errors name the record."""
+    where = f"zsRE record {index}"
+    _require(rec, ("subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans"), where)
+    if not str(rec["alt"]).strip():
+        raise ValueError(f"{where}: empty target 'alt'")
+    return ZsreRecord(
+        subject=rec["subject"],
+        question=rec["src"],
+        target_new=rec["alt"],
+        answers=tuple(rec["answers"]),
+        rephrase=rec["rephrase"],
+        loc_question=rec["loc"],
+        loc_answer=rec["loc_ans"],
+        extra={k: v for k, v in rec.items() if k in ("pred", "cond")},
+    )
+
+
+def load_zsre(path: str | Path | None = None, *, eval_sample: bool = False) -> list[ZsreRecord]:
+    """Load zsRE. Default: the 1,000 shipped records (MEND train split sample);
+    ``eval_sample=True``: the 5 shipped eval records; ``path``: any JSON list of that shape."""
+    if path is not None:
+        src = Path(path)
+    else:
+        src = data_path(
+            "zsre_mend_eval_first5.json.gz" if eval_sample else "zsre_mend_train_1k.json.gz"
+        )
+    raw = _read_json(src)
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{src}: expected a non-empty JSON list of zsRE records")
+    return [parse_zsre(r, i) for i, r in enumerate(raw)]
+
+
+def wikitext_paragraphs(split: str = "test", min_chars: int = 1) -> Iterator[str]:
+    """Paragraphs of the shipped WikiText-2 raw text (``test`` or ``valid``), in file order,
+    skipping headings (`` = ... = ``) and blank lines."""
+    if split not in ("test", "valid"):
+        raise ValueError(f"unknown WikiText-2 split {split!r}; shipped: 'test', 'valid'")
+    with gzip.open(data_path(f"wikitext2_{split}.raw.gz"), "rt", encoding="utf-8") as f:
+        for line in f:
+            text = line.strip()
+            if len(text) < min_chars or (text.startswith("=") and text.endswith("=")):
+                continue
+            yield text

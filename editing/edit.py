@@ -1,0 +1,408 @@
+"""An edit as a value: per-layer deltas of MLP down-projections plus what made them.
+
+:class:`Edit` holds :class:`LayerDelta` objects (low-rank factors where the method gives them,
+dense otherwise) in the architecture-neutral ``[d_mlp, d_model]`` orientation of
+:func:`tracing.models.down_proj`, with the model fingerprint, requests, hyper-parameters and
+method. ``apply`` / ``undo`` restore the original weights bit for bit, ``save`` / ``load`` use
+safetensors + JSON, and an edit is refused by a model with another fingerprint.
+:func:`weights_snapshot` and :class:`restoring_weights` protect weights around any code that
+changes them in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+
+from editing.requests import EditRequest
+from tracing.models import check_layer, down_proj, fingerprint
+
+FORMAT = "factscope-edit"
+VERSION = 1
+_STACK_ATTR = "_factscope_applied_edits"  # edits applied to a model, oldest first
+
+
+def weights_snapshot(model, layers: Iterable[int]) -> dict[int, Float[torch.Tensor, "m d"]]:
+    """Clones of ``down_proj(model, L)`` for each layer (the values to restore later)."""
+    return {L: down_proj(model, check_layer(model, L)).detach().clone() for L in set(layers)}
+
+
+def _restore(model, snapshot: dict[int, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for L, original in snapshot.items():
+            down_proj(model, L).copy_(original)
+
+
+class restoring_weights:  # noqa: N801  (used like a function: ``with restoring_weights(...)``)
+    """Context manager: snapshot the down-projections of ``layers``; if the block raises,
+    copy them back (bit-exact) and re-raise. With ``always=True`` they are restored on a
+    normal exit too. ``__enter__`` returns the snapshot ``{layer: weights}``."""
+
+    def __init__(self, model, layers: Iterable[int], *, always: bool = False) -> None:
+        self.model, self.layers, self.always = model, list(layers), always
+        self.snapshot: dict[int, torch.Tensor] = {}
+
+    def __enter__(self) -> dict[int, torch.Tensor]:
+        self.snapshot = weights_snapshot(self.model, self.layers)
+        return self.snapshot
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None or self.always:
+            _restore(self.model, self.snapshot)
+        return False
+
+
+@dataclass(eq=False)
+class LayerDelta:
+    """The change of ``down_proj(model, layer)`` ([d_mlp, d_model]): ``left @ right``
+    (low rank, ``left`` [d_mlp, r], ``right`` [r, d_model]; 1-D vectors mean rank one) or
+    ``dense``."""
+
+    layer: int
+    left: Float[torch.Tensor, "d_mlp r"] | None = None
+    right: Float[torch.Tensor, "r d_model"] | None = None
+    dense: Float[torch.Tensor, "d_mlp d_model"] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise ValueError(f"LayerDelta.layer must be an int, got {self.layer!r}")
+        low = self.left is not None or self.right is not None
+        if low == (self.dense is not None) or (low and (self.left is None or self.right is None)):
+            raise ValueError(
+                f"layer {self.layer}: a LayerDelta needs either both left and right factors "
+                "or one dense matrix"
+            )
+        if low:
+            left, right = self.left.detach(), self.right.detach()  # type: ignore[union-attr]
+            left = left.unsqueeze(1) if left.ndim == 1 else left
+            right = right.unsqueeze(0) if right.ndim == 1 else right
+            if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
+                raise ValueError(
+                    f"layer {self.layer}: factors of shapes {tuple(left.shape)} and "
+                    f"{tuple(right.shape)} do not multiply to a matrix"
+                )
+            self.left, self.right = left, right
+        else:
+            self.dense = self.dense.detach()  # type: ignore[union-attr]
+            if self.dense.ndim != 2:
+                raise ValueError(f"layer {self.layer}: a dense delta must be a matrix")
+
+    @property
+    def rank(self) -> int | None:
+        """Number of factor columns (None for a dense delta)."""
+        return None if self.left is None else int(self.left.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the full delta."""
+        if self.dense is not None:
+            return tuple(self.dense.shape)  # type: ignore[return-value]
+        return (int(self.left.shape[0]), int(self.right.shape[1]))  # type: ignore[union-attr]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The stored tensors (factors or the dense matrix)."""
+        return [self.dense] if self.dense is not None else [self.left, self.right]  # type: ignore[list-item]
+
+    def matrix(self, dtype: torch.dtype = torch.float32) -> Float[torch.Tensor, "d_mlp d_model"]:
+        """The full delta in ``dtype`` (float32 by default); factors are multiplied in the
+        wider of their own dtype and ``dtype``, then cast."""
+        if self.dense is not None:
+            return self.dense.to(dtype)
+        work = torch.promote_types(torch.promote_types(self.left.dtype, self.right.dtype), dtype)  # type: ignore[union-attr]
+        return (self.left.to(work) @ self.right.to(work)).to(dtype)  # type: ignore[union-attr]
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    if value is None:
+        return {}
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+
+    def default(o: Any) -> Any:
+        if hasattr(o, "tolist"):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+    try:
+        return json.loads(json.dumps(value, default=default))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"edit {what} must be JSON-serialisable: {exc}") from exc
+
+
+@dataclass(eq=False, repr=False)
+class Edit:
+    """Weight deltas of one or more requests, with what made them. See the module docstring.
+
+    ``apply(model)`` checks the fingerprint, saves the touched layers' weights and adds the
+    deltas (all or nothing); ``undo(model)`` copies the saved weights back (bit-exact). Edits
+    applied one after another to the same layers must be undone in reverse order.
+    """
+
+    deltas: list[LayerDelta]
+    method: str
+    requests: list[EditRequest]
+    hparams: dict
+    model_fingerprint: str
+    model_name: str
+    metadata: dict = field(default_factory=dict)
+    _originals: dict[int, torch.Tensor] | None = field(default=None, init=False)
+    _model: Any = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.deltas = list(self.deltas)
+        if not self.deltas:
+            raise ValueError("an Edit needs at least one LayerDelta")
+        if not all(isinstance(d, LayerDelta) for d in self.deltas):
+            raise ValueError("Edit.deltas must be LayerDelta objects")
+        self.requests = list(self.requests)
+        self.hparams = _jsonable(self.hparams, "hparams")
+        self.metadata = _jsonable(self.metadata, "metadata")
+
+    def __repr__(self) -> str:
+        state = "applied" if self.is_applied else "not applied"
+        return (
+            f"Edit(method={self.method!r}, layers={self.layers}, requests={len(self.requests)}, "
+            f"model={self.model_name!r}, {state})"
+        )
+
+    @property
+    def layers(self) -> list[int]:
+        """The layers this edit changes, sorted."""
+        return sorted({d.layer for d in self.deltas})
+
+    @property
+    def is_applied(self) -> bool:
+        """Whether this edit is currently applied to a model."""
+        return self._originals is not None
+
+    # ------------------------------------------------------------------ apply / undo
+
+    def _planned(self, model) -> list[tuple[int, torch.Tensor]]:
+        found = fingerprint(model)
+        if found != self.model_fingerprint:
+            name = getattr(model, "factscope_name", None) or "the given model"
+            raise ValueError(
+                f"this edit was made for model {self.model_name!r} (fingerprint "
+                f"{self.model_fingerprint}); {name} has fingerprint {found}: refusing to apply "
+                "it to another model (weights unchanged)"
+            )
+        planned = []
+        for i, d in enumerate(self.deltas):
+            try:
+                W = down_proj(model, d.layer)
+            except ValueError as exc:
+                raise ValueError(f"delta {i}: {exc} (weights unchanged)") from exc
+            if d.shape != tuple(W.shape):
+                raise ValueError(
+                    f"delta {i} (layer {d.layer}) has shape {d.shape}, but the down-projection "
+                    f"is {tuple(W.shape)} [d_mlp, d_model] (weights unchanged)"
+                )
+            M = d.matrix(W.dtype)
+            if not torch.isfinite(M).all():
+                raise ValueError(
+                    f"delta {i} (layer {d.layer}) contains NaN or inf: refusing to apply it "
+                    "(weights unchanged)"
+                )
+            planned.append((d.layer, M))
+        return planned
+
+    def apply(self, model) -> Edit:
+        """Add the deltas to ``model``'s weights; returns ``self``.
+
+        Refused (ValueError, weights unchanged) for a model with another fingerprint, an
+        unknown layer, a wrong shape, a delta with NaN/inf, or an edit that is already
+        applied. If anything fails while adding (e.g. weights overflowing to inf), every
+        touched layer is restored exactly before the error propagates.
+        """
+        if self.is_applied:
+            raise ValueError(f"{self!r} is already applied; undo it before applying it again")
+        planned = self._planned(model)
+        originals = weights_snapshot(model, [L for L, _ in planned])
+        try:
+            with torch.no_grad():
+                for L, M in planned:
+                    W = down_proj(model, L)
+                    W.add_(M)
+                    if not torch.isfinite(W).all():
+                        raise ValueError(
+                            f"layer {L}: adding the delta made weights NaN or inf (overflow); "
+                            "all layers restored"
+                        )
+        except BaseException:
+            _restore(model, originals)
+            raise
+        self._originals, self._model = originals, model
+        stack = getattr(model, _STACK_ATTR, None)
+        if stack is None:
+            stack = []
+            setattr(model, _STACK_ATTR, stack)
+        stack.append(self)
+        return self
+
+    def undo(self, model) -> None:
+        """Copy the weights saved by :meth:`apply` back: the touched layers become bit-for-bit
+        what they were. Refused if not applied to ``model``, or if an edit applied later to an
+        overlapping layer is still applied (undo that one first)."""
+        if not self.is_applied:
+            raise ValueError(f"{self!r} is not applied; nothing to undo")
+        if model is not self._model:
+            raise ValueError("this edit is applied to another model object; undo it there")
+        stack: list[Edit] = getattr(model, _STACK_ATTR, [])
+        later = stack[stack.index(self) + 1 :] if self in stack else []
+        blocking = [e for e in later if set(e.layers) & set(self.layers)]
+        if blocking:
+            raise ValueError(
+                f"{blocking[-1]!r} was applied after this edit to overlapping layers and is "
+                "still applied: undo edits in reverse order"
+            )
+        _restore(model, self._originals)  # type: ignore[arg-type]
+        if self in stack:
+            stack.remove(self)
+        self._originals, self._model = None, None
+
+    @contextmanager
+    def applied(self, model) -> Iterator[Edit]:
+        """``with edit.applied(model): ...`` applies the edit and always undoes it."""
+        self.apply(model)
+        try:
+            yield self
+        finally:
+            self.undo(model)
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``deltas.safetensors`` and ``edit.json`` (method, model, requests,
+        hyper-parameters, metadata, delta layout) into ``folder``; returns the folder."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        layout = []
+        for i, d in enumerate(self.deltas):
+            if d.dense is not None:
+                tensors[f"{i}.dense"] = d.dense.contiguous()
+            else:
+                tensors[f"{i}.left"] = d.left.contiguous()  # type: ignore[union-attr]
+                tensors[f"{i}.right"] = d.right.contiguous()  # type: ignore[union-attr]
+            kind = "dense" if d.dense is not None else "low_rank"
+            layout.append({"layer": d.layer, "kind": kind, "rank": d.rank, "shape": list(d.shape)})
+        tmp = out / "deltas.tmp.safetensors"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, out / "deltas.safetensors")
+        info = {
+            "format": FORMAT,
+            "version": VERSION,
+            "method": self.method,
+            "model_name": self.model_name,
+            "model_fingerprint": self.model_fingerprint,
+            "deltas": layout,
+            "requests": [r.to_dict() for r in self.requests],
+            "hparams": self.hparams,
+            "metadata": self.metadata,
+        }
+        tmp_json = out / "edit.tmp.json"
+        tmp_json.write_text(json.dumps(info, indent=1), encoding="utf-8")
+        os.replace(tmp_json, out / "edit.json")
+        return out
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Edit:
+        """Read an edit written by :meth:`save` (not applied to anything yet)."""
+        src = Path(folder)
+        meta_path, data_path = src / "edit.json", src / "deltas.safetensors"
+        for p in (meta_path, data_path):
+            if not p.exists():
+                raise FileNotFoundError(f"{src} is not a saved edit: {p.name} is missing")
+        info = json.loads(meta_path.read_text(encoding="utf-8"))
+        if info.get("format") != FORMAT or info.get("version") != VERSION:
+            raise ValueError(f"{meta_path}: not a factscope edit of version {VERSION}")
+        tensors = load_file(str(data_path))
+        deltas = []
+        for i, entry in enumerate(info["deltas"]):
+            try:
+                if entry["kind"] == "dense":
+                    deltas.append(LayerDelta(entry["layer"], dense=tensors[f"{i}.dense"]))
+                else:
+                    deltas.append(
+                        LayerDelta(
+                            entry["layer"], left=tensors[f"{i}.left"], right=tensors[f"{i}.right"]
+                        )
+                    )
+            except KeyError as exc:
+                raise ValueError(f"{data_path}: delta {i} is missing tensor {exc}") from exc
+        return cls(
+            deltas=deltas,
+            method=info["method"],
+            requests=[EditRequest.from_dict(r) for r in info["requests"]],
+            hparams=info["hparams"],
+            model_fingerprint=info["model_fingerprint"],
+            model_name=info["model_name"],
+            metadata=info.get("metadata", {}),
+        )
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_weights(
+        cls,
+        model,
+        before: dict[int, torch.Tensor],
+        method: str,
+        requests: Sequence[EditRequest],
+        hparams: Any,
+        *,
+        metadata: dict | None = None,
+    ) -> Edit:
+        """Dense deltas ``down_proj(model, L) - before[L]`` from weights changed in place (as
+        fine-tuning does). The model is not changed; restore it yourself (e.g. with
+        :class:`restoring_weights`). Applying the edit to the restored model gives
+        ``before + (after - before)``, equal to ``after`` up to float rounding."""
+        deltas = [
+            LayerDelta(L, dense=(down_proj(model, L).detach() - before[L]).clone())
+            for L in sorted(before)
+        ]
+        return cls(
+            deltas=deltas,
+            method=method,
+            requests=list(requests),
+            hparams=hparams,
+            model_fingerprint=fingerprint(model),
+            model_name=model_name(model),
+            metadata=metadata or {},
+        )
+
+    @classmethod
+    def combine(cls, edits: Sequence[Edit], method: str | None = None) -> Edit:
+        """One edit holding the deltas of ``edits`` in order (e.g. sequential ROME edits);
+        all must be for the same model."""
+        if not edits:
+            raise ValueError("nothing to combine")
+        fps = {e.model_fingerprint for e in edits}
+        if len(fps) != 1:
+            raise ValueError(f"cannot combine edits made for different models: {sorted(fps)}")
+        first = edits[0]
+        return cls(
+            deltas=[d for e in edits for d in e.deltas],
+            method=method or first.method,
+            requests=[r for e in edits for r in e.requests],
+            hparams=first.hparams,
+            model_fingerprint=first.model_fingerprint,
+            model_name=first.model_name,
+            metadata={"combined": [e.metadata for e in edits]},
+        )
+
+
+def model_name(model) -> str:
+    """The name a model was loaded under (``factscope_name``), else its config's name."""
+    return str(getattr(model, "factscope_name", None) or getattr(model.cfg, "model_name", "?"))

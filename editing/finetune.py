@@ -1,0 +1,375 @@
+"""Fine-tuning baselines for fact editing (Zhu et al. 2020, "Modifying Memories in Transformer
+Models"): constrained fine-tuning (FT-L), plain fine-tuning (FT) and mixed batches.
+
+:func:`finetune_edit` fine-tunes the MLP down-projection weights of the chosen layers (the MLP
+weights ROME's FT baselines tune; :func:`tracing.models.down_proj`) to maximise the
+teacher-forced log-probability of each request's ``target_new`` after its prompt, with Adam.
+The three modes of the paper:
+
+* ``"constrained"`` (FT-L): after every optimiser step each weight is clamped back into
+  ``W0 ± epsilon`` (an l-infinity ball around the original weights, ``hp.norm_constraint``);
+* ``"unconstrained"`` (FT): no clamp (``norm_constraint`` is ignored);
+* ``"mixed"``: every batch of new facts also holds ``hp.mixed_ratio`` unmodified facts per new
+  fact (prompts with the answers the model already gives), so the model is trained to keep
+  them; the clamp also applies when ``hp.norm_constraint`` is set.
+
+The model's weights are left exactly as they were: the result is an
+:class:`editing.edit.Edit` holding the dense weight change of every tuned layer (apply it
+yourself). Extending the method to the whole MLP (up/gate projections too) would mean adding
+those parameters to the optimiser and the clamp and storing their deltas; :class:`Edit` only
+represents down-projection deltas, so this module keeps to them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from editing.edit import Edit, restoring_weights
+from editing.hparams import FTHparams
+from editing.requests import EditRequest, validate_requests
+from tracing.models import (
+    capture_block_kwargs,
+    check_layer,
+    context_length,
+    down_proj,
+    final_logits,
+    next_token_probs,
+    run_blocks,
+    target_ids,
+    tokenize,
+)
+
+log = logging.getLogger(__name__)
+
+MODES = ("constrained", "unconstrained", "mixed")
+METHOD_NAMES = {"constrained": "ft-l", "unconstrained": "ft", "mixed": "mixed"}
+NEUTRAL_SEED = 0
+
+
+@dataclass(frozen=True)
+class _Example:
+    """One teacher-forced training sequence: prompt tokens then all but the last target token;
+    the target's tokens are predicted at positions ``n_prompt - 1 ...``."""
+
+    inputs: tuple[int, ...]
+    n_prompt: int
+    target: tuple[int, ...]
+
+
+def _encode(model, prompt: str, target: str, what: str) -> _Example:
+    try:
+        prompt_ids, tgt = tokenize(model, prompt), target_ids(model, target)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from err
+    inputs = (*prompt_ids, *tgt[:-1])
+    if len(inputs) > context_length(model):
+        raise ValueError(f"{what}: prompt + target ({len(inputs)} tokens) exceed the context")
+    return _Example(tuple(inputs), len(prompt_ids), tuple(tgt))
+
+
+def _check_hparams(model, hp: FTHparams) -> list[int]:
+    if hp.mode not in MODES:
+        raise ValueError(f"unknown fine-tuning mode {hp.mode!r}; expected one of {MODES}")
+    layers = list(hp.layers) if hp.layers is not None else []
+    if not layers:
+        raise ValueError("FTHparams.layers is empty: name at least one layer to fine-tune")
+    for layer in layers:
+        check_layer(model, layer)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"FTHparams.layers has duplicates: {layers}")
+    if isinstance(hp.num_steps, bool) or not isinstance(hp.num_steps, int) or hp.num_steps < 1:
+        raise ValueError(f"FTHparams.num_steps must be an integer >= 1, got {hp.num_steps!r}")
+    if isinstance(hp.batch_size, bool) or not isinstance(hp.batch_size, int) or hp.batch_size < 1:
+        raise ValueError(f"FTHparams.batch_size must be an integer >= 1, got {hp.batch_size!r}")
+    if not (math.isfinite(hp.lr) and hp.lr > 0):
+        raise ValueError(f"FTHparams.lr must be a positive number, got {hp.lr!r}")
+    if not (math.isfinite(hp.weight_decay) and hp.weight_decay >= 0):
+        raise ValueError(f"FTHparams.weight_decay must be >= 0, got {hp.weight_decay!r}")
+    eps = hp.norm_constraint
+    if eps is not None and not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"FTHparams.norm_constraint must be > 0 or None, got {eps!r}")
+    if hp.mode == "constrained" and eps is None:
+        raise ValueError("mode 'constrained' (FT-L) needs FTHparams.norm_constraint (epsilon)")
+    if hp.mode == "mixed" and not (math.isfinite(hp.mixed_ratio) and hp.mixed_ratio >= 0):
+        raise ValueError(f"FTHparams.mixed_ratio must be >= 0, got {hp.mixed_ratio!r}")
+    return sorted(layers)
+
+
+def default_neutral_facts(
+    model,
+    n: int,
+    *,
+    exclude_subjects: Sequence[str] = (),
+    seed: int = NEUTRAL_SEED,
+    scan_chunk: int = 64,
+) -> list[tuple[str, str]]:
+    """Up to ``n`` (prompt, answer) pairs from the shipped known facts that ``model`` gets
+    right (its top-1 next token is the answer's first token), in a seeded random order,
+    skipping facts about ``exclude_subjects``. May return fewer than ``n`` (none for a model
+    that knows nothing, e.g. a random one)."""
+    from tracing.facts import load_known_facts
+
+    facts = [f for f in load_known_facts() if f.answer and f.subject not in set(exclude_subjects)]
+    random.Random(seed).shuffle(facts)
+    found: list[tuple[str, str]] = []
+    for start in range(0, len(facts), scan_chunk):
+        chunk = facts[start : start + scan_chunk]
+        top1 = next_token_probs(model, [f.prompt for f in chunk]).argmax(-1).tolist()
+        for f, t in zip(chunk, top1, strict=True):
+            if t == target_ids(model, f.answer)[0]:
+                found.append((f.prompt, f.answer))
+                if len(found) >= n:
+                    return found
+    return found
+
+
+def mixed_schedule(
+    n_new: int,
+    n_neutral: int,
+    *,
+    batch_size: int,
+    ratio: float,
+    num_steps: int,
+    seed: int = NEUTRAL_SEED,
+) -> list[list[tuple[list[int], list[int]]]]:
+    """The batches of a run: per step (one pass over the new facts), a list of
+    (new-fact indices, neutral-fact indices). New facts come in order, ``batch_size`` at a
+    time; each batch gets ``round(ratio * len(new))`` (at least 1 when ``ratio > 0``) neutral
+    facts drawn from successive seeded permutations of all neutral facts, so every neutral
+    fact is used equally often. Deterministic for a given seed."""
+    if ratio > 0 and n_neutral < 1:
+        raise ValueError("mixed batches need at least one neutral fact")
+    gen = random.Random(seed)
+    stream: list[int] = []
+    schedule = []
+    for _ in range(num_steps):
+        step = []
+        for start in range(0, n_new, batch_size):
+            new = list(range(start, min(start + batch_size, n_new)))
+            k = max(1, round(ratio * len(new))) if ratio > 0 else 0
+            while len(stream) < k:
+                perm = list(range(n_neutral))
+                gen.shuffle(perm)
+                stream.extend(perm)
+            step.append((new, stream[:k]))
+            stream = stream[k:]
+        schedule.append(step)
+    return schedule
+
+
+def _pad(examples: Sequence[_Example], pad_id: int) -> torch.Tensor:
+    width = max(len(e.inputs) for e in examples)
+    rows = [list(e.inputs) + [pad_id] * (width - len(e.inputs)) for e in examples]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class _Stop(Exception):
+    """Raised in a hook to end a forward pass early."""
+
+
+def _states_before(
+    model, tokens: torch.Tensor, layer: int, chunk: int = 32
+) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The residual stream entering block ``layer`` for every row of ``tokens`` (no gradient;
+    the forward stops there)."""
+    captured: list[torch.Tensor] = []
+
+    def grab(_mod, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        captured.append(hidden.detach().clone())
+        raise _Stop
+
+    handle = model.blocks[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in range(0, tokens.shape[0], chunk):
+                try:
+                    model(tokens[i : i + chunk], use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(captured)
+
+
+def _mean_logprob(
+    model,
+    h0: Float[torch.Tensor, "batch pos d_model"],
+    examples: Sequence[_Example],
+    block_kwargs: list[dict],
+    start: int,
+) -> torch.Tensor:
+    """Mean over examples of each example's mean target-token log-probability, running only
+    blocks ``start..`` from the given residual states and projecting to the vocabulary only at
+    the target positions."""
+    out = run_blocks(model, h0, block_kwargs, start)
+    rows, cols, tgts, weights = [], [], [], []
+    for b, e in enumerate(examples):
+        for j, t in enumerate(e.target):
+            rows.append(b)
+            cols.append(e.n_prompt - 1 + j)
+            tgts.append(t)
+            weights.append(1.0 / (len(e.target) * len(examples)))
+    picked = out[torch.tensor(rows), torch.tensor(cols)].unsqueeze(0)
+    logp = torch.log_softmax(final_logits(model, picked)[0].float(), dim=-1)
+    token_lp = logp.gather(1, torch.tensor(tgts).unsqueeze(1))[:, 0]
+    return (token_lp * torch.tensor(weights)).sum()
+
+
+def _parameter(model, layer: int) -> torch.nn.Parameter:
+    """The parameter behind ``down_proj(model, layer)`` (itself, or the Linear weight)."""
+    view = down_proj(model, layer)
+    param = view if view._base is None else view._base
+    if not isinstance(param, torch.nn.Parameter):
+        raise ValueError(f"layer {layer}: the down-projection is not a plain parameter")
+    return param
+
+
+@contextmanager
+def _grad_only(model, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block only ``params`` require gradients; afterwards every flag is restored
+    and the gradients of ``params`` are dropped."""
+    everything = {id(p): p for p in model.parameters()}
+    everything.update({id(p): p for p in model.original_model.parameters()})
+    flags = [(p, p.requires_grad) for p in everything.values()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in params:
+            p.grad = None
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def finetune_edit(
+    model,
+    requests: list[EditRequest],
+    hp: FTHparams,
+    *,
+    neutral_facts: list[tuple[str, str]] | None = None,
+    progress: bool = True,
+) -> Edit:
+    """Fine-tune the down-projections of ``hp.layers`` on ``requests`` and return the change
+    as an :class:`Edit` (method ``"ft-l"``, ``"ft"`` or ``"mixed"`` after ``hp.mode``); the
+    model's weights are left bit-identical to what they were.
+
+    Loss: minus the mean over a batch's sequences of the mean log-probability of each target
+    token under teacher forcing (``target_new`` for requests, the kept answer for neutral
+    facts). Adam (``hp.lr``, ``hp.weight_decay``); ``hp.num_steps`` passes over the requests in
+    batches of ``hp.batch_size``, one optimiser step per batch; in modes ``"constrained"`` and
+    ``"mixed"`` (when ``hp.norm_constraint`` is set) every weight is clamped into
+    ``W0 ± hp.norm_constraint`` after every step. Only the tuned parameters get gradients, the
+    blocks below the lowest tuned layer run once (their output is reused) and the vocabulary is
+    projected only at target positions.
+
+    ``neutral_facts`` (mixed mode): (prompt, answer) pairs to keep; default: facts of
+    known_1000 the model answers right at top-1, chosen with a fixed seed (at least 16, or
+    ``mixed_ratio`` per request). Bad input (requests, layers, hyper-parameters, neutral facts)
+    raises a ValueError before any change; a non-finite loss raises a ValueError after the
+    weights are restored.
+    """
+    if not isinstance(requests, Sequence) or isinstance(requests, str) or not requests:
+        raise ValueError("finetune_edit needs a non-empty list of EditRequest")
+    validate_requests(model, list(requests))
+    layers = _check_hparams(model, hp)
+    examples = [
+        _encode(model, r.prompt, r.target_new, f"request {i} ({r.prompt!r})")
+        for i, r in enumerate(requests)
+    ]
+    neutral: list[tuple[str, str]] = []
+    if hp.mode == "mixed" and hp.mixed_ratio > 0:
+        if neutral_facts is None:
+            want = max(16, math.ceil(hp.mixed_ratio * len(requests)))
+            neutral = default_neutral_facts(
+                model, want, exclude_subjects=[r.subject for r in requests]
+            )
+            if not neutral:
+                raise ValueError(
+                    "mixed mode: the model answers none of the known facts right at top-1; "
+                    "pass neutral_facts=[(prompt, answer), ...] explicitly"
+                )
+        else:
+            neutral = list(neutral_facts)
+        if not neutral:
+            raise ValueError("mixed mode needs at least one neutral fact (neutral_facts empty)")
+    for i, pair in enumerate(neutral):
+        if not (
+            isinstance(pair, tuple | list)
+            and len(pair) == 2
+            and all(isinstance(x, str) for x in pair)
+        ):
+            raise ValueError(f"neutral fact {i} must be a (prompt, answer) pair of strings")
+    neutral_ex = [
+        _encode(model, p, a, f"neutral fact {i} ({p!r})") for i, (p, a) in enumerate(neutral)
+    ]
+    schedule = mixed_schedule(
+        len(examples),
+        len(neutral_ex),
+        batch_size=hp.batch_size,
+        ratio=hp.mixed_ratio if hp.mode == "mixed" else 0.0,
+        num_steps=hp.num_steps,
+    )
+    eps = None if hp.mode == "unconstrained" else hp.norm_constraint
+    start = layers[0]
+    all_ex = examples + neutral_ex
+    pad_id = model.tokenizer.pad_token_id
+    tokens = _pad(all_ex, 0 if pad_id is None else int(pad_id))
+    t0 = time.perf_counter()
+
+    with restoring_weights(model, layers, always=True) as before:
+        _, block_kwargs = capture_block_kwargs(model, tokens[:1])
+        h0 = _states_before(model, tokens, start)
+        params = [_parameter(model, layer) for layer in layers]
+        lo_hi = [(p.detach() - eps, p.detach() + eps) for p in params] if eps else []
+        losses: list[float] = []
+        with _grad_only(model, params):
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+            bar = tqdm(schedule, desc=f"{METHOD_NAMES[hp.mode]} fine-tuning", disable=not progress)
+            for step, batches in enumerate(bar):
+                step_loss = 0.0
+                for new_idx, neutral_idx in batches:
+                    idx = new_idx + [len(examples) + j for j in neutral_idx]
+                    opt.zero_grad(set_to_none=True)
+                    loss = -_mean_logprob(
+                        model, h0[idx], [all_ex[i] for i in idx], block_kwargs, start
+                    )
+                    if not torch.isfinite(loss):
+                        raise ValueError(
+                            f"fine-tuning loss became {loss.item()} at step {step}: weights "
+                            "restored (lower the learning rate?)"
+                        )
+                    loss.backward()
+                    opt.step()
+                    if eps:
+                        with torch.no_grad():
+                            for p, (lo, hi) in zip(params, lo_hi, strict=True):
+                                p.copy_(torch.clamp(p, lo, hi))
+                    step_loss += loss.item() / len(batches)
+                losses.append(step_loss)
+                bar.set_postfix(loss=f"{step_loss:.3f}")
+            del opt
+        metadata = {
+            "losses": losses,
+            "mode": hp.mode,
+            "layers": layers,
+            "neutral_facts": [list(p) for p in neutral],
+            "seconds": time.perf_counter() - t0,
+        }
+        return Edit.from_weights(
+            model, before, METHOD_NAMES[hp.mode], list(requests), hp.to_dict(), metadata=metadata
+        )

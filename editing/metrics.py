@@ -1,0 +1,419 @@
+"""Edit-evaluation metrics: CounterFact (ROME's definitions and EasyEdit's token accuracies),
+zsRE token accuracy, and n-gram-entropy fluency.
+
+Every probability comes from a :class:`Scorer`: anything with a ``score(pairs)`` method that
+returns, for each ``(prompt, target)`` pair, the teacher-forced log-probability and the top-1
+prediction at each target token (:class:`TokenScores`). :class:`ModelScorer` computes them on a
+hooked model in right-padded batches, reading the vocabulary projection only at the target
+positions; tests pass a stub with hand-set probabilities.
+
+Definitions (ROME, Meng et al. 2022, App. C; MEMIT, Meng et al. 2023):
+
+* ``P(target | prompt) = exp(mean_i log p(t_i | prompt, t_<i))`` over the tokens of
+  ``" target"`` (space-prefixed, no BOS); prompts carry the model's BOS rule.
+* efficacy success: ``P(new) > P(true)`` on the edit prompt; paraphrase success: the same,
+  averaged over paraphrase prompts; neighbourhood success: ``P(true) > P(new)`` averaged over
+  neighbourhood prompts. Magnitudes: ``P(new) - P(true)`` (neighbourhood: ``P(true) - P(new)``).
+  Score: harmonic mean of the three success rates (computed on the aggregated rates).
+* EasyEdit's variants (named as such): ``rewrite_acc`` = teacher-forced top-1 accuracy of the
+  ``target_new`` tokens on the edit prompt, ``rephrase_acc`` the same on paraphrases,
+  ``locality`` = fraction of neighbourhood answer tokens (``target_true`` teacher-forced) whose
+  argmax after the edit equals the argmax before it (mean over prompts).
+* zsRE: token-level top-1 accuracy under teacher forcing of ``target_new`` after the question
+  and after its rephrase, and of the NQ answer after the unrelated NQ question (specificity).
+* Fluency: n-gram entropy (bigram and trigram, weights 2/3 and 4/3, arithmetic mean of the
+  weighted entropies, in bits) of generated text, averaged over texts.
+
+ROME's "reference score" (consistency: tf-idf similarity to Wikipedia text about the new
+target) needs ROME's tf-idf vocabulary and per-relation reference texts, which are not shipped
+and cannot be downloaded here, so it is not computed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from editing.datasets import CounterFactRecord, ZsreRecord
+from tracing.models import (
+    context_length,
+    final_logits,
+    hook_name,
+    n_layers,
+    target_ids,
+    tokenize,
+)
+
+# --------------------------------------------------------------------------- token scores
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Teacher-forced scores of one target after one prompt."""
+
+    target: tuple[int, ...]  # target token ids
+    logprobs: tuple[float, ...]  # log p(target[i] | prompt, target[:i])
+    argmax: tuple[int, ...]  # the model's top-1 token at each of those positions
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean per-token log-probability (ROME compares these)."""
+        return sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def prob(self) -> float:
+        """ROME's P(target | prompt): exp of the mean per-token log-probability."""
+        return math.exp(self.mean_logprob)
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of target tokens that are the top-1 prediction under teacher forcing."""
+        hits = sum(int(a == t) for a, t in zip(self.argmax, self.target, strict=True))
+        return hits / len(self.target)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "target": list(self.target),
+            "logprobs": list(self.logprobs),
+            "argmax": list(self.argmax),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TokenScores:
+        """Inverse of :meth:`to_dict`."""
+        return cls(tuple(d["target"]), tuple(float(x) for x in d["logprobs"]), tuple(d["argmax"]))
+
+
+class Scorer(Protocol):
+    """Source of teacher-forced scores (a model, or a stub in tests)."""
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScores]:
+        """Scores of each ``(prompt, target)`` pair, in order."""
+        ...
+
+
+def space_target(text: str) -> str:
+    """ROME's target convention: exactly one leading space (``"Paris"`` -> ``" Paris"``)."""
+    stripped = text.lstrip()
+    if not stripped:
+        raise ValueError(f"empty target {text!r}")
+    return f" {stripped}"
+
+
+class ModelScorer:
+    """Teacher-forced scores from a hooked model (TransformerBridge).
+
+    Each ``prompt + target`` sequence is scored in one forward pass; sequences are sorted by
+    length and right-padded into batches of ``batch_size`` (causal attention: padding after
+    a sequence cannot change it). The final residual stream is read by a hook and projected to
+    the vocabulary only at the target positions.
+    """
+
+    def __init__(self, model, batch_size: int = 16) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model = model
+        self.batch_size = batch_size
+        self._resid = hook_name(model, "resid", n_layers(model) - 1)
+        pad = getattr(model.tokenizer, "pad_token_id", None)
+        self._pad = int(pad) if pad is not None else 0
+
+    def _encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        p_ids, t_ids = tokenize(self.model, prompt), target_ids(self.model, target)
+        limit = context_length(self.model)
+        if len(p_ids) + len(t_ids) > limit:
+            raise ValueError(
+                f"prompt {prompt!r} + target {target!r} is {len(p_ids) + len(t_ids)} tokens, "
+                f"longer than the context ({limit})"
+            )
+        return p_ids, t_ids
+
+    def score(self, pairs: Sequence[tuple[str, str]]) -> list[TokenScores]:
+        """Scores of each ``(prompt, target)`` pair, in order (duplicates scored once)."""
+        unique = list(dict.fromkeys((p, t) for p, t in pairs))
+        encoded = [self._encode(p, t) for p, t in unique]
+        order = sorted(range(len(encoded)), key=lambda i: sum(map(len, encoded[i])))
+        results: dict[int, TokenScores] = {}
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for i, ts in zip(chunk, self._score_batch([encoded[i] for i in chunk]), strict=True):
+                results[i] = ts
+        by_pair = {pair: results[i] for i, pair in enumerate(unique)}
+        return [by_pair[(p, t)] for p, t in pairs]
+
+    def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[TokenScores]:
+        seqs = [p + t for p, t in batch]
+        width = max(map(len, seqs))
+        toks = torch.tensor([s + [self._pad] * (width - len(s)) for s in seqs], dtype=torch.long)
+        saved: list[torch.Tensor] = []
+
+        def keep(resid, hook):
+            saved.append(resid.detach())
+            return resid
+
+        with torch.no_grad():
+            self.model.run_with_hooks(
+                toks, fwd_hooks=[(self._resid, keep)], logits_to_keep=1, use_cache=False
+            )
+            resid = saved[-1]
+            rows, cols = [], []
+            for b, (p, t) in enumerate(batch):
+                rows += [b] * len(t)
+                cols += range(len(p) - 1, len(p) + len(t) - 1)
+            picked = resid[torch.tensor(rows), torch.tensor(cols)]
+            logp = torch.log_softmax(final_logits(self.model, picked[None])[0].float(), dim=-1)
+        target_all = torch.tensor([tok for _, t in batch for tok in t])
+        lp = logp.gather(1, target_all[:, None])[:, 0].tolist()
+        am = logp.argmax(dim=-1).tolist()
+        out, k = [], 0
+        for _, t in batch:
+            n = len(t)
+            out.append(TokenScores(tuple(t), tuple(lp[k : k + n]), tuple(am[k : k + n])))
+            k += n
+        return out
+
+
+# --------------------------------------------------------------------------- CounterFact
+
+
+@dataclass
+class CounterFactScores:
+    """Every teacher-forced score one CounterFact case needs (before or after an edit)."""
+
+    rewrite_new: TokenScores
+    rewrite_true: TokenScores
+    paraphrase_new: list[TokenScores] = field(default_factory=list)
+    paraphrase_true: list[TokenScores] = field(default_factory=list)
+    neighborhood_new: list[TokenScores] = field(default_factory=list)
+    neighborhood_true: list[TokenScores] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        out: dict = {}
+        for key, value in self.__dict__.items():
+            if isinstance(value, TokenScores):
+                out[key] = value.to_dict()
+            else:
+                out[key] = [v.to_dict() for v in value]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> CounterFactScores:
+        """Inverse of :meth:`to_dict`."""
+        kw = {
+            k: TokenScores.from_dict(v)
+            if isinstance(v, Mapping)
+            else [TokenScores.from_dict(x) for x in v]
+            for k, v in d.items()
+        }
+        return cls(**kw)
+
+
+def _counterfact_pairs(rec: CounterFactRecord) -> list[tuple[str, str]]:
+    new, true = space_target(rec.target_new), space_target(rec.target_true)
+    pairs = [(rec.prompt, new), (rec.prompt, true)]
+    for prompts in (rec.paraphrase_prompts, rec.neighborhood_prompts):
+        pairs += [(p, new) for p in prompts] + [(p, true) for p in prompts]
+    return pairs
+
+
+def score_counterfact(
+    scorer: Scorer, records: Sequence[CounterFactRecord]
+) -> list[CounterFactScores]:
+    """Teacher-forced scores of each case's edit, paraphrase and neighbourhood prompts against
+    its new and true targets (all cases' pairs go to the scorer in one call)."""
+    all_pairs: list[tuple[str, str]] = []
+    spans = []
+    for rec in records:
+        pairs = _counterfact_pairs(rec)
+        spans.append((len(all_pairs), len(rec.paraphrase_prompts), len(rec.neighborhood_prompts)))
+        all_pairs += pairs
+    scores = scorer.score(all_pairs)
+    out = []
+    for start, n_para, n_nbr in spans:
+        s = scores[start : start + 2 + 2 * (n_para + n_nbr)]
+        para, nbr = s[2 : 2 + 2 * n_para], s[2 + 2 * n_para :]
+        out.append(
+            CounterFactScores(
+                rewrite_new=s[0],
+                rewrite_true=s[1],
+                paraphrase_new=para[:n_para],
+                paraphrase_true=para[n_para:],
+                neighborhood_new=nbr[:n_nbr],
+                neighborhood_true=nbr[n_nbr:],
+            )
+        )
+    return out
+
+
+def _mean(values: Iterable[float]) -> float | None:
+    vals = list(values)
+    return sum(vals) / len(vals) if vals else None
+
+
+def _argmax_agreement(post: TokenScores, pre: TokenScores) -> float:
+    if post.target != pre.target:
+        raise ValueError("locality needs the same answer tokens before and after the edit")
+    same = sum(int(a == b) for a, b in zip(post.argmax, pre.argmax, strict=True))
+    return same / len(post.argmax)
+
+
+def counterfact_metrics(
+    scores: CounterFactScores, reference: CounterFactScores | None = None
+) -> dict[str, float | None]:
+    """Per-case CounterFact metrics (rates in [0, 1]; ``None`` where a case has no prompts of
+    a kind). ``reference`` (the unedited model's scores of the same case) is needed only for
+    EasyEdit's ``locality``; without it ``locality`` is ``None``."""
+    s = scores
+    out: dict[str, float | None] = {
+        "efficacy_success": float(s.rewrite_new.mean_logprob > s.rewrite_true.mean_logprob),
+        "efficacy_magnitude": s.rewrite_new.prob - s.rewrite_true.prob,
+        "paraphrase_success": _mean(
+            float(n.mean_logprob > t.mean_logprob)
+            for n, t in zip(s.paraphrase_new, s.paraphrase_true, strict=True)
+        ),
+        "paraphrase_magnitude": _mean(
+            n.prob - t.prob for n, t in zip(s.paraphrase_new, s.paraphrase_true, strict=True)
+        ),
+        "neighborhood_success": _mean(
+            float(t.mean_logprob > n.mean_logprob)
+            for n, t in zip(s.neighborhood_new, s.neighborhood_true, strict=True)
+        ),
+        "neighborhood_magnitude": _mean(
+            t.prob - n.prob for n, t in zip(s.neighborhood_new, s.neighborhood_true, strict=True)
+        ),
+        "rewrite_p_new": s.rewrite_new.prob,
+        "rewrite_p_true": s.rewrite_true.prob,
+        "paraphrase_p_new": _mean(x.prob for x in s.paraphrase_new),
+        "paraphrase_p_true": _mean(x.prob for x in s.paraphrase_true),
+        "neighborhood_p_new": _mean(x.prob for x in s.neighborhood_new),
+        "neighborhood_p_true": _mean(x.prob for x in s.neighborhood_true),
+        "rewrite_acc": s.rewrite_new.accuracy,
+        "rephrase_acc": _mean(x.accuracy for x in s.paraphrase_new),
+        "locality": None,
+    }
+    if reference is not None:
+        out["locality"] = _mean(
+            _argmax_agreement(post, pre)
+            for post, pre in zip(s.neighborhood_true, reference.neighborhood_true, strict=True)
+        )
+    return out
+
+
+def harmonic_mean(values: Sequence[float | None]) -> float | None:
+    """Harmonic mean (0 if any value is 0; ``None`` if any value is missing)."""
+    if not values or any(v is None for v in values):
+        return None
+    if any(v <= 0 for v in values):  # type: ignore[operator]
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)  # type: ignore[operator]
+
+
+#: Rates whose harmonic mean is ROME's CounterFact score.
+SCORE_PARTS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
+
+
+def aggregate(rows: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
+    """Mean of each metric over cases (missing values skipped; ``None`` if none) plus, when
+    the three CounterFact success rates are present, ``score``: their harmonic mean."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    out: dict[str, float | None] = {}
+    for k in keys:
+        vals = [float(r[k]) for r in rows if r.get(k) is not None]  # type: ignore[arg-type]
+        out[k] = sum(vals) / len(vals) if vals else None
+    if all(k in out for k in SCORE_PARTS):
+        out["score"] = harmonic_mean([out[k] for k in SCORE_PARTS])
+    return out
+
+
+# --------------------------------------------------------------------------- zsRE
+
+
+@dataclass
+class ZsreScores:
+    """Teacher-forced scores of one zsRE case: question, rephrase (-> target_new) and the
+    unrelated NQ question (-> its answer)."""
+
+    edit: TokenScores
+    rephrase: TokenScores
+    locality: TokenScores
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {k: v.to_dict() for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ZsreScores:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{k: TokenScores.from_dict(v) for k, v in d.items()})
+
+
+def zsre_locality_prompt(rec: ZsreRecord) -> str:
+    """The NQ question as ROME's zsRE evaluation poses it (ending with ``?``)."""
+    q = rec.loc_question.rstrip()
+    return q if q.endswith("?") else f"{q}?"
+
+
+def score_zsre(scorer: Scorer, records: Sequence[ZsreRecord]) -> list[ZsreScores]:
+    """Teacher-forced scores of each zsRE case (all pairs in one scorer call)."""
+    pairs = []
+    for rec in records:
+        new = space_target(rec.target_new)
+        pairs += [
+            (rec.question, new),
+            (rec.rephrase, new),
+            (zsre_locality_prompt(rec), space_target(rec.loc_answer)),
+        ]
+    s = scorer.score(pairs)
+    return [ZsreScores(*s[3 * i : 3 * i + 3]) for i in range(len(records))]
+
+
+def zsre_metrics(scores: ZsreScores) -> dict[str, float]:
+    """Token-level top-1 accuracies: ``efficacy_acc`` (question -> new target),
+    ``paraphrase_acc`` (rephrase -> new target), ``specificity_acc`` (NQ question -> answer)."""
+    return {
+        "efficacy_acc": scores.edit.accuracy,
+        "paraphrase_acc": scores.rephrase.accuracy,
+        "specificity_acc": scores.locality.accuracy,
+    }
+
+
+# --------------------------------------------------------------------------- fluency
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Word tokens for n-gram statistics: runs of word characters and single punctuation marks
+    (close to NLTK's word_tokenize, which ROME used, without the dependency)."""
+    return _WORD.findall(text)
+
+
+def ngram_entropy(
+    text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
+) -> float:
+    """ROME's generation entropy of one text, in bits: for each n, the entropy of the n-gram
+    frequency distribution; result = mean over n of ``weight_n * H_n`` (a text too short for
+    any n-gram of some n contributes 0 for it). ROME's tables print this times 100."""
+    if len(ns) != len(weights) or not ns:
+        raise ValueError("ns and weights must be non-empty and of equal length")
+    toks = words(text)
+    total = 0.0
+    for n, w in zip(ns, weights, strict=True):
+        counts = Counter(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
+        m = sum(counts.values())
+        h = -sum(c / m * math.log2(c / m) for c in counts.values()) if m else 0.0
+        total += w * h
+    return total / len(ns)
+
+
+def fluency(texts: Sequence[str]) -> float | None:
+    """Mean :func:`ngram_entropy` over texts (``None`` for no texts)."""
+    return _mean(ngram_entropy(t) for t in texts)

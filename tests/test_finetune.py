@@ -1,0 +1,283 @@
+"""Fine-tuning edits (Zhu et al. 2020): FT-L's epsilon bound, the fast loss, mixed batches,
+restoration on failure, bad input; and one lean FT-L edit of the embedded model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import editing.finetune as ft
+from editing.finetune import finetune_edit, mixed_schedule
+from editing.hparams import FTHparams
+from editing.requests import EditRequest
+from tracing.models import decode, down_proj, n_layers, next_token_probs, target_ids, tokenize
+
+REQ = EditRequest("The Space Needle is located in {} of", "the city", " Paris")
+REQS = [
+    REQ,
+    EditRequest("{} is the capital of", "Rome", " Germany"),
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English language"),
+]
+
+
+def mean_logprob(model, prompt: str, target: str) -> float:
+    """Reference: teacher-forced mean token log-probability from one plain full forward."""
+    ids, tgt = tokenize(model, prompt), target_ids(model, target)
+    with torch.no_grad():  # logits at the target positions only (cheap for Gemma's vocabulary)
+        logits = model(torch.tensor([ids + tgt[:-1]]), use_cache=False, logits_to_keep=len(tgt))
+    logp = logits[0].double().log_softmax(-1)
+    return sum(float(logp[j, t]) for j, t in enumerate(tgt)) / len(tgt)
+
+
+def all_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.original_model.state_dict().items()}
+
+
+def assert_same(model, saved: dict[str, torch.Tensor]) -> None:
+    now = model.original_model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in saved.items())
+
+
+def max_change(model, before: dict[str, torch.Tensor]) -> float:
+    now = model.original_model.state_dict()
+    return max(float((now[k].double() - v.double()).abs().max()) for k, v in before.items())
+
+
+def rounding(model) -> float:
+    """A few float32 ulps of the largest weight: the rounding of W0 + delta."""
+    big = max(float(p.detach().abs().max()) for p in model.original_model.parameters())
+    return 4 * big * torch.finfo(torch.float32).eps
+
+
+def neutral_facts(model, n: int = 6) -> list[tuple[str, str]]:
+    """Prompts with the model's own top-1 next token as answer (kept only if that token
+    decodes and re-encodes to itself)."""
+    prompts = [
+        "Paris is the capital of",
+        "The Eiffel Tower is in",
+        "Michael Jordan plays the sport of",
+        "Apple was founded by",
+        "Toyota is headquartered in",
+        "The official language of Japan is",
+        "Barack Obama was born in",
+        "The Louvre is located in",
+    ]
+    top = next_token_probs(model, prompts).argmax(-1).tolist()
+    out = []
+    for p, t in zip(prompts, top, strict=True):
+        text = decode(model, t)
+        if text.strip() and target_ids(model, text) == [t]:
+            out.append((p, text))
+    assert len(out) >= 2, "test setup: too few round-tripping neutral answers"
+    return out[:n]
+
+
+def test_ftl_never_moves_a_weight_by_more_than_epsilon(toy_model):
+    eps, lr = 1e-3, 1e-2
+    saved = all_weights(toy_model)
+    hp = FTHparams(layers=[1, 2], lr=lr, num_steps=8, norm_constraint=eps, mode="constrained")
+    edit = finetune_edit(toy_model, REQS[:2], hp, progress=False)
+    assert edit.method == "ft-l"
+    assert_same(toy_model, saved)  # making the edit leaves the model as it was
+    with edit.applied(toy_model):
+        moved = max_change(toy_model, saved)
+    assert 0.5 * eps < moved <= eps + rounding(toy_model)
+    # the same run without the clamp moves far more: the bound is what binds
+    free = finetune_edit(
+        toy_model,
+        REQS[:2],
+        FTHparams(layers=[1, 2], lr=lr, num_steps=8, mode="unconstrained"),
+        progress=False,
+    )
+    assert free.method == "ft"
+    with free.applied(toy_model):
+        assert max_change(toy_model, saved) > 5 * eps
+    assert_same(toy_model, saved)
+
+
+def test_finetuning_raises_target_and_touches_only_chosen_layers(toy_model):
+    saved = all_weights(toy_model)
+    layer = 2
+    before = mean_logprob(toy_model, REQ.prompt, REQ.target_new)
+    hp = FTHparams(layers=[layer], lr=5e-3, num_steps=20, norm_constraint=0.05)
+    edit = finetune_edit(toy_model, [REQ], hp, progress=False)
+    assert [d.layer for d in edit.deltas] == [layer]
+    edit.apply(toy_model)
+    try:
+        assert mean_logprob(toy_model, REQ.prompt, REQ.target_new) > before + 1.0
+        now = toy_model.original_model.state_dict()
+        # the state dict lists some tensors under several names: compare storages
+        changed = {now[k].data_ptr() for k, v in saved.items() if not torch.equal(now[k], v)}
+        assert changed == {down_proj(toy_model, layer).data_ptr()}
+    finally:
+        edit.undo(toy_model)
+    assert_same(toy_model, saved)
+
+
+def test_fast_loss_matches_a_plain_full_forward(toy_model):
+    """The first recorded loss (before any update) uses the reused prefix, padded batches and
+    logits at target positions only; it must equal the mean over requests of minus the mean
+    token log-probability from a plain forward of each request."""
+    hp = FTHparams(layers=[1, 3], lr=1e-4, num_steps=1, batch_size=8, mode="unconstrained")
+    edit = finetune_edit(toy_model, REQS, hp, progress=False)
+    ref = -sum(mean_logprob(toy_model, r.prompt, r.target_new) for r in REQS) / len(REQS)
+    assert edit.metadata["losses"][0] == pytest.approx(ref, rel=1e-5, abs=1e-5)
+
+
+def test_mixed_schedule_is_deterministic_and_uses_neutral_facts_evenly():
+    kw = dict(batch_size=2, ratio=1.5, num_steps=6, seed=0)
+    a = mixed_schedule(5, 4, **kw)
+    assert a == mixed_schedule(5, 4, **kw)
+    assert a != mixed_schedule(5, 4, **{**kw, "seed": 1})
+    assert len(a) == 6
+    counts = [0] * 4
+    for step in a:
+        assert [new for new, _ in step] == [[0, 1], [2, 3], [4]]
+        for new, neutral in step:
+            assert len(neutral) == max(1, round(1.5 * len(new)))
+            for j in neutral:
+                counts[j] += 1
+    assert max(counts) - min(counts) <= 1  # drawn from successive permutations
+    assert all(nb == [] for step in mixed_schedule(5, 0, **{**kw, "ratio": 0.0}) for _, nb in step)
+    with pytest.raises(ValueError, match="neutral"):
+        mixed_schedule(5, 0, **kw)
+
+
+def test_mixed_batches_put_neutral_facts_in_the_loss(toy_models, monkeypatch):
+    model = toy_models["gpt2"]
+    neutral = neutral_facts(model)
+    seen: list[list[tuple[int, ...]]] = []
+    real = ft._mean_logprob
+
+    def spy(model, h0, examples, block_kwargs, start):
+        seen.append([e.inputs for e in examples])
+        return real(model, h0, examples, block_kwargs, start)
+
+    monkeypatch.setattr(ft, "_mean_logprob", spy)
+    hp = FTHparams(layers=[1], num_steps=2, mode="mixed", mixed_ratio=2.0, norm_constraint=None)
+    finetune_edit(model, [REQ], hp, neutral_facts=neutral, progress=False)
+    neutral_inputs = {tuple(tokenize(model, p) + target_ids(model, a)[:-1]) for p, a in neutral}
+    assert len(seen) == 2
+    for batch in seen:
+        assert len(batch) == 3
+        assert tuple(tokenize(model, REQ.prompt) + target_ids(model, REQ.target_new)[:-1]) in batch
+        assert sum(x in neutral_inputs for x in batch) == 2
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_mixed_mode_keeps_neutral_facts_better_than_plain_finetuning(toy_models, arch):
+    model = toy_models[arch]
+    saved = all_weights(model)
+    neutral = neutral_facts(model)
+    base = [mean_logprob(model, p, a) for p, a in neutral]
+    drops = {}
+    for mode in ("unconstrained", "mixed"):
+        hp = FTHparams(
+            layers=[1, 2],
+            lr=1e-2,
+            num_steps=15,
+            norm_constraint=None,
+            mode=mode,
+            mixed_ratio=3.0,
+        )
+        edit = finetune_edit(model, REQS[:2], hp, neutral_facts=neutral, progress=False)
+        with edit.applied(model):
+            after = [mean_logprob(model, p, a) for p, a in neutral]
+        drops[mode] = sum(b - a for a, b in zip(after, base, strict=True)) / len(base)
+    assert drops["mixed"] < drops["unconstrained"] - 0.5, drops
+    assert_same(model, saved)
+
+
+def test_nan_part_way_restores_weights_bit_exactly(toy_models, monkeypatch):
+    model = toy_models["llama"]
+    saved = all_weights(model)
+    flags = {k: p.requires_grad for k, p in model.original_model.named_parameters()}
+    real, calls = ft._mean_logprob, []
+
+    def poisoned(*args):
+        calls.append(1)
+        value = real(*args)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(ft, "_mean_logprob", poisoned)
+    hp = FTHparams(layers=[0, 2], lr=1e-2, num_steps=5, mode="unconstrained")
+    with pytest.raises(ValueError, match="nan"):
+        finetune_edit(model, [REQ], hp, progress=False)
+    assert len(calls) == 3  # two optimiser steps had changed the weights before the NaN
+    assert_same(model, saved)
+    assert {k: p.requires_grad for k, p in model.original_model.named_parameters()} == flags
+
+
+def test_requires_grad_flags_are_restored(toy_models):
+    model = toy_models["gptj"]
+    param = next(model.original_model.parameters())
+    param.requires_grad_(True)
+    try:
+        flags = {k: p.requires_grad for k, p in model.original_model.named_parameters()}
+        finetune_edit(model, [REQ], FTHparams(layers=[1], num_steps=1), progress=False)
+        assert {k: p.requires_grad for k, p in model.original_model.named_parameters()} == flags
+        assert all(p.grad is None for p in model.original_model.parameters())
+    finally:
+        param.requires_grad_(False)
+
+
+@pytest.mark.parametrize(
+    ("requests", "hp", "match"),
+    [
+        ([REQ], FTHparams(layers=[99]), "unknown layer 99"),
+        ([REQ], FTHparams(layers=None), "layers"),
+        ([], FTHparams(layers=[1]), "non-empty"),
+        ([EditRequest("No subject here", "Rome", " Paris")], FTHparams(layers=[1]), "template"),
+        ([EditRequest("{} is in", "Rome", "   ")], FTHparams(layers=[1]), "empty"),
+        (
+            [REQ, EditRequest(REQ.template, REQ.subject, " Berlin")],
+            FTHparams(layers=[1]),
+            "conflicts",
+        ),
+        ([REQ], FTHparams(layers=[1], num_steps=0), "num_steps"),
+    ],
+)
+def test_bad_input_raises_before_any_change(toy_models, requests, hp, match):
+    model = toy_models["gemma3"]
+    saved = all_weights(model)
+    with pytest.raises(ValueError, match=match):
+        finetune_edit(model, requests, hp, progress=False)
+    assert_same(model, saved)
+
+
+def test_bad_neutral_facts_raise(toy_models):
+    model = toy_models["gpt2"]
+    hp = FTHparams(layers=[1], mode="mixed", norm_constraint=None)
+    with pytest.raises(ValueError, match="neutral fact 0"):
+        finetune_edit(model, [REQ], hp, neutral_facts=[("Paris is", "")], progress=False)
+    with pytest.raises(ValueError, match="pair"):
+        finetune_edit(model, [REQ], hp, neutral_facts=[("Paris is",)], progress=False)
+    with pytest.raises(ValueError, match="at least one neutral"):
+        finetune_edit(model, [REQ], hp, neutral_facts=[], progress=False)
+
+
+@pytest.mark.model
+def test_ftl_edits_a_known_fact_of_the_embedded_model(gemma):
+    """FT-L with the shipped Gemma defaults at one layer: the new target's probability on the
+    edit prompt rises and no weight moves by more than epsilon."""
+    from editing.hparams import load_hparams
+
+    hp = load_hparams("ft-l", "gemma-3-270m")
+    assert hp.mode == "constrained" and len(hp.layers) == 1
+    req = EditRequest(
+        "The mother tongue of {} is", "Danielle Darrieux", " English", target_true=" French"
+    )
+    layer = hp.layers[0]
+    w0 = down_proj(gemma, layer).clone()
+    before = mean_logprob(gemma, req.prompt, req.target_new)
+    edit = finetune_edit(gemma, [req], hp, progress=False)
+    assert torch.equal(down_proj(gemma, layer), w0)
+    with edit.applied(gemma):
+        after = mean_logprob(gemma, req.prompt, req.target_new)
+        moved = float((down_proj(gemma, layer).double() - w0.double()).abs().max())
+    assert torch.equal(down_proj(gemma, layer), w0)
+    assert after > before + 1.0, (before, after)
+    assert moved <= hp.norm_constraint + 4 * float(w0.abs().max()) * 1.2e-7
+    assert math.isfinite(after) and n_layers(gemma) == 18

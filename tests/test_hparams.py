@@ -1,0 +1,141 @@
+"""Hyper-parameters: shipped defaults, published numbers, overrides, round trips, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from editing.hparams import (
+    FTHparams,
+    MemitHparams,
+    RomeHparams,
+    TargetHparams,
+    defaults_dir,
+    load_hparams,
+)
+
+
+def test_every_default_file_loads_round_trips_and_documents_its_source():
+    files = sorted(defaults_dir().glob("*.json"))
+    names = {p.stem for p in files}
+    for method in ("rome", "memit", "ft"):
+        for model in ("gemma-3-270m", "gpt2-xl", "gpt-j-6b", "default"):
+            assert f"{method}_{model}" in names
+    for path in files:
+        raw = json.loads(path.read_text())
+        assert len(raw.get("_source", "")) > 40, f"{path.name} lacks a _source"
+        method = path.stem.split("_")[0]
+        hp = load_hparams({"ft": "ft-l"}.get(method, method), path=path)
+        assert type(hp).from_dict(hp.to_dict()) == hp
+        assert json.loads(json.dumps(hp.to_dict())) == hp.to_dict()
+
+
+def test_published_rome_and_memit_numbers():
+    r = load_hparams("rome", "gpt2-xl")
+    assert isinstance(r, RomeHparams) and r.layer == 17
+    t = r.target
+    assert (t.num_steps, t.lr, t.loss_layer, t.weight_decay) == (20, 0.5, 47, 0.5)
+    assert (t.clamp_norm_factor, t.kl_factor) == (4.0, 0.0625)
+    assert load_hparams("rome", "EleutherAI/gpt-j-6B").layer == 5
+    m = load_hparams("memit", "EleutherAI/gpt-j-6B")
+    assert isinstance(m, MemitHparams) and m.layers == [3, 4, 5, 6, 7, 8]
+    assert (m.target.num_steps, m.target.clamp_norm_factor, m.mom2_update_weight) == (
+        25,
+        0.75,
+        15000.0,
+    )
+    x = load_hparams("memit", "/models/gpt2-xl/")
+    assert x.layers == [13, 14, 15, 16, 17] and x.target.loss_layer == 47
+    assert x.mom2_update_weight == 20000.0
+    g = load_hparams("rome", "gemma-3-270m")
+    assert g.layer == 2 and g.target.loss_layer == -1 and g.target.early_stop_loss == 0.1
+    gm = load_hparams("memit", "gemma-3-270m")
+    assert gm.layers == [2, 3, 4, 5, 6] and gm.norm_aware and gm.mom2_update_weight == 1500.0
+
+
+def test_ft_method_names_set_the_mode():
+    assert load_hparams("ft-l", "gpt2-xl").mode == "constrained"
+    assert load_hparams("ft-l", "gpt2-xl").norm_constraint == 5e-4
+    assert load_hparams("ft-l", "gpt-j-6b").norm_constraint == 5e-5
+    ft = load_hparams("ft", "gemma-3-270m")
+    assert isinstance(ft, FTHparams) and ft.mode == "unconstrained" and ft.norm_constraint is None
+    mixed = load_hparams("mixed", "gemma-3-270m", norm_constraint=1e-3)
+    assert mixed.mode == "mixed" and mixed.norm_constraint == 1e-3
+    assert load_hparams("ft", "gemma-3-270m", mode="constrained", norm_constraint=1e-4).mode == (
+        "constrained"
+    )
+
+
+def test_unknown_model_falls_back_with_a_note(caplog):
+    with caplog.at_level(logging.INFO, logger="editing.hparams"):
+        hp = load_hparams("rome", "some-new-model")
+    assert hp.layer is None and hp.layers == []
+    assert "no rome defaults" in caplog.text
+    assert load_hparams("memit", "nope", layers=[1, 2]).layers == [1, 2]
+
+
+def test_overrides_top_level_and_target():
+    hp = load_hparams("rome", "gemma-3-270m", kl_factor=0.5, layer=6, mom2_dtype="float64")
+    assert hp.target.kl_factor == 0.5 and hp.layer == 6 and hp.mom2_dtype == "float64"
+    assert hp.target.num_steps == 20  # the rest of target kept
+    assert load_hparams("rome", "gemma-3-270m", layers=[7]).layer == 7
+    with pytest.raises(ValueError, match="ROME edits one layer"):
+        load_hparams("rome", "gemma-3-270m", layers=[3, 4])
+    m = load_hparams("memit", "gemma-3-270m", layers=[5, 3, 4], lr=2.0)
+    assert m.layers == [3, 4, 5] and m.target.lr == 2.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(colour="red"), r"unknown rome hyper-parameter\(s\) \['colour'\]"),
+        (dict(lr=-1.0), "lr must be a positive"),
+        (dict(mom2_dtype="float16"), "mom2_dtype"),
+        (dict(layer=-2), "not a layer index"),
+        (dict(num_steps=2.5), "num_steps must be an integer"),
+        (dict(context_templates=[[0, 3]]), "context_templates"),
+    ],
+)
+def test_bad_overrides(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_hparams("rome", "gemma-3-270m", **kwargs)
+
+
+def test_bad_files_and_methods(tmp_path):
+    with pytest.raises(ValueError, match="unknown editing method"):
+        load_hparams("rome2")
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"layers": [1], "target": {"lr": 1, "momentum": 0.9}}))
+    with pytest.raises(ValueError, match=r"x.json: unknown TargetHparams .*\['momentum'\]"):
+        load_hparams("memit", path=bad)
+    bad.write_text(json.dumps({"layers": [1], "wobble": 1, "_note": "comments are fine"}))
+    with pytest.raises(ValueError, match=r"\['wobble'\]"):
+        load_hparams("memit", path=bad)
+    bad.write_text(json.dumps({"layers": [1], "mode": "constrained", "norm_constraint": None}))
+    with pytest.raises(ValueError, match="needs a norm_constraint"):
+        load_hparams("ft-l", path=bad)
+    with pytest.raises(FileNotFoundError):
+        load_hparams("rome", path=tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="repeated layer"):
+        MemitHparams(layers=[1, 1])
+
+
+def test_dataclass_round_trip_in_code():
+    hp = MemitHparams(layers=[2, 3], target=TargetHparams(lr=0.1), context_templates=[(4, 2)])
+    d = hp.to_dict()
+    assert d["context_templates"] == [[4, 2]] and d["target"]["lr"] == 0.1
+    assert MemitHparams.from_dict(d) == hp
+
+
+def test_parse_layers():
+    from editing.hparams import parse_layers
+
+    assert parse_layers("3-8") == [3, 4, 5, 6, 7, 8]
+    assert parse_layers("3,5,7") == [3, 5, 7]
+    assert parse_layers("4") == [4]
+    assert parse_layers(" 7, 2-4 ,3") == [2, 3, 4, 7]
+    for bad in ("", "a", "3-", "5-2", "-1", "1,,2", "2.5"):
+        with pytest.raises(ValueError):
+            parse_layers(bad)

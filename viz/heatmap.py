@@ -1,0 +1,311 @@
+"""Paper-style causal-trace heatmaps (Meng et al. 2022, Fig. 1) with matplotlib.
+
+Everything here renders :class:`tracing.results.TraceResult` values; nothing runs a model.
+Figures are built without pyplot (no global figure registry), so they can be made in loops
+and returned to Jupyter, which displays them once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from tracing.results import KINDS, TraceResult
+
+#: Colour map per kind, as in the paper: residual purple, MLP green, attention red.
+CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+#: Plotly colour scales matching :data:`CMAPS`.
+PLOTLY_SCALES = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
+#: Panel titles per kind.
+TITLES = {
+    "resid": "Restoring state after corrupted input",
+    "mlp": "Restoring MLP after corrupted input",
+    "attn": "Restoring Attn after corrupted input",
+}
+#: Short names per kind.
+SHORT = {"resid": "state", "mlp": "MLP", "attn": "Attn"}
+DIFF_CMAP = "RdBu_r"
+SAVE_FORMATS = (".png", ".svg", ".pdf")
+
+
+def token_labels(result: TraceResult) -> list[str]:
+    """The prompt's tokens as axis labels: trimmed, newlines shown as ``\\n``, whitespace-only
+    tokens shown quoted, and every token of the subject span marked with a trailing ``*``."""
+    start, end = result.subject_span
+    labels = []
+    for i, tok in enumerate(result.tokens):
+        text = tok.replace("\n", "\\n").replace("\t", "\\t").strip()
+        if not text:
+            text = repr(tok)
+        labels.append(text + "*" if start <= i < end else text)
+    return labels
+
+
+def answer_label(answer: str) -> str:
+    """``answer`` for titles: trimmed, or quoted when it is only whitespace."""
+    text = answer.strip()
+    return text if text else repr(answer)
+
+
+def short_prompt(prompt: str, limit: int = 90) -> str:
+    """The prompt quoted for a title, cut to ``limit`` characters with an ellipsis."""
+    text = prompt if len(prompt) <= limit else prompt[: limit - 1] + "…"
+    return repr(text)
+
+
+def resolve_kinds(result: TraceResult, kinds: Sequence[str] | str | None) -> list[str]:
+    """The kinds to draw: ``kinds`` (validated against the result) or all the result holds, in
+    the order resid, mlp, attn."""
+    if kinds is None:
+        chosen = [k for k in KINDS if k in result.scores] + [
+            k for k in result.scores if k not in KINDS
+        ]
+    else:
+        chosen = [kinds] if isinstance(kinds, str) else list(kinds)
+    if not chosen:
+        raise ValueError("no kinds to draw: the result holds no scores and none were asked for")
+    missing = [k for k in chosen if k not in result.scores]
+    if missing:
+        raise ValueError(
+            f"kinds {missing} are not in this trace (it holds {sorted(result.scores)})"
+        )
+    for k in chosen:
+        arr = np.asarray(result.scores[k])
+        if arr.ndim != 2 or arr.shape[0] != len(result.tokens):
+            raise ValueError(
+                f"scores[{k!r}] has shape {arr.shape}; expected [tokens={len(result.tokens)}, "
+                "layers]"
+            )
+    return chosen
+
+
+def window_text(result: TraceResult, kind: str) -> str:
+    """How many layers each restoration covered, e.g. ``"window 10"`` (empty when unknown)."""
+    window = getattr(result.settings, "window", None) or {}
+    w = window.get(kind)
+    if w is None:
+        return ""
+    return "single layer" if int(w) == 1 else f"window {int(w)}"
+
+
+def xlabel(result: TraceResult, kind: str) -> str:
+    """x-axis label: the restored layer, or the centre of the restored window."""
+    window = getattr(result.settings, "window", None) or {}
+    w = window.get(kind)
+    if w is None or int(w) == 1:
+        return "single restored layer"
+    return f"centre of interval of {int(w)} restored layers"
+
+
+def _color_limits(data: np.ndarray, floor: float, vmax: float | None) -> tuple[float, float]:
+    top = float(np.nanmax(data)) if vmax is None else float(vmax)
+    if not top > floor:
+        top = floor + max(1e-6, abs(floor) * 1e-3)
+    return floor, top
+
+
+def _layer_ticks(ax: Axes, n_layers: int) -> None:
+    step = 1 if n_layers <= 12 else 2 if n_layers <= 24 else 4 if n_layers <= 48 else 8
+    ax.set_xticks(np.arange(0, n_layers, step))
+
+
+def draw_panel(
+    ax: Axes,
+    data: np.ndarray,
+    labels: Sequence[str],
+    *,
+    cmap: str,
+    vmin: float,
+    vmax: float,
+    title: str,
+    cbar_label: str,
+    x_label: str,
+    show_labels: bool = True,
+):
+    """Draw one [tokens x layers] panel into ``ax`` with its own colour bar; returns the image.
+
+    Tokens run top to bottom, layers left to right; values outside [vmin, vmax] are clipped."""
+    data = np.asarray(data, dtype=np.float64)
+    n_tok, n_layers = data.shape
+    im = ax.imshow(
+        data,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        aspect="auto",
+        interpolation="nearest",
+        origin="upper",
+    )
+    ax.set_yticks(np.arange(n_tok))
+    ax.set_yticklabels(list(labels) if show_labels else [""] * n_tok, fontsize=9)
+    _layer_ticks(ax, n_layers)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel(x_label, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    cbar = ax.figure.colorbar(im, ax=ax, fraction=0.06, pad=0.03)
+    cbar.ax.tick_params(labelsize=8)
+    cbar.set_label(cbar_label, fontsize=9)
+    return im
+
+
+def _new_figure(n_panels: int, n_tokens: int, panel_width: float = 4.0) -> tuple[Figure, list]:
+    height = max(2.8, 0.3 * n_tokens + 1.6)
+    width = max(5.5, panel_width * n_panels)
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def plot_trace(
+    result: TraceResult,
+    kinds: Sequence[str] | str | None = None,
+    axes: Sequence[Axes] | None = None,
+    *,
+    vmax: float | None = None,
+    title: str | None = None,
+) -> Figure:
+    """A causal-trace heatmap figure, one panel per kind (resid purple, mlp green, attn red).
+
+    Each panel shows, per (token, layer), the probability of ``result.answer`` when that state is
+    restored in the corrupted run. Tokens run down the side (subject tokens marked ``*``), layers
+    across; each colour bar starts at ``p_corrupted`` and ends at the panel's maximum (or
+    ``vmax``). The figure title names the answer, ``p_clean`` and ``p_corrupted``. Pass ``axes``
+    (one per kind) to draw into an existing figure.
+    """
+    chosen = resolve_kinds(result, kinds)
+    if axes is None:
+        fig, axes = _new_figure(len(chosen), len(result.tokens))
+    else:
+        axes = list(axes)
+        if len(axes) != len(chosen):
+            raise ValueError(f"got {len(axes)} axes for {len(chosen)} kinds {chosen}")
+        fig = axes[0].figure
+    labels = token_labels(result)
+    ans = answer_label(result.answer)
+    floor = float(result.p_corrupted)
+    for i, (ax, kind) in enumerate(zip(axes, chosen, strict=True)):
+        data = np.asarray(result.scores[kind], dtype=np.float64)
+        lo, hi = _color_limits(data, floor, vmax)
+        win = window_text(result, kind)
+        draw_panel(
+            ax,
+            data,
+            labels,
+            cmap=CMAPS.get(kind, "viridis"),
+            vmin=lo,
+            vmax=hi,
+            title=TITLES.get(kind, f"Restoring {kind}") + (f"\n({win})" if win else ""),
+            cbar_label=f"p({ans})",
+            x_label=xlabel(result, kind),
+            show_labels=i == 0,
+        )
+    if title is None:
+        title = (
+            f"Causal trace of {ans!r}: p_clean = {result.p_clean:.3f}, "
+            f"p_corrupted = {result.p_corrupted:.3f}\n{short_prompt(result.prompt)}"
+        )
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def check_comparable(before: TraceResult, after: TraceResult, kind: str) -> None:
+    """Raise ``ValueError`` unless the two traces are of the same tokens, have the same layer
+    count and both hold ``kind`` (so a cell-by-cell difference means something)."""
+    for name, res in (("before", before), ("after", after)):
+        if kind not in res.scores:
+            raise ValueError(f"the {name} trace holds no {kind!r} scores ({sorted(res.scores)})")
+    if list(before.tokens) != list(after.tokens):
+        raise ValueError(
+            "before and after traces are of different prompts/tokens: "
+            f"{list(before.tokens)!r} vs {list(after.tokens)!r}"
+        )
+    b, a = np.shape(before.scores[kind]), np.shape(after.scores[kind])
+    if b != a:
+        raise ValueError(f"before and after {kind!r} scores differ in shape (layers): {b} vs {a}")
+
+
+def difference(before: TraceResult, after: TraceResult, kind: str = "mlp") -> np.ndarray:
+    """``after.scores[kind] - before.scores[kind]`` (checked with :func:`check_comparable`)."""
+    check_comparable(before, after, kind)
+    return np.asarray(after.scores[kind], np.float64) - np.asarray(before.scores[kind], np.float64)
+
+
+def plot_before_after(
+    before: TraceResult,
+    after: TraceResult,
+    kind: str = "mlp",
+    *,
+    title: str | None = None,
+) -> Figure:
+    """The same prompt traced before and after an edit, side by side, plus a difference panel.
+
+    Panels: before, after (each in the kind's colours, floor at its own ``p_corrupted``, its own
+    answer in the title: the answers may differ after an edit) and ``after - before`` on a
+    diverging colour map centred on 0. Raises ``ValueError`` when the tokens, layer counts or
+    kinds do not match.
+    """
+    diff = difference(before, after, kind)
+    labels = token_labels(before)
+    fig, axes = _new_figure(3, len(before.tokens))
+    for i, (ax, res, name) in enumerate(
+        zip(axes[:2], (before, after), ("Before edit", "After edit"), strict=True)
+    ):
+        data = np.asarray(res.scores[kind], dtype=np.float64)
+        lo, hi = _color_limits(data, float(res.p_corrupted), None)
+        ans = answer_label(res.answer)
+        draw_panel(
+            ax,
+            data,
+            labels,
+            cmap=CMAPS.get(kind, "viridis"),
+            vmin=lo,
+            vmax=hi,
+            title=(
+                f"{name}: restoring {SHORT.get(kind, kind)}, p({ans})\n"
+                f"p_clean {res.p_clean:.3f}, p_corrupted {res.p_corrupted:.3f}"
+            ),
+            cbar_label=f"p({ans})",
+            x_label=xlabel(res, kind),
+            show_labels=i == 0,
+        )
+    lim = float(np.nanmax(np.abs(diff))) if diff.size else 0.0
+    lim = lim if lim > 0 else 1e-6
+    same = before.answer == after.answer
+    diff_label = (
+        f"Δp({answer_label(after.answer)})"
+        if same
+        else f"p({answer_label(after.answer)}) − p({answer_label(before.answer)})"
+    )
+    draw_panel(
+        axes[2],
+        diff,
+        labels,
+        cmap=DIFF_CMAP,
+        vmin=-lim,
+        vmax=lim,
+        title=f"After − before\n{diff_label}",
+        cbar_label=diff_label,
+        x_label=xlabel(after, kind),
+        show_labels=False,
+    )
+    if title is None:
+        title = f"Causal trace before and after the edit\n{short_prompt(before.prompt)}"
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 200) -> Path:
+    """Write ``fig`` to ``path`` as PNG (at ``dpi``), SVG or PDF, chosen by the suffix; creates
+    the parent folder and returns the path."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SAVE_FORMATS:
+        raise ValueError(f"cannot save a figure as {suffix!r}: use one of {SAVE_FORMATS}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"dpi": dpi} if suffix == ".png" else {}
+    fig.savefig(path, format=suffix[1:], bbox_inches="tight", **kwargs)
+    return path
