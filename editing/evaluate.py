@@ -86,6 +86,14 @@ def _hparams_dict(hp: Any) -> dict | None:
     return hp.to_dict() if hasattr(hp, "to_dict") else dict(hp)
 
 
+def _edited_layers(hp: Any) -> list[int] | None:
+    """The layers an edit with hyper-parameters ``hp`` changes (None without hparams)."""
+    if hp is None:
+        return None
+    layers = hp.get("layers") if isinstance(hp, dict) else getattr(hp, "layers", None)
+    return list(layers) if layers is not None else None
+
+
 def _check_run(path: Path, settings: dict) -> None:
     """Refuse to resume a run folder made with other settings (``n`` may differ)."""
     if path.exists():
@@ -283,7 +291,7 @@ def evaluate(
         seed=seed,
         batch=unit_size,
         joint=joint,
-        layers=settings["layers"],
+        layers=list(layers) if layers is not None else _edited_layers(hp),
         hparams=resolved if resolved is not None else settings["hparams"],
         edited=aggregate(split_prefixed(ok, "post_")),
         unedited=aggregate(split_prefixed(ok, "pre_")),

@@ -19,6 +19,7 @@ from editing.eval_cases import load_cases
 from editing.eval_results import EvalSummary, comparison_table, edit_bar_rows
 from editing.evaluate import evaluate, parse_layers, scaling
 from editing.generation import GenerationSettings
+from editing.hparams import load_hparams
 from factscope.cli import main
 from tracing.models import down_proj
 
@@ -116,6 +117,10 @@ def test_memit_edits_in_batches(toy_models, cf_path, tmp_path):
                  only_known=False, generation=None, edit_fn=fake, progress=False)
     assert fake.calls == [[0, 2], [3, 4], [5]]
     assert s.joint and s.batch == 2 and s.n == 5
+    s = evaluate(toy_models["gpt2"], cf_path, "memit", n=2, batch=2, out_dir=tmp_path,
+                 name="with_layers", layers=[1], only_known=False, generation=None,
+                 edit_fn=FakeMethod(), progress=False)
+    assert s.layers == [1]
 
 
 def test_interrupted_run_resumes_without_recomputing(toy_models, cf_path, tmp_path):
@@ -270,4 +275,5 @@ def test_rome_edit_raises_efficacy_on_a_known_case(gemma, tmp_path):
     s = evaluate(gemma, path, "rome", n=1, out_dir=tmp_path, generation=None, progress=False)
     assert s.n == 1 and s.unedited["efficacy_success"] == 0.0
     assert s.edited["efficacy_success"] == 1.0
+    assert s.layers == [load_hparams("rome", "gemma-3-270m").layer]  # the layer edited
     assert all(torch.equal(down_proj(gemma, L), before[L]) for L in range(18))  # restored
