@@ -33,7 +33,7 @@ from editing.metrics import (
     space_target,
     zsre_metrics,
 )
-from editing.requests import EditRequest, request_from_counterfact
+from editing.requests import ConflictIndex, EditRequest, request_from_counterfact
 from tracing.models import down_proj, fingerprint, n_layers, target_ids
 
 log = logging.getLogger(__name__)
@@ -254,9 +254,15 @@ def generate_cases(
 def select_cases(model, cases, n, only_known, rule, cache) -> tuple[list, list[dict], int]:
     """The first ``n`` usable (and, with ``only_known``, known) cases with their unedited
     scores; the skipped cases (with reasons) and the number dropped as not known, counted
-    among the cases examined before the n-th was found."""
+    among the cases examined before the n-th was found.
+
+    A case whose edit repeats or contradicts the edit of a case already selected (same
+    subject and prompt template, or same subject and relation; CounterFact has such pairs)
+    is skipped, as MEMIT's multi-edit CounterFact does, so that any number of the selected
+    cases can be edited in one batch and every method sees the same cases."""
     selected: list[tuple[Case, Any]] = []
     skipped: list[dict] = []
+    taken = ConflictIndex()
     unknown, pos = 0, 0
     while pos < len(cases) and len(selected) < n:
         need = n - len(selected)
@@ -274,6 +280,12 @@ def select_cases(model, cases, n, only_known, rule, cache) -> tuple[list, list[d
             elif only_known and not is_known(pres[c.case_id], rule):
                 unknown += 1
             else:
+                req = request_for(c)
+                clash = taken.problem(req)
+                if clash is not None:
+                    skipped.append({"case_id": c.case_id, "reason": clash})
+                    continue
+                taken.add(req)
                 selected.append((c, pres[c.case_id]))
     return selected, skipped, unknown
 

@@ -209,35 +209,57 @@ def load_requests(path: str | Path) -> list[EditRequest]:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_conflicts(requests: Sequence[EditRequest]) -> None:
-    seen: dict[tuple[str, str], int] = {}
-    by_relation: dict[tuple[str, str], int] = {}
-    for i, req in enumerate(requests):
-        key = (req.subject, req.template)
-        if key in seen:
-            j = seen[key]
-            other = requests[j]
+class ConflictIndex:
+    """Requests taken so far, indexed by (subject, template) and (subject, relation):
+    :meth:`problem` says whether another request repeats or contradicts one of them (one
+    batch cannot write two values for the same fact)."""
+
+    def __init__(self) -> None:
+        self._by_template: dict[tuple[str, str], tuple[int, EditRequest]] = {}
+        self._by_relation: dict[tuple[str, str], tuple[int, EditRequest]] = {}
+
+    def problem(self, req: EditRequest, index: int | None = None) -> str | None:
+        """Why ``req`` (numbered ``index`` in messages) cannot join the requests taken, or
+        None."""
+        hit = self._by_template.get((req.subject, req.template))
+        if hit is not None:
+            j, other = hit
             if other.target_new == req.target_new:
-                raise ValueError(
-                    f"{req.describe(i)} duplicates {other.describe(j)}: same subject, template "
-                    f"and target {req.target_new!r}; pass each edit once"
+                return (
+                    f"{req.describe(index)} duplicates {other.describe(j)}: same subject, "
+                    f"template and target {req.target_new!r}; pass each edit once"
                 )
-            raise ValueError(
-                f"{req.describe(i)} conflicts with {other.describe(j)}: same subject and "
+            return (
+                f"{req.describe(index)} conflicts with {other.describe(j)}: same subject and "
                 f"template {req.template!r}, different targets {other.target_new!r} and "
                 f"{req.target_new!r}"
             )
-        seen[key] = i
         if req.relation_id is not None:
-            rkey = (req.subject, req.relation_id)
-            j = by_relation.get(rkey)
-            if j is not None and requests[j].target_new != req.target_new:
-                raise ValueError(
-                    f"{req.describe(i)} conflicts with {requests[j].describe(j)}: same subject "
+            hit = self._by_relation.get((req.subject, req.relation_id))
+            if hit is not None and hit[1].target_new != req.target_new:
+                j, other = hit
+                return (
+                    f"{req.describe(index)} conflicts with {other.describe(j)}: same subject "
                     f"and relation {req.relation_id!r}, different targets "
-                    f"{requests[j].target_new!r} and {req.target_new!r}"
+                    f"{other.target_new!r} and {req.target_new!r}"
                 )
-            by_relation.setdefault(rkey, i)
+        return None
+
+    def add(self, req: EditRequest, index: int | None = None) -> None:
+        """Take ``req`` (the first request for a key stays the one later ones are named
+        against)."""
+        self._by_template.setdefault((req.subject, req.template), (index, req))
+        if req.relation_id is not None:
+            self._by_relation.setdefault((req.subject, req.relation_id), (index, req))
+
+
+def _check_conflicts(requests: Sequence[EditRequest]) -> None:
+    index = ConflictIndex()
+    for i, req in enumerate(requests):
+        problem = index.problem(req, i)
+        if problem is not None:
+            raise ValueError(problem)
+        index.add(req, i)
 
 
 def validate_requests(model, requests: Sequence[EditRequest]) -> None:

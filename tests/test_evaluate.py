@@ -189,6 +189,23 @@ def test_only_known_filter_counts_what_it_drops(toy_models, cf_path, tmp_path):
     assert more.n == 3 and any("3 of the 5" in note for note in more.notes)
 
 
+def test_conflicting_cases_are_skipped_so_a_batch_can_hold_every_case(toy_models, tmp_path):
+    recs = [_reduced(r) for r in load_counterfact()[:4]]
+    clash = dict(recs[0], case_id=100, target_new=" Zanzibar")  # same fact, another value
+    again = dict(recs[2], case_id=101)  # the same edit twice
+    path = tmp_path / "clashes.json"
+    path.write_text(json.dumps([recs[0], recs[1], clash, recs[2], again, recs[3]]))
+    fake = FakeMethod()
+    s = evaluate(toy_models["gpt2"], path, "memit", n=10, batch=10, out_dir=tmp_path,
+                 only_known=False, generation=None, edit_fn=fake, progress=False)
+    ids = [r["case_id"] for r in recs]
+    assert fake.calls == [ids]  # one batch, every case but the clashing ones
+    assert (s.n, s.n_skipped, s.n_failed) == (4, 2, 0)
+    reasons = {k["case_id"]: k["reason"] for k in s.skipped}
+    assert "conflicts with" in reasons[100] and f"case_id {ids[0]}" in reasons[100]
+    assert "duplicates" in reasons[101] and f"case_id {ids[2]}" in reasons[101]
+
+
 def test_bad_input(toy_models, tmp_path, cf_path):
     model = toy_models["gpt2"]
     empty = tmp_path / "empty.json"
