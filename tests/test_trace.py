@@ -21,7 +21,7 @@ from tracing.trace import (
 
 PROMPT = "The Space Needle is located in the city of"
 SUBJECT = "The Space Needle"
-ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
+ANCHORS = Path(__file__).resolve().parent / "anchors"  # copied from shared/anchors
 
 
 def test_window_convention():
