@@ -215,8 +215,8 @@ class ConflictIndex:
     batch cannot write two values for the same fact)."""
 
     def __init__(self) -> None:
-        self._by_template: dict[tuple[str, str], tuple[int, EditRequest]] = {}
-        self._by_relation: dict[tuple[str, str], tuple[int, EditRequest]] = {}
+        self._by_template: dict[tuple[str, str], tuple[int | None, EditRequest]] = {}
+        self._by_relation: dict[tuple[str, str], tuple[int | None, EditRequest]] = {}
 
     def problem(self, req: EditRequest, index: int | None = None) -> str | None:
         """Why ``req`` (numbered ``index`` in messages) cannot join the requests taken, or
