@@ -42,8 +42,9 @@ def _peak_mib() -> float:
 def counterfact_requests(model, n: int) -> list:
     """The first ``n`` CounterFact cases that pass validation together (no duplicates or
     conflicts)."""
-    from editing.datasets import load_counterfact
-    from editing.requests import request_from_counterfact, validate_requests
+    from editing.evaluation.datasets import load_counterfact
+    from editing.evaluation.tasks import request_from_counterfact
+    from editing.requests import validate_requests
 
     out, seen = [], set()
     for rec in load_counterfact():
@@ -87,8 +88,8 @@ def bench_stats(model, layers: list[int], n_tokens: int) -> None:
 def bench_rome(model, n_edits: int) -> None:
     from editing.api import make_edit
     from editing.context import context_templates
-    from editing.hparams import load_hparams
-    from editing.rome import load_layer_stats
+    from editing.keys import load_layer_stats
+    from editing.methods import load_hparams
 
     hp = load_hparams("rome", "gemma-3-270m")
     t = time.perf_counter()
@@ -116,8 +117,8 @@ def memit_child(n: int) -> dict:
     """One MEMIT batch of ``n`` requests in this process; returns its measurements."""
     from editing.api import make_edit
     from editing.context import context_templates
-    from editing.hparams import load_hparams
-    from editing.rome import load_layer_stats
+    from editing.keys import load_layer_stats
+    from editing.methods import load_hparams
     from tracing.models import load_model
 
     model = load_model("gemma-3-270m")
@@ -178,7 +179,7 @@ def main() -> None:
     if args.memit_child:
         print(json.dumps(memit_child(args.memit_child)))
         return
-    from editing.hparams import parse_layers
+    from tracing.layers import parse_layers
     from tracing.models import load_model
 
     model = load_model("gemma-3-270m")

@@ -16,10 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from editing.eval_cases import UneditedCache, load_cases, select_cases
-from editing.evaluate import evaluate
-from editing.generation import GenerationSettings
-from editing.metrics import ModelScorer
+from editing.evaluation.cases import UneditedCache, select_cases
+from editing.evaluation.generation import GenerationSettings
+from editing.evaluation.metrics import ModelScorer
+from editing.evaluation.runner import evaluate
+from editing.evaluation.tasks import load_cases
 from tracing.models import load_model
 
 
@@ -45,21 +46,42 @@ def main() -> None:
     if gen:
         cache.get_texts([c for c, _ in selected], gen, 0)
     t_gen = (time.perf_counter() - t) / len(selected)
-    print(f"unedited model, per case: selection + scoring {t_score:.2f} s "
-          f"(includes cases dropped as unknown), fluency generation {t_gen:.2f} s "
-          f"({args.gen_tokens} tokens x 2 prompts, batched)")
+    print(
+        f"unedited model, per case: selection + scoring {t_score:.2f} s "
+        f"(includes cases dropped as unknown), fluency generation {t_gen:.2f} s "
+        f"({args.gen_tokens} tokens x 2 prompts, batched)"
+    )
 
     rows = []
     for method in [m for m in args.methods.split(",") if m]:
         t = time.perf_counter()
-        s = evaluate(model, "counterfact", method, n=args.n, batch=args.n, out_dir=out,
-                     generation=gen, progress=False)
+        s = evaluate(
+            model,
+            "counterfact",
+            method,
+            n=args.n,
+            batch=args.n,
+            out_dir=out,
+            generation=gen,
+            progress=False,
+        )
         wall = time.perf_counter() - t
-        rows.append((method, s.batch, s.n, s.seconds_per_edit, s.seconds_per_case,
-                     wall / s.n, s.edited.get("efficacy_success")))
+        rows.append(
+            (
+                method,
+                s.batch,
+                s.n,
+                s.seconds_per_edit,
+                s.seconds_per_case,
+                wall / s.n,
+                s.edited.get("efficacy_success"),
+            )
+        )
     print(f"\nmodel {args.model}, {args.n} CounterFact cases per method, output {out}")
-    print(f"{'method':<8} {'batch':>5} {'n':>3} {'s/edit':>8} {'s/case':>8} "
-          f"{'wall/case':>9} {'ES':>6}")
+    print(
+        f"{'method':<8} {'batch':>5} {'n':>3} {'s/edit':>8} {'s/case':>8} "
+        f"{'wall/case':>9} {'ES':>6}"
+    )
     for method, batch, n, se, sc, wall, es in rows:
         se_txt = f"{se:8.2f}" if se is not None else f"{'-':>8}"
         print(f"{method:<8} {batch:>5} {n:>3} {se_txt} {sc:8.2f} {wall:9.2f} {es:6.2f}")

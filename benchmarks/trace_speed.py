@@ -62,8 +62,10 @@ def main() -> None:
             model = load_model(str(folder))
             trace_fact(model, PROMPT, SUBJECT, samples=1, kinds=("resid",), noise=0.1)
             rows.append(bench(model, "random GPT-2-small (12 layers)", args.samples, 0.1))
-    print(f"\nfull trace (resid + mlp + attn), {args.samples} noise samples, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"\nfull trace (resid + mlp + attn), {args.samples} noise samples, "
+        f"{torch.get_num_threads()} threads"
+    )
     print("| model | tokens | fast s | reference s | speed-up | max abs dp |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -6,8 +6,7 @@ edit prompt, each preceded by a short text the model wrote itself ("The best way
 seed (top-k sampling from the prefixes ``The``, ``Therefore``, ``Because``, ``I``, ``You``, as in
 MEMIT's code) and caches them on disk under ``tracing.loading.cache_dir()/context/``, keyed by
 the model fingerprint and the settings. :func:`check_templates` validates templates a user
-gives instead. :func:`build_prompts` puts requests into templates: the rewriting prompts
-(template + prompt + target minus its last token) and KL prompts of the v*/z optimisation.
+gives instead. Requests are put into templates once, by :func:`editing.prepared.prepare_requests`.
 """
 
 from __future__ import annotations
@@ -15,20 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from tracing.facts import tokenize_fact
+from tracing.errors import InvalidInput
+from tracing.io import write_json_atomic
 from tracing.loading import cache_dir as _cache_root
-from tracing.models import fingerprint, target_ids, tokenize
-
-if TYPE_CHECKING:
-    from editing.requests import EditRequest
+from tracing.models import HookedModel, fingerprint, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +35,16 @@ def check_templates(templates: Sequence[str]) -> list[str]:
 
     Each template must be a string holding exactly one ``"{}"`` (where the edit prompt goes);
     other braces are allowed (templates are filled with ``str.replace``, never ``format``).
-    Duplicates are dropped. Raises ValueError naming the bad template.
+    Duplicates are dropped. Raises InvalidInput naming the bad template.
     """
     if isinstance(templates, str):
-        raise ValueError("context templates must be a list of strings, not one string")
+        raise InvalidInput("context templates must be a list of strings, not one string")
     out: list[str] = ["{}"]
     for i, t in enumerate(templates):
         if not isinstance(t, str):
-            raise ValueError(f"context template {i} is not a string: {t!r}")
+            raise InvalidInput(f"context template {i} is not a string: {t!r}")
         if t.count("{}") != 1:
-            raise ValueError(
+            raise InvalidInput(
                 f"context template {i} ({t!r}) must contain '{{}}' exactly once "
                 f"(found {t.count('{}')})"
             )
@@ -64,7 +58,9 @@ def fill_template(template: str, prompt: str) -> str:
     return template.replace("{}", prompt, 1)
 
 
-def _settings_key(model, length_params: Sequence[tuple[int, int]], seed: int, top_k: int) -> str:
+def _settings_key(
+    model: HookedModel, length_params: Sequence[tuple[int, int]], seed: int, top_k: int
+) -> str:
     spec = json.dumps(
         {
             "lengths": [list(p) for p in length_params],
@@ -79,13 +75,19 @@ def _settings_key(model, length_params: Sequence[tuple[int, int]], seed: int, to
     return f"{fingerprint(model)}-{digest}"
 
 
-def _special_ids(model) -> list[int]:
+def _special_ids(model: HookedModel) -> list[int]:
     ids = set(getattr(model.tokenizer, "all_special_ids", []) or [])
     return sorted(i for i in ids if i is not None and 0 <= i < int(model.cfg.d_vocab))
 
 
 def generate_texts(
-    model, prefix: str, n: int, length: int, *, generator: torch.Generator, top_k: int = 5
+    model: HookedModel,
+    prefix: str,
+    n: int,
+    length: int,
+    *,
+    generator: torch.Generator,
+    top_k: int = 5,
 ) -> list[str]:
     """Sample ``n`` continuations of ``prefix`` with top-k sampling, each ``length`` tokens
     long in total (prefix included, BOS not counted), decoded without special tokens."""
@@ -107,7 +109,7 @@ def generate_texts(
 
 
 def context_templates(
-    model,
+    model: HookedModel,
     length_params: Sequence[tuple[int, int]] | Sequence[Sequence[int]] = ((5, 10), (10, 10)),
     *,
     seed: int = 0,
@@ -126,13 +128,13 @@ def context_templates(
     params = [(int(a), int(b)) for a, b in length_params]
     for length, count in params:
         if length < 1 or count < 0:
-            raise ValueError(f"bad context template setting (length={length}, count={count})")
+            raise InvalidInput(f"bad context template setting (length={length}, count={count})")
     folder = Path(cache_dir) if cache_dir is not None else _cache_root() / "context"
     path = folder / f"{_settings_key(model, params, seed, top_k)}.json"
     if cache and path.is_file():
         try:
             return check_templates(json.loads(path.read_text())["templates"])
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        except (OSError, ValueError, KeyError):
             log.warning("ignoring unreadable context-template cache %s", path)
     gen = torch.Generator().manual_seed(seed)
     texts: list[str] = []
@@ -144,66 +146,9 @@ def context_templates(
         [t.replace("{", " ").replace("}", " ").replace("\n", " ") + ". {}" for t in texts]
     )
     if cache:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
         payload = {
             "settings": {"lengths": params, "seed": seed, "top_k": top_k},
             "templates": templates,
         }
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(path)
+        write_json_atomic(path, payload)
     return templates
-
-
-# --------------------------------------------------------------------------- rewriting prompts
-
-
-@dataclass(frozen=True)
-class RewritePrompt:
-    """One prompt of the optimisation: token ids, the subject-last index where ``delta`` is
-    added, and the positions whose next-token logits the loss reads (with their targets;
-    the KL prompt reads its last position and has no targets)."""
-
-    request: int
-    ids: tuple[int, ...]
-    lookup: int
-    read: tuple[int, ...]
-    targets: tuple[int, ...]
-    kind: Literal["rewrite", "kl"]
-
-
-def subject_ids(model, text: str, subject: str, char_start: int) -> tuple[list[int], int]:
-    """Token ids of ``text`` (model's BOS rule) and the index of the last token of the
-    ``subject`` occurrence that starts at character ``char_start``."""
-    import re
-
-    starts = [m.start() for m in re.finditer(re.escape(subject), text)]
-    occurrence = starts.index(char_start) if char_start in starts else 0
-    fact = tokenize_fact(model, text, subject, occurrence)
-    return list(fact.ids), fact.subject_last
-
-
-def template_prompt_ids(model, request: EditRequest, template: str) -> tuple[list[int], int]:
-    """Ids of ``template`` filled with the request's prompt and the subject-last index."""
-    text = fill_template(template, request.prompt)
-    char_start = template.find("{}") + request.template.find("{}")
-    return subject_ids(model, text, request.subject, char_start)
-
-
-def build_prompts(
-    model, requests: Sequence[EditRequest], templates: Sequence[str]
-) -> list[RewritePrompt]:
-    """Every rewriting prompt (one per request and context template) and one KL prompt
-    (``"{subject} is a"``) per request. Targets never get a BOS: they are tokenised alone with
-    :func:`tracing.models.target_ids` and appended to the prompt's ids."""
-    out: list[RewritePrompt] = []
-    for r, req in enumerate(requests):
-        tgt = target_ids(model, req.target_new)
-        for t in templates:
-            ids, lookup = template_prompt_ids(model, req, t)
-            n = len(ids)
-            read = tuple(range(n - 1, n - 1 + len(tgt)))
-            out.append(RewritePrompt(r, tuple(ids + tgt[:-1]), lookup, read, tuple(tgt), "rewrite"))
-        ids, lookup = subject_ids(model, f"{req.subject} is a", req.subject, 0)
-        out.append(RewritePrompt(r, tuple(ids), lookup, (len(ids) - 1,), (), "kl"))
-    return out

@@ -5,15 +5,14 @@ dense otherwise) in the architecture-neutral ``[d_mlp, d_model]`` orientation of
 :func:`tracing.models.down_proj`, with the model fingerprint, requests, hyper-parameters and
 method. ``apply`` / ``undo`` restore the original weights bit for bit, ``save`` / ``load`` use
 safetensors + JSON, and an edit is refused by a model with another fingerprint.
-:func:`weights_snapshot` and :class:`restoring_weights` protect weights around any code that
-changes them in place.
+:func:`editing.weights.restoring_weights` protects weights around any code that changes them
+in place.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,41 +23,14 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
 from editing.requests import EditRequest
-from tracing.models import check_layer, down_proj, fingerprint
+from editing.weights import restore_weights, weights_snapshot
+from tracing.errors import EditFailed, InvalidInput
+from tracing.io import atomic_path, write_json_atomic
+from tracing.models import down_proj, fingerprint, model_name
 
 FORMAT = "factscope-edit"
 VERSION = 1
 _STACK_ATTR = "_factscope_applied_edits"  # edits applied to a model, oldest first
-
-
-def weights_snapshot(model, layers: Iterable[int]) -> dict[int, Float[torch.Tensor, "m d"]]:
-    """Clones of ``down_proj(model, L)`` for each layer (the values to restore later)."""
-    return {L: down_proj(model, check_layer(model, L)).detach().clone() for L in set(layers)}
-
-
-def _restore(model, snapshot: dict[int, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for L, original in snapshot.items():
-            down_proj(model, L).copy_(original)
-
-
-class restoring_weights:  # noqa: N801  (used like a function: ``with restoring_weights(...)``)
-    """Context manager: snapshot the down-projections of ``layers``; if the block raises,
-    copy them back (bit-exact) and re-raise. With ``always=True`` they are restored on a
-    normal exit too. ``__enter__`` returns the snapshot ``{layer: weights}``."""
-
-    def __init__(self, model, layers: Iterable[int], *, always: bool = False) -> None:
-        self.model, self.layers, self.always = model, list(layers), always
-        self.snapshot: dict[int, torch.Tensor] = {}
-
-    def __enter__(self) -> dict[int, torch.Tensor]:
-        self.snapshot = weights_snapshot(self.model, self.layers)
-        return self.snapshot
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None or self.always:
-            _restore(self.model, self.snapshot)
-        return False
 
 
 @dataclass(eq=False)
@@ -74,10 +46,10 @@ class LayerDelta:
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            raise ValueError(f"LayerDelta.layer must be an int, got {self.layer!r}")
+            raise InvalidInput(f"LayerDelta.layer must be an int, got {self.layer!r}")
         low = self.left is not None or self.right is not None
         if low == (self.dense is not None) or (low and (self.left is None or self.right is None)):
-            raise ValueError(
+            raise InvalidInput(
                 f"layer {self.layer}: a LayerDelta needs either both left and right factors "
                 "or one dense matrix"
             )
@@ -86,7 +58,7 @@ class LayerDelta:
             left = left.unsqueeze(1) if left.ndim == 1 else left
             right = right.unsqueeze(0) if right.ndim == 1 else right
             if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
-                raise ValueError(
+                raise InvalidInput(
                     f"layer {self.layer}: factors of shapes {tuple(left.shape)} and "
                     f"{tuple(right.shape)} do not multiply to a matrix"
                 )
@@ -94,7 +66,7 @@ class LayerDelta:
         else:
             self.dense = self.dense.detach()  # type: ignore[union-attr]
             if self.dense.ndim != 2:
-                raise ValueError(f"layer {self.layer}: a dense delta must be a matrix")
+                raise InvalidInput(f"layer {self.layer}: a dense delta must be a matrix")
 
     @property
     def rank(self) -> int | None:
@@ -137,7 +109,7 @@ def _jsonable(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value, default=default))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"edit {what} must be JSON-serialisable: {exc}") from exc
+        raise InvalidInput(f"edit {what} must be JSON-serialisable: {exc}") from exc
 
 
 @dataclass(eq=False, repr=False)
@@ -162,9 +134,9 @@ class Edit:
     def __post_init__(self) -> None:
         self.deltas = list(self.deltas)
         if not self.deltas:
-            raise ValueError("an Edit needs at least one LayerDelta")
+            raise InvalidInput("an Edit needs at least one LayerDelta")
         if not all(isinstance(d, LayerDelta) for d in self.deltas):
-            raise ValueError("Edit.deltas must be LayerDelta objects")
+            raise InvalidInput("Edit.deltas must be LayerDelta objects")
         self.requests = list(self.requests)
         self.hparams = _jsonable(self.hparams, "hparams")
         self.metadata = _jsonable(self.metadata, "metadata")
@@ -191,8 +163,8 @@ class Edit:
     def _planned(self, model) -> list[tuple[int, torch.Tensor]]:
         found = fingerprint(model)
         if found != self.model_fingerprint:
-            name = getattr(model, "factscope_name", None) or "the given model"
-            raise ValueError(
+            name = model_name(model)
+            raise InvalidInput(
                 f"this edit was made for model {self.model_name!r} (fingerprint "
                 f"{self.model_fingerprint}); {name} has fingerprint {found}: refusing to apply "
                 "it to another model (weights unchanged)"
@@ -201,16 +173,16 @@ class Edit:
         for i, d in enumerate(self.deltas):
             try:
                 W = down_proj(model, d.layer)
-            except ValueError as exc:
-                raise ValueError(f"delta {i}: {exc} (weights unchanged)") from exc
+            except InvalidInput as exc:
+                raise InvalidInput(f"delta {i}: {exc} (weights unchanged)") from exc
             if d.shape != tuple(W.shape):
-                raise ValueError(
+                raise InvalidInput(
                     f"delta {i} (layer {d.layer}) has shape {d.shape}, but the down-projection "
                     f"is {tuple(W.shape)} [d_mlp, d_model] (weights unchanged)"
                 )
             M = d.matrix(W.dtype)
             if not torch.isfinite(M).all():
-                raise ValueError(
+                raise InvalidInput(
                     f"delta {i} (layer {d.layer}) contains NaN or inf: refusing to apply it "
                     "(weights unchanged)"
                 )
@@ -220,13 +192,13 @@ class Edit:
     def apply(self, model) -> Edit:
         """Add the deltas to ``model``'s weights; returns ``self``.
 
-        Refused (ValueError, weights unchanged) for a model with another fingerprint, an
+        Refused (InvalidInput, weights unchanged) for a model with another fingerprint, an
         unknown layer, a wrong shape, a delta with NaN/inf, or an edit that is already
         applied. If anything fails while adding (e.g. weights overflowing to inf), every
         touched layer is restored exactly before the error propagates.
         """
         if self.is_applied:
-            raise ValueError(f"{self!r} is already applied; undo it before applying it again")
+            raise InvalidInput(f"{self!r} is already applied; undo it before applying it again")
         planned = self._planned(model)
         originals = weights_snapshot(model, [L for L, _ in planned])
         try:
@@ -235,12 +207,12 @@ class Edit:
                     W = down_proj(model, L)
                     W.add_(M)
                     if not torch.isfinite(W).all():
-                        raise ValueError(
+                        raise EditFailed(
                             f"layer {L}: adding the delta made weights NaN or inf (overflow); "
                             "all layers restored"
                         )
         except BaseException:
-            _restore(model, originals)
+            restore_weights(model, originals)
             raise
         self._originals, self._model = originals, model
         stack = getattr(model, _STACK_ATTR, None)
@@ -255,18 +227,18 @@ class Edit:
         what they were. Refused if not applied to ``model``, or if an edit applied later to an
         overlapping layer is still applied (undo that one first)."""
         if not self.is_applied:
-            raise ValueError(f"{self!r} is not applied; nothing to undo")
+            raise InvalidInput(f"{self!r} is not applied; nothing to undo")
         if model is not self._model:
-            raise ValueError("this edit is applied to another model object; undo it there")
+            raise InvalidInput("this edit is applied to another model object; undo it there")
         stack: list[Edit] = getattr(model, _STACK_ATTR, [])
         later = stack[stack.index(self) + 1 :] if self in stack else []
         blocking = [e for e in later if set(e.layers) & set(self.layers)]
         if blocking:
-            raise ValueError(
+            raise InvalidInput(
                 f"{blocking[-1]!r} was applied after this edit to overlapping layers and is "
                 "still applied: undo edits in reverse order"
             )
-        _restore(model, self._originals)  # type: ignore[arg-type]
+        restore_weights(model, self._originals)  # type: ignore[arg-type]
         if self in stack:
             stack.remove(self)
         self._originals, self._model = None, None
@@ -297,9 +269,8 @@ class Edit:
                 tensors[f"{i}.right"] = d.right.contiguous()  # type: ignore[union-attr]
             kind = "dense" if d.dense is not None else "low_rank"
             layout.append({"layer": d.layer, "kind": kind, "rank": d.rank, "shape": list(d.shape)})
-        tmp = out / "deltas.tmp.safetensors"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out / "deltas.safetensors")
+        with atomic_path(out / "deltas.safetensors") as tmp:
+            save_file(tensors, str(tmp))
         info = {
             "format": FORMAT,
             "version": VERSION,
@@ -311,9 +282,7 @@ class Edit:
             "hparams": self.hparams,
             "metadata": self.metadata,
         }
-        tmp_json = out / "edit.tmp.json"
-        tmp_json.write_text(json.dumps(info, indent=1), encoding="utf-8")
-        os.replace(tmp_json, out / "edit.json")
+        write_json_atomic(out / "edit.json", info)
         return out
 
     @classmethod
@@ -322,11 +291,14 @@ class Edit:
         src = Path(folder)
         meta_path, data_path = src / "edit.json", src / "deltas.safetensors"
         for p in (meta_path, data_path):
-            if not p.exists():
-                raise FileNotFoundError(f"{src} is not a saved edit: {p.name} is missing")
-        info = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not p.is_file():
+                raise InvalidInput(f"{src} is not a saved edit: {p.name} is missing")
+        try:
+            info = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidInput(f"{meta_path}: not readable ({exc})") from exc
         if info.get("format") != FORMAT or info.get("version") != VERSION:
-            raise ValueError(f"{meta_path}: not a factscope edit of version {VERSION}")
+            raise InvalidInput(f"{meta_path}: not a factscope edit of version {VERSION}")
         tensors = load_file(str(data_path))
         deltas = []
         for i, entry in enumerate(info["deltas"]):
@@ -340,7 +312,7 @@ class Edit:
                         )
                     )
             except KeyError as exc:
-                raise ValueError(f"{data_path}: delta {i} is missing tensor {exc}") from exc
+                raise InvalidInput(f"{data_path}: delta {i} is missing tensor {exc}") from exc
         return cls(
             deltas=deltas,
             method=info["method"],
@@ -387,10 +359,10 @@ class Edit:
         """One edit holding the deltas of ``edits`` in order (e.g. sequential ROME edits);
         all must be for the same model."""
         if not edits:
-            raise ValueError("nothing to combine")
+            raise InvalidInput("nothing to combine")
         fps = {e.model_fingerprint for e in edits}
         if len(fps) != 1:
-            raise ValueError(f"cannot combine edits made for different models: {sorted(fps)}")
+            raise InvalidInput(f"cannot combine edits made for different models: {sorted(fps)}")
         first = edits[0]
         return cls(
             deltas=[d for e in edits for d in e.deltas],
@@ -401,8 +373,3 @@ class Edit:
             model_name=first.model_name,
             metadata={"combined": [e.metadata for e in edits]},
         )
-
-
-def model_name(model) -> str:
-    """The name a model was loaded under (``factscope_name``), else its config's name."""
-    return str(getattr(model, "factscope_name", None) or getattr(model.cfg, "model_name", "?"))

@@ -1,9 +1,9 @@
 """Edit requests: "make ``subject`` in ``template`` continue with ``target_new``".
 
-A request is a plain value (:class:`EditRequest`). Requests come from CounterFact records
-(:func:`request_from_counterfact`) or from JSON files (:func:`load_requests`), and are checked
-against a model before any method runs (:func:`validate_requests`): every problem is reported
-as a ``ValueError`` naming the request by index and subject.
+A request is a plain value (:class:`EditRequest`). Requests come from evaluation tasks
+(:meth:`editing.evaluation.tasks.Task.request`) or from JSON files (:func:`load_requests`), and
+are checked against a model before any method runs (:func:`validate_requests`): every problem
+is reported as an :class:`~tracing.errors.InvalidRequest` naming the request and subject.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from editing.datasets import CounterFactRecord
+from tracing.errors import InvalidInput, InvalidRequest
+from tracing.facts import tokenize_fact
+from tracing.models import HookedModel, context_length, target_ids
 
 
 def _space(text: str | None) -> str | None:
@@ -100,60 +102,46 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, d: dict) -> EditRequest:
-        """Inverse of :meth:`to_dict`. Unknown keys raise a ValueError naming them."""
+        """Inverse of :meth:`to_dict`. Unknown keys raise an InvalidRequest naming them."""
         if not isinstance(d, dict):
-            raise ValueError(f"expected a dict for an EditRequest, got {type(d).__name__}")
+            raise InvalidRequest(f"expected a dict for an EditRequest, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown EditRequest field(s) {unknown}")
+            raise InvalidRequest(f"unknown EditRequest field(s) {unknown}")
         return cls(**d)
-
-
-def request_from_counterfact(rec: CounterFactRecord) -> EditRequest:
-    """The edit a CounterFact case asks for (new target, with its true target kept)."""
-    return EditRequest(
-        template=rec.template,
-        subject=rec.subject,
-        target_new=rec.target_new,
-        target_true=rec.target_true,
-        case_id=rec.case_id,
-        relation_id=rec.relation_id,
-    )
 
 
 # --------------------------------------------------------------------------- JSON
 
 
-def _text(value: Any, where: str, key: str, required: bool = True) -> str | None:
-    if value is None and not required:
-        return None
+def _text(value: Any, where: str, key: str) -> str:
     text = value.get("str") if isinstance(value, dict) else value
     if not isinstance(text, str):
-        raise ValueError(f"{where}: {key} must be a string or {{'str': ...}}, got {value!r}")
+        raise InvalidRequest(f"{where}: {key} must be a string or {{'str': ...}}, got {value!r}")
     return text
 
 
 def _parse_one(rec: Any, index: int) -> EditRequest:
     where = f"request {index}"
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise InvalidRequest(f"{where}: expected a JSON object, got {type(rec).__name__}")
     case = f", case_id {rec['case_id']}" if "case_id" in rec else ""
     where = f"request {index} ({case[2:]})" if case else where
     body = rec.get("requested_rewrite", rec)
     if not isinstance(body, dict):
-        raise ValueError(f"{where}: requested_rewrite must be an object")
+        raise InvalidRequest(f"{where}: requested_rewrite must be an object")
     prompt = body.get("prompt", body.get("template"))
     missing = [k for k, v in (("prompt", prompt), ("subject", body.get("subject"))) if v is None]
     if body.get("target_new") is None:
         missing.append("target_new")
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
+        raise InvalidRequest(f"{where}: missing field(s) {missing}")
     subject = _text(body["subject"], where, "subject")
     where = f"request {index} (subject {subject!r}{case})"
     prompt = _text(prompt, where, "prompt")
     if not subject.strip():
-        raise ValueError(f"{where}: empty subject")
+        raise InvalidRequest(f"{where}: empty subject")
     if "{}" in prompt:
         template = prompt
     elif subject and subject in prompt:  # a full prompt: the first occurrence is the subject
@@ -162,7 +150,7 @@ def _parse_one(rec: Any, index: int) -> EditRequest:
         hint = ""
         if subject and subject.strip().lower() in prompt.lower():
             hint = " (it appears only with different case or spacing)"
-        raise ValueError(f"{where}: subject {subject!r} is not in the prompt {prompt!r}{hint}")
+        raise InvalidRequest(f"{where}: subject {subject!r} is not in the prompt {prompt!r}{hint}")
     true = body.get("target_true", body.get("ground_truth"))
     case_id = rec.get("case_id", body.get("case_id"))
     relation = body.get("relation_id", rec.get("relation_id"))
@@ -170,7 +158,7 @@ def _parse_one(rec: Any, index: int) -> EditRequest:
         template=template,
         subject=subject,
         target_new=_text(body["target_new"], where, "target_new"),
-        target_true=_text(true, where, "target_true", required=False),
+        target_true=None if true is None else _text(true, where, "target_true"),
         case_id=int(case_id) if case_id is not None else None,
         relation_id=relation,
     )
@@ -187,22 +175,22 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     Content checks that need no model run here too (see :meth:`EditRequest.problems`).
     """
     src = Path(path)
-    if not src.exists():
-        raise FileNotFoundError(f"no requests file {src}")
+    if not src.is_file():
+        raise InvalidRequest(f"no requests file {src}")
     opener = gzip.open if src.suffix == ".gz" else open
     try:
         with opener(src, "rt", encoding="utf-8") as f:
             raw = json.load(f)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{src}: not valid JSON ({exc})") from exc
+        raise InvalidRequest(f"{src}: not valid JSON ({exc})") from exc
     items = raw if isinstance(raw, list) else [raw]
     if not items:
-        raise ValueError(f"{src}: no requests in the file")
+        raise InvalidRequest(f"{src}: no requests in the file")
     requests = [_parse_one(r, i) for i, r in enumerate(items)]
     for i, req in enumerate(requests):
         bad = req.problems()
         if bad:
-            raise ValueError(f"{src}: {req.describe(i)}: {'; '.join(bad)}")
+            raise InvalidRequest(f"{src}: {req.describe(i)}: {'; '.join(bad)}")
     return requests
 
 
@@ -258,12 +246,12 @@ def _check_conflicts(requests: Sequence[EditRequest]) -> None:
     for i, req in enumerate(requests):
         problem = index.problem(req, i)
         if problem is not None:
-            raise ValueError(problem)
+            raise InvalidRequest(problem)
         index.add(req, i)
 
 
-def validate_requests(model, requests: Sequence[EditRequest]) -> None:
-    """Check a batch of requests against ``model``; raise a ValueError naming the first bad
+def validate_requests(model: HookedModel, requests: Sequence[EditRequest]) -> None:
+    """Check a batch of requests against ``model``; raise an InvalidRequest naming the first bad
     request (index and subject) and what is wrong with it.
 
     Checks: the template holds the subject (one ``{}``), non-empty subject and targets,
@@ -272,32 +260,29 @@ def validate_requests(model, requests: Sequence[EditRequest]) -> None:
     duplicates or conflict (same subject and template, or same subject and relation, with
     different new targets). Never touches the model's weights.
     """
-    from tracing.facts import tokenize_fact
-    from tracing.models import context_length, target_ids
-
     if not requests:
-        raise ValueError("no edit requests given")
+        raise InvalidRequest("no edit requests given")
     for i, req in enumerate(requests):
         if not isinstance(req, EditRequest):
-            raise ValueError(f"request {i}: expected an EditRequest, got {type(req).__name__}")
+            raise InvalidRequest(f"request {i}: expected an EditRequest, got {type(req).__name__}")
         bad = req.problems()
         if bad:
-            raise ValueError(f"{req.describe(i)}: {'; '.join(bad)}")
+            raise InvalidRequest(f"{req.describe(i)}: {'; '.join(bad)}")
         for name in ("target_new", "target_true"):
             text = getattr(req, name)
             if text is None:
                 continue
             try:
                 target_ids(model, text)
-            except ValueError as exc:
-                raise ValueError(f"{req.describe(i)}: {name}: {exc}") from exc
+            except InvalidInput as exc:
+                raise InvalidRequest(f"{req.describe(i)}: {name}: {exc}") from exc
         try:
             fact = tokenize_fact(model, req.prompt, req.subject, req.subject_occurrence)
-        except ValueError as exc:
-            raise ValueError(f"{req.describe(i)}: {exc}") from exc
+        except InvalidInput as exc:
+            raise InvalidRequest(f"{req.describe(i)}: {exc}") from exc
         n_total = len(fact.ids) + len(target_ids(model, req.target_new))
         if n_total > context_length(model):
-            raise ValueError(
+            raise InvalidRequest(
                 f"{req.describe(i)}: prompt and target take {n_total} tokens, more than the "
                 f"model's context ({context_length(model)})"
             )

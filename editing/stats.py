@@ -23,7 +23,6 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,8 +33,19 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from editing.corpus import wikitext_paragraphs
+from tracing.errors import InvalidInput
+from tracing.forward import run_until
+from tracing.io import atomic_path, write_json_atomic
 from tracing.loading import cache_dir as user_cache_dir
-from tracing.models import check_layer, fingerprint, hook_name, prepends_bos
+from tracing.models import (
+    HookedModel,
+    check_layer,
+    fingerprint,
+    hook_name,
+    model_name,
+    prepends_bos,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +74,10 @@ class SecondMoment:
         }
 
 
-class _StopForward(Exception):
-    """Raised by the deepest layer's hook: nothing after it needs computing."""
-
-
 # --------------------------------------------------------------------------- corpus
 
 
 def _corpus_paragraphs(corpus: str) -> Iterator[str]:
-    from editing.datasets import wikitext_paragraphs
-
     if corpus == "wikitext":
         yield from wikitext_paragraphs("test")
         yield from wikitext_paragraphs("valid")
@@ -82,7 +86,7 @@ def _corpus_paragraphs(corpus: str) -> Iterator[str]:
     else:
         path = Path(corpus)
         if not path.is_file():
-            raise ValueError(
+            raise InvalidInput(
                 f"unknown corpus {corpus!r}: expected one of {CORPORA} or a text file path"
             )
         opener = gzip.open if path.suffix == ".gz" else open
@@ -98,16 +102,18 @@ def corpus_key(corpus: str) -> str:
         return corpus
     path = Path(corpus)
     if not path.is_file():
-        raise ValueError(f"unknown corpus {corpus!r}: expected one of {CORPORA} or a text file")
+        raise InvalidInput(f"unknown corpus {corpus!r}: expected one of {CORPORA} or a text file")
     return f"file-{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
 
 
-def corpus_sequences(model, corpus: str, n_tokens: int, seq_len: int) -> list[list[int]]:
+def corpus_sequences(
+    model: HookedModel, corpus: str, n_tokens: int, seq_len: int
+) -> list[list[int]]:
     """The token sequences whose keys :func:`layer_second_moments` sums: exactly ``n_tokens``
     positions in sequences of ``seq_len`` (the last may be shorter), each starting with BOS
     for models that use one (see the module docstring)."""
     if n_tokens < 1 or seq_len < 2:
-        raise ValueError(f"need n_tokens >= 1 and seq_len >= 2, got {n_tokens}, {seq_len}")
+        raise InvalidInput(f"need n_tokens >= 1 and seq_len >= 2, got {n_tokens}, {seq_len}")
     bos = prepends_bos(model)
     lengths = [seq_len] * (n_tokens // seq_len) + (
         [n_tokens % seq_len] if n_tokens % seq_len else []
@@ -119,7 +125,7 @@ def corpus_sequences(model, corpus: str, n_tokens: int, seq_len: int) -> list[li
         if len(stream) >= need:
             break
     if len(stream) < need:
-        raise ValueError(
+        raise InvalidInput(
             f"corpus {corpus!r} has only {len(stream)} tokens for this model; {n_tokens} requested"
         )
     out, pos = [], 0
@@ -142,7 +148,7 @@ def _batches(seqs: list[list[int]], batch_size: int) -> list[torch.Tensor]:
 
 
 def stats_dir(
-    model,
+    model: HookedModel,
     *,
     n_tokens: int,
     corpus: str = "wikitext",
@@ -159,23 +165,20 @@ def stats_dir(
 def _dtype_name(dtype: torch.dtype | str) -> str:
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
-        raise ValueError(f"statistics dtype must be float32 or float64, got {dtype!r}")
+        raise InvalidInput(f"statistics dtype must be float32 or float64, got {dtype!r}")
     return name
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, stem: Path) -> None:
     """Write ``stem.safetensors`` then ``stem.json`` (the json marks completion)."""
-    tmp = stem.with_name(stem.name + ".tmp.safetensors")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, stem.with_suffix(".safetensors"))
-    tmp_json = stem.with_name(stem.name + ".tmp.json")
-    tmp_json.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    os.replace(tmp_json, stem.with_suffix(".json"))
+    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    write_json_atomic(stem.with_suffix(".json"), meta)
 
 
 def _check_finite(t: torch.Tensor, layer: int, where: str) -> None:
     if not torch.isfinite(t).all():
-        raise ValueError(f"layer {layer}: NaN or inf in the second-moment statistics ({where})")
+        raise InvalidInput(f"layer {layer}: NaN or inf in the second-moment statistics ({where})")
 
 
 def _load_cached(folder: Path, layer: int) -> SecondMoment | None:
@@ -206,7 +209,7 @@ def _load_partial(folder: Path, meta: dict) -> tuple[dict[int, torch.Tensor], in
 
 
 def layer_second_moments(
-    model,
+    model: HookedModel,
     layers: Sequence[int],
     *,
     n_tokens: int = 100_000,
@@ -225,13 +228,13 @@ def layer_second_moments(
     after the deepest of them. ``dtype`` (float32 or float64) is the accumulation and result
     type. Partial sums are checkpointed every ``checkpoint_every`` batches, so a killed run
     resumes where it stopped. ``cache_dir`` defaults to ``tracing.loading.cache_dir()/stats``.
-    Raises a ValueError naming the layer if a key or the result holds NaN/inf.
+    Raises InvalidInput naming the layer if a key or the result holds NaN/inf.
     """
     layers = sorted({check_layer(model, int(L)) for L in layers})
     if not layers:
-        raise ValueError("no layers given for the second-moment statistics")
+        raise InvalidInput("no layers given for the second-moment statistics")
     if batch_size < 1 or checkpoint_every < 1:
-        raise ValueError("batch_size and checkpoint_every must be at least 1")
+        raise InvalidInput("batch_size and checkpoint_every must be at least 1")
     acc_dtype = _DTYPES[_dtype_name(dtype)]
     folder = stats_dir(
         model,
@@ -263,21 +266,18 @@ def layer_second_moments(
         start, count = 0, 0
     else:
         sums, start, count = resumed
-    deepest = todo[-1]
     current = {"batch": start}
 
     def collect(layer: int):
         def hook(act: torch.Tensor, hook) -> None:
             k = act.detach().reshape(-1, act.shape[-1])
             if not torch.isfinite(k).all():
-                raise ValueError(
+                raise InvalidInput(
                     f"layer {layer}: NaN or inf in the MLP keys (down-projection input) "
                     f"on corpus batch {current['batch']}"
                 )
             k = k.to(acc_dtype)
             sums[layer].addmm_(k.T, k)
-            if layer == deepest:
-                raise _StopForward
 
         return hook
 
@@ -294,14 +294,7 @@ def layer_second_moments(
         with torch.no_grad():
             for b in range(start, len(batches)):
                 current["batch"] = b
-                try:
-                    model.run_with_hooks(
-                        batches[b], fwd_hooks=hooks, use_cache=False, return_type=None
-                    )
-                except _StopForward:
-                    pass
-                else:  # pragma: no cover - the deepest hook always fires
-                    raise RuntimeError("the forward pass did not reach the deepest layer")
+                run_until(model, batches[b], hooks, stop_after=hooks[-1][0])
                 count += batches[b].numel()
                 bar.update(batches[b].numel())
                 if (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
@@ -320,7 +313,7 @@ def layer_second_moments(
             "layer": L,
             "count": count,
             "fingerprint": fingerprint(model),
-            "model": getattr(model, "factscope_name", None),
+            "model": model_name(model),
             "seconds": round(seconds, 2),
             **{k: v for k, v in meta.items() if k != "layers"},
         }

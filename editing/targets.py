@@ -12,7 +12,7 @@ with ``||delta|| <= clamp_norm_factor * ||init||`` enforced after every step, wh
 is the state being changed at the plain prompt's subject-last token. Where ``delta`` goes:
 
 * ``hook="mlp_raw"`` (ROME): the raw down-projection output of ``layer``
-  (``blocks.L.mlp.out.hook_out``, before Gemma's post-feed-forward norm), so that
+  (hook kind ``mlp_raw``, before Gemma's post-feed-forward norm), so that
   ``v* = init + delta`` lives in the down-projection's output space and ``k* W' = v*``.
 * ``hook="resid"`` (MEMIT): the residual stream after ``layer`` (``z = init + delta``).
 
@@ -37,24 +37,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Float
 
-from editing.context import RewritePrompt, build_prompts, check_templates
-from tracing.models import (
+from editing.hparams import TargetHparams
+from editing.prepared import PreparedRequest
+from tracing.errors import EditFailed, InvalidInput
+from tracing.forward import (
     capture_block_kwargs,
-    check_layer,
-    final_logits,
-    hook_name,
-    n_layers,
+    capture_states,
+    length_chunks,
+    padded,
     run_blocks,
 )
-
-if TYPE_CHECKING:
-    from editing.hparams import TargetHparams
-    from editing.requests import EditRequest
+from tracing.models import HookedModel, check_layer, final_logits, hook_name, n_layers
 
 log = logging.getLogger(__name__)
 
@@ -62,60 +60,35 @@ TargetHook = Literal["mlp_raw", "resid"]
 DEFAULT_BATCH_TOKENS = 4096
 
 
-# --------------------------------------------------------------------------- forward helpers
+# --------------------------------------------------------------------------- prompts
 
 
-class _Stop(Exception):
-    """Raised in a hook to end a forward pass early."""
+@dataclass(frozen=True)
+class RewritePrompt:
+    """One prompt of the optimisation: token ids, the subject-last index where ``delta`` is
+    added, and the positions whose next-token logits the loss reads (with their targets;
+    the KL prompt reads its last position and has no targets)."""
+
+    request: int
+    ids: tuple[int, ...]
+    lookup: int
+    read: tuple[int, ...]
+    targets: tuple[int, ...]
+    kind: Literal["rewrite", "kl"]
 
 
-def capture_states(
-    model, tokens: torch.Tensor, names: Sequence[str], stop_after: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Run ``tokens`` without gradient and return the activations at hook ``names``;
-    the forward stops right after hook ``stop_after`` fires (default: runs to the end)."""
-    store: dict[str, torch.Tensor] = {}
-
-    def saver(name: str) -> Callable:
-        def save(x: torch.Tensor, hook) -> torch.Tensor:
-            store[name] = x.detach()
-            if name == stop_after:
-                raise _Stop
-            return x
-
-        return save
-
-    wanted = dict.fromkeys([*names, *([stop_after] if stop_after else [])])
-    hooks = [(n, saver(n)) for n in wanted]
-    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        try:
-            model(tokens, use_cache=False, logits_to_keep=1)
-        except _Stop:
-            pass
-    return {n: store[n] for n in names}
-
-
-def padded(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Right-pad token sequences to a common length by repeating each one's last token
-    (never a pad id, so no attention-mask logic is triggered; only real positions are read)."""
-    width = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [s[-1]] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
-def length_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group indices into chunks of similar length whose padded size (count x longest) stays
-    within ``max_tokens`` (a chunk always holds at least one index)."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    chunks: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and (len(cur) + 1) * max(lengths[i], lengths[cur[-1]]) > max_tokens:
-            chunks.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        chunks.append(cur)
-    return chunks
+def rewrite_prompts(prepared: Sequence[PreparedRequest]) -> list[RewritePrompt]:
+    """Every rewriting prompt (one per request and context template: the templated prompt
+    followed by the new target minus its last token) and one KL prompt per request."""
+    out: list[RewritePrompt] = []
+    for r, p in enumerate(prepared):
+        tgt = p.target
+        for t in p.prompts:
+            n = len(t.ids)
+            read = tuple(range(n - 1, n - 1 + len(tgt)))
+            out.append(RewritePrompt(r, t.ids + tgt[:-1], t.subject_last, read, tgt, "rewrite"))
+        out.append(RewritePrompt(r, p.kl.ids, p.kl.subject_last, (len(p.kl.ids) - 1,), (), "kl"))
+    return out
 
 
 # --------------------------------------------------------------------------- the runner
@@ -151,7 +124,7 @@ class DeltaRunner:
 
     def __init__(
         self,
-        model,
+        model: HookedModel,
         prompts: Sequence[RewritePrompt],
         layer: int,
         hook: TargetHook,
@@ -161,17 +134,15 @@ class DeltaRunner:
     ) -> None:
         check_layer(model, layer)
         if hook not in ("mlp_raw", "resid"):
-            raise ValueError(f"unknown target hook {hook!r}; expected 'mlp_raw' or 'resid'")
+            raise InvalidInput(f"unknown target hook {hook!r}; expected 'mlp_raw' or 'resid'")
         n = n_layers(model)
         self.stop = n if loss_layer in (-1, n - 1) else check_layer(model, loss_layer) + 1
         if self.stop <= layer:
-            raise ValueError(f"loss_layer {loss_layer} lies below the edit layer {layer}")
+            raise InvalidInput(f"loss_layer {loss_layer} lies below the edit layer {layer}")
         self.model, self.prompts, self.layer, self.hook = model, list(prompts), layer, hook
         self.start = layer if hook == "mlp_raw" else layer + 1
-        self.edit_hook = f"blocks.{layer}.mlp.out.hook_out"
         if hook == "mlp_raw":
-            if self.edit_hook not in model.hook_dict:
-                raise ValueError(f"this model has no raw down-projection hook {self.edit_hook!r}")
+            self.edit_hook = hook_name(model, "mlp_raw", layer)
             state = hook_name(model, "resid_pre", layer)
             names = [state, self.edit_hook]
         else:
@@ -229,7 +200,7 @@ class DeltaRunner:
                 if first.get(r) == g:
                     out[r] = c.init_rows[row]
         if any(o is None for o in out):
-            raise ValueError("a request has no rewriting prompt")
+            raise InvalidInput("a request has no rewriting prompt")
         return torch.stack(out)  # type: ignore[arg-type]
 
     def chunk_logprobs(
@@ -294,34 +265,37 @@ def _robust_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def compute_targets(
-    model,
-    requests: Sequence[EditRequest],
+    model: HookedModel,
+    prepared: Sequence[PreparedRequest],
     *,
     layer: int,
     hook: TargetHook,
     hp: TargetHparams,
-    context_templates: Sequence[str],
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: bool = False,
 ) -> TargetResult:
-    """Optimise one vector per request so the model predicts each ``target_new`` (see the
-    module docstring for the loss and where the vector is added).
+    """Optimise one vector per prepared request so the model predicts its ``target_new`` in
+    every context template it was prepared with (see the module docstring for the loss and
+    where the vector is added).
 
     All requests are optimised together in every step; each stops on its own once its mean
-    target NLL is below ``hp.early_stop_loss``. Raises ValueError on non-finite losses or
-    targets. The model's weights are never changed.
+    target NLL is below ``hp.early_stop_loss``. Raises :class:`~tracing.errors.EditFailed` on
+    non-finite losses or targets. The model's weights are never changed.
     """
-    if not requests:
-        raise ValueError("no requests to compute targets for")
-    templates = check_templates([t for t in context_templates if t != "{}"])
-    prompts = build_prompts(model, requests, templates)
+    if not prepared:
+        raise InvalidInput("no requests to compute targets for")
     runner = DeltaRunner(
-        model, prompts, layer, hook, loss_layer=hp.loss_layer, max_tokens=max_batch_tokens
+        model,
+        rewrite_prompts(prepared),
+        layer,
+        hook,
+        loss_layer=hp.loss_layer,
+        max_tokens=max_batch_tokens,
     )
-    n = len(requests)
+    n = len(prepared)
     init = runner.init_values(n).detach()
     if not torch.isfinite(init).all():
-        raise ValueError(f"non-finite activations at layer {layer} for the edit prompts")
+        raise EditFailed(f"non-finite activations at layer {layer} for the edit prompts")
     scale = _robust_scale(init)[:, None]
     init_norm2 = init.pow(2).sum(-1)
     max_theta = hp.clamp_norm_factor * init.norm(dim=-1, keepdim=True) / scale
@@ -362,7 +336,7 @@ def compute_targets(
         wd = hp.weight_decay * delta.pow(2).sum(-1) / init_norm2
         (wd * active).sum().backward()
         if not torch.isfinite(nll).all() or not torch.isfinite(theta.grad).all():
-            raise ValueError(f"non-finite loss while optimising targets at layer {layer}")
+            raise EditFailed(f"non-finite loss while optimising targets at layer {layer}")
         if step == 0:
             nll_first = nll.clone()
         nll_last = torch.where(active, nll, nll_last)
@@ -388,7 +362,7 @@ def compute_targets(
         bar.close()
     delta = (theta * scale).detach()
     if not torch.isfinite(delta).all():
-        raise ValueError(f"non-finite target vectors at layer {layer}")
+        raise EditFailed(f"non-finite target vectors at layer {layer}")
     return TargetResult(
         layer=layer,
         hook=hook,

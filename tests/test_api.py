@@ -10,7 +10,10 @@ import torch
 
 from editing.api import make_edit, resolve_hparams
 from editing.edit import Edit
-from editing.hparams import FTHparams, MemitHparams, RomeHparams, TargetHparams
+from editing.hparams import TargetHparams
+from editing.methods.finetune import FTHparams
+from editing.methods.memit import MemitHparams
+from editing.methods.rome import RomeHparams
 from editing.requests import EditRequest
 from editing.stats import layer_second_moments
 from factscope.cli import main

@@ -6,9 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from editing.edit import Edit, LayerDelta, restoring_weights, weights_snapshot
+from editing.edit import Edit, LayerDelta
 from editing.requests import EditRequest
-from tracing.models import down_proj, fingerprint
+from editing.weights import restoring_weights, weights_snapshot
+from tracing.errors import InvalidInput
+from tracing.models import down_proj, fingerprint, model_name
 
 REQ = EditRequest("{} is located in the city of", "The Space Needle", "Paris", "Seattle")
 
@@ -53,7 +55,7 @@ def _edit(model, layers=(1, 2), rank: int = 2, seed: int = 0, scale: float = 0.1
         requests=[REQ],
         hparams={"layers": list(layers)},
         model_fingerprint=fingerprint(model),
-        model_name=model.factscope_name,
+        model_name=model_name(model),
         metadata={"seed": seed},
     )
 
@@ -246,5 +248,5 @@ def test_edit_validation_and_load_errors(tmp_path):
         Edit([], "rome", [], {}, "fp", "m")
     with pytest.raises(ValueError, match="JSON-serialisable"):
         Edit([LayerDelta(0, dense=torch.ones(2, 2))], "rome", [], {"x": object()}, "fp", "m")
-    with pytest.raises(FileNotFoundError, match="not a saved edit"):
+    with pytest.raises(InvalidInput, match="not a saved edit"):
         Edit.load(tmp_path)

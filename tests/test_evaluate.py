@@ -14,23 +14,30 @@ import json
 import pytest
 import torch
 
-from editing.datasets import load_counterfact, load_zsre
-from editing.eval_cases import load_cases
-from editing.eval_results import EvalSummary, comparison_table, edit_bar_rows
-from editing.evaluate import evaluate, parse_layers, scaling
-from editing.generation import GenerationSettings
-from editing.hparams import load_hparams
+from editing.evaluation import evaluate, scaling
+from editing.evaluation.datasets import load_counterfact, load_zsre
+from editing.evaluation.generation import GenerationSettings
+from editing.evaluation.results import EvalSummary, case_bars, comparison_table
+from editing.evaluation.tasks import load_cases
+from editing.methods import load_hparams
 from factscope.cli import main
+from tracing.errors import InvalidInput
+from tracing.layers import parse_layers
 from tracing.models import down_proj
 
 GEN = GenerationSettings(max_new_tokens=3)
 
 
 def _reduced(rec) -> dict:
-    return {"case_id": rec.case_id, "prompt": rec.prompt, "subject": rec.subject,
-            "target_new": rec.target_new, "ground_truth": rec.target_true,
-            "rephrase_prompt": rec.paraphrase_prompts[0],
-            "locality_prompt": rec.neighborhood_prompts[0]}
+    return {
+        "case_id": rec.case_id,
+        "prompt": rec.prompt,
+        "subject": rec.subject,
+        "target_new": rec.target_new,
+        "ground_truth": rec.target_true,
+        "rephrase_prompt": rec.paraphrase_prompts[0],
+        "locality_prompt": rec.neighborhood_prompts[0],
+    }
 
 
 @pytest.fixture
@@ -87,8 +94,17 @@ def test_runner_writes_everything_and_leaves_the_model_unchanged(toy_models, cf_
     model = toy_models["gpt2"]
     before = _state(model)
     fake = FakeMethod()
-    s = evaluate(model, cf_path, "rome", n=4, out_dir=tmp_path / "out", only_known=False,
-                 generation=GEN, edit_fn=fake, progress=False)
+    s = evaluate(
+        model,
+        dataset=cf_path,
+        method="rome",
+        n=4,
+        out_dir=tmp_path / "out",
+        only_known=False,
+        generation=GEN,
+        edit_fn=fake,
+        progress=False,
+    )
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical
     assert fake.calls == [[0], [2], [3], [4]]  # one edit per case; case 1 skipped
@@ -113,13 +129,34 @@ def test_runner_writes_everything_and_leaves_the_model_unchanged(toy_models, cf_
 
 def test_memit_edits_in_batches(toy_models, cf_path, tmp_path):
     fake = FakeMethod()
-    s = evaluate(toy_models["gpt2"], cf_path, "memit", n=5, batch=2, out_dir=tmp_path,
-                 only_known=False, generation=None, edit_fn=fake, progress=False)
+    s = evaluate(
+        toy_models["gpt2"],
+        dataset=cf_path,
+        method="memit",
+        n=5,
+        batch=2,
+        out_dir=tmp_path,
+        only_known=False,
+        generation=None,
+        edit_fn=fake,
+        progress=False,
+    )
     assert fake.calls == [[0, 2], [3, 4], [5]]
     assert s.joint and s.batch == 2 and s.n == 5
-    s = evaluate(toy_models["gpt2"], cf_path, "memit", n=2, batch=2, out_dir=tmp_path,
-                 name="with_layers", layers=[1], only_known=False, generation=None,
-                 edit_fn=FakeMethod(), progress=False)
+    s = evaluate(
+        toy_models["gpt2"],
+        dataset=cf_path,
+        method="memit",
+        n=2,
+        batch=2,
+        out_dir=tmp_path,
+        name="with_layers",
+        layers=[1],
+        only_known=False,
+        generation=None,
+        edit_fn=FakeMethod(),
+        progress=False,
+    )
     assert s.layers == [1]
 
 
@@ -128,18 +165,22 @@ def test_interrupted_run_resumes_without_recomputing(toy_models, cf_path, tmp_pa
     kw = dict(out_dir=tmp_path, only_known=False, generation=GEN, progress=False)
     first = FakeMethod(interrupt_at=2)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(model, cf_path, "ft-l", n=5, edit_fn=first, **kw)
+        evaluate(model, dataset=cf_path, method="ft-l", n=5, edit_fn=first, **kw)
     assert first.calls == [[0], [2]]
     second = FakeMethod()
-    s = evaluate(model, cf_path, "ft-l", n=5, edit_fn=second, **kw)
+    s = evaluate(model, dataset=cf_path, method="ft-l", n=5, edit_fn=second, **kw)
     assert second.calls == [[3], [4], [5]]  # only the cases not yet in the rows
     third = FakeMethod()
-    again = evaluate(model, cf_path, "ft-l", n=5, edit_fn=third, **kw)
+    again = evaluate(model, dataset=cf_path, method="ft-l", n=5, edit_fn=third, **kw)
     assert third.calls == [] and again.edited == s.edited
-    fresh = evaluate(model, cf_path, "ft-l", n=5, edit_fn=FakeMethod(), name="fresh", **kw)
+    fresh = evaluate(
+        model, dataset=cf_path, method="ft-l", n=5, edit_fn=FakeMethod(), name="fresh", **kw
+    )
     assert fresh.edited == s.edited  # resumed == uninterrupted (seeds are per case)
     with pytest.raises(ValueError, match="other settings"):
-        evaluate(model, cf_path, "ft-l", n=5, edit_fn=FakeMethod(), **{**kw, "seed": 1})
+        evaluate(
+            model, dataset=cf_path, method="ft-l", n=5, edit_fn=FakeMethod(), **{**kw, "seed": 1}
+        )
 
 
 def test_a_leaking_edit_is_detected(toy_models, cf_path, tmp_path):
@@ -147,8 +188,17 @@ def test_a_leaking_edit_is_detected(toy_models, cf_path, tmp_path):
     saved = down_proj(model, 1).detach().clone()
     try:
         with pytest.raises(RuntimeError, match="weights changed"):
-            evaluate(model, cf_path, "rome", n=2, out_dir=tmp_path, only_known=False,
-                     generation=None, edit_fn=FakeMethod(leak=True), progress=False)
+            evaluate(
+                model,
+                dataset=cf_path,
+                method="rome",
+                n=2,
+                out_dir=tmp_path,
+                only_known=False,
+                generation=None,
+                edit_fn=FakeMethod(leak=True),
+                progress=False,
+            )
     finally:
         with torch.no_grad():
             down_proj(model, 1).copy_(saved)
@@ -159,11 +209,10 @@ class KnownScorer:
     ``known`` cases and loses elsewhere (so which cases are "known" is set by hand)."""
 
     def __init__(self, model, records, known: set[int]) -> None:
-        from editing.metrics import ModelScorer, TokenScores
+        from editing.evaluation.metrics import ModelScorer, TokenScores
 
         self.base, self.cls = ModelScorer(model), TokenScores
-        self.true = {(r["prompt"], " " + r["ground_truth"]): r["case_id"] in known
-                     for r in records}
+        self.true = {(r["prompt"], " " + r["ground_truth"]): r["case_id"] in known for r in records}
 
     def score(self, pairs):
         out = self.base.score(pairs)
@@ -177,15 +226,31 @@ class KnownScorer:
 def test_only_known_filter_counts_what_it_drops(toy_models, cf_path, tmp_path):
     model = toy_models["gpt2"]
     scorer = KnownScorer(model, json.loads(cf_path.read_text()), known={0, 4, 6})
-    s = evaluate(model, cf_path, "none", n=2, out_dir=tmp_path, generation=None,
-                 scorer=scorer, progress=False)
+    s = evaluate(
+        model,
+        dataset=cf_path,
+        method="none",
+        n=2,
+        out_dir=tmp_path,
+        generation=None,
+        scorer=scorer,
+        progress=False,
+    )
     rows = [json.loads(x) for x in open(s.files["rows"])]
     assert [r["case_id"] for r in rows] == [0, 4]
     assert (s.n, s.n_skipped, s.n_unknown) == (2, 1, 2)  # case 1 skipped, 2 and 3 unknown
     assert s.unedited["efficacy_success"] == 0.0
     assert s.edited == s.unedited and s.seconds_per_edit is None
-    more = evaluate(model, cf_path, "none", n=5, out_dir=tmp_path, generation=None,
-                    scorer=scorer, progress=False)
+    more = evaluate(
+        model,
+        dataset=cf_path,
+        method="none",
+        n=5,
+        out_dir=tmp_path,
+        generation=None,
+        scorer=scorer,
+        progress=False,
+    )
     assert more.n == 3 and any("3 of the 5" in note for note in more.notes)
 
 
@@ -196,8 +261,18 @@ def test_conflicting_cases_are_skipped_so_a_batch_can_hold_every_case(toy_models
     path = tmp_path / "clashes.json"
     path.write_text(json.dumps([recs[0], recs[1], clash, recs[2], again, recs[3]]))
     fake = FakeMethod()
-    s = evaluate(toy_models["gpt2"], path, "memit", n=10, batch=10, out_dir=tmp_path,
-                 only_known=False, generation=None, edit_fn=fake, progress=False)
+    s = evaluate(
+        toy_models["gpt2"],
+        dataset=path,
+        method="memit",
+        n=10,
+        batch=10,
+        out_dir=tmp_path,
+        only_known=False,
+        generation=None,
+        edit_fn=fake,
+        progress=False,
+    )
     ids = [r["case_id"] for r in recs]
     assert fake.calls == [ids]  # one batch, every case but the clashing ones
     assert (s.n, s.n_skipped, s.n_failed) == (4, 2, 0)
@@ -211,57 +286,104 @@ def test_bad_input(toy_models, tmp_path, cf_path):
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(ValueError, match="non-empty"):
-        evaluate(model, empty, "none", n=1, out_dir=tmp_path, generation=None)
+        evaluate(model, dataset=empty, method="none", n=1, out_dir=tmp_path, generation=None)
     recs = json.loads(cf_path.read_text())
     del recs[1]["target_new"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(recs))
     with pytest.raises(ValueError, match=r"record 1 \(case_id 1\).*target_new"):
-        evaluate(model, bad, "none", n=1, out_dir=tmp_path, generation=None)
+        evaluate(model, dataset=bad, method="none", n=1, out_dir=tmp_path, generation=None)
     lost = tmp_path / "lost.json"
     lost.write_text(json.dumps([{**recs[0], "subject": "Nobody"}]))
     with pytest.raises(ValueError, match="no usable case.*1 skipped"):
-        evaluate(model, lost, "none", n=1, out_dir=tmp_path, generation=None)
-    with pytest.raises(ValueError, match="unknown method"):
-        evaluate(model, cf_path, "mend", n=1, out_dir=tmp_path)
-    with pytest.raises(FileNotFoundError):
-        evaluate(model, tmp_path / "missing.json", "none", n=1, out_dir=tmp_path)
+        evaluate(model, dataset=lost, method="none", n=1, out_dir=tmp_path, generation=None)
+    with pytest.raises(ValueError, match="unknown editing method"):
+        evaluate(model, dataset=cf_path, method="mend", n=1, out_dir=tmp_path)
+    with pytest.raises(InvalidInput):
+        evaluate(model, dataset=tmp_path / "missing.json", method="none", n=1, out_dir=tmp_path)
     assert parse_layers("3-5") == [3, 4, 5] and parse_layers("2,4") == [2, 4]
-    with pytest.raises(ValueError, match="cannot read layers"):
+    with pytest.raises(ValueError, match="bad layer spec"):
         parse_layers("five")
 
 
 def test_zsre_cases(toy_models, tmp_path):
-    raw = [{"subject": r.subject, "src": r.question, "alt": r.target_new,
-            "answers": list(r.answers), "rephrase": r.rephrase, "loc": r.loc_question,
-            "loc_ans": r.loc_answer} for r in load_zsre(eval_sample=True)[:3]]
+    raw = [
+        {
+            "subject": r.subject,
+            "src": r.question,
+            "alt": r.target_new,
+            "answers": list(r.answers),
+            "rephrase": r.rephrase,
+            "loc": r.loc_question,
+            "loc_ans": r.loc_answer,
+        }
+        for r in load_zsre(eval_sample=True)[:3]
+    ]
     path = tmp_path / "zsre_small.json"
     path.write_text(json.dumps(raw))
     fake = FakeMethod()
-    s = evaluate(toy_models["gpt2"], path, "rome", n=2, out_dir=tmp_path, generation=None,
-                 edit_fn=fake, progress=False)
+    s = evaluate(
+        toy_models["gpt2"],
+        dataset=path,
+        method="rome",
+        n=2,
+        out_dir=tmp_path,
+        generation=None,
+        edit_fn=fake,
+        progress=False,
+    )
     assert s.n == 2 and fake.calls == [[0], [1]] and not s.only_known
     assert set(s.edited) == {"efficacy_acc", "paraphrase_acc", "specificity_acc"}
-    label, cases = load_cases("zsre")  # the shipped sample has two records without a target
-    assert label == "zsre" and len(cases) == 998 and {534, 723}.isdisjoint(
-        c.case_id for c in cases)
+    label, task, cases = load_cases("zsre")  # the shipped sample: two records lack a target
+    assert (
+        label == "zsre"
+        and task.kind == "zsre"
+        and len(cases) == 998
+        and {534, 723}.isdisjoint(c.case_id for c in cases)
+    )
 
 
 def test_plot_data_and_scaling_points(toy_models, cf_path, tmp_path):
     from viz.plots import plot_edit_bars, plot_scaling
 
-    s = evaluate(toy_models["gpt2"], cf_path, "rome", n=1, out_dir=tmp_path, only_known=False,
-                 generation=None, edit_fn=FakeMethod(), progress=False)
+    s = evaluate(
+        toy_models["gpt2"],
+        dataset=cf_path,
+        method="rome",
+        n=1,
+        out_dir=tmp_path,
+        only_known=False,
+        generation=None,
+        edit_fn=FakeMethod(),
+        progress=False,
+    )
     row = json.loads(open(s.files["rows"]).readline())
-    bars = edit_bar_rows(row)
+    bars = case_bars(row)
     assert len(bars) == 6 and {b["prompt_kind"] for b in bars} == {
-        "edit", "paraphrase", "neighborhood"}
+        "edit",
+        "paraphrase",
+        "neighborhood",
+    }
     plot_edit_bars(bars)
     fake = FakeMethod()
-    points = scaling(toy_models["gpt2"], ("memit", "ft-l"), (1, 2), dataset=cf_path,
-                     out_dir=tmp_path, only_known=False, edit_fn=fake, progress=False)
+    points = scaling(
+        toy_models["gpt2"],
+        ("memit", "ft-l"),
+        (1, 2),
+        dataset=cf_path,
+        out_dir=tmp_path,
+        only_known=False,
+        edit_fn=fake,
+        progress=False,
+    )
     assert [(p["method"], p["n_edits"]) for p in points] == [
-        ("memit", 1), ("ft-l", 1), ("unedited", 1), ("memit", 2), ("ft-l", 2), ("unedited", 2)]
+        ("memit", 1),
+        ("ft-l", 1),
+        ("unedited", 1),
+        ("memit", 2),
+        ("ft-l", 2),
+        ("unedited", 2),
+    ]
     assert [len(c) for c in fake.calls] == [1, 1, 2, 2]  # every method edits N at once
     plot_scaling(points)
     assert json.loads((tmp_path / "scaling" / "points.json").read_text()) == points
@@ -269,15 +391,29 @@ def test_plot_data_and_scaling_points(toy_models, cf_path, tmp_path):
 
 def test_cli_eval_and_table(toy_dirs, cf_path, tmp_path, capsys):
     out = tmp_path / "res"
-    args = ["eval", "--method", "none", "--dataset", str(cf_path), "--model", toy_dirs["gpt2"],
-            "--n", "2", "--out", str(out), "--all-cases", "--gen-tokens", "2"]
+    args = [
+        "eval",
+        "--method",
+        "none",
+        "--dataset",
+        str(cf_path),
+        "--model",
+        toy_dirs["gpt2"],
+        "--n",
+        "2",
+        "--out",
+        str(out),
+        "--all-cases",
+        "--gen-tokens",
+        "2",
+    ]
     assert main(args) == 0
     assert "| metric | unedited | edited |" in capsys.readouterr().out
     summary = out / f"{cf_path.stem}_none" / "summary.json"
     assert main(["eval-table", str(summary)]) == 0
     assert "| unedited | 2 |" in capsys.readouterr().out
     assert main([*args[:2], "mend", *args[3:]]) == 2
-    assert "unknown method" in capsys.readouterr().err
+    assert "unknown editing method" in capsys.readouterr().err
     table = comparison_table([EvalSummary.load(summary)])
     assert table.count("\n") == 3  # header, rule, one unedited row
 
@@ -289,7 +425,9 @@ def test_rome_edit_raises_efficacy_on_a_known_case(gemma, tmp_path):
     path = tmp_path / "case0.json"
     path.write_text(json.dumps([_reduced(rec)]))
     before = [down_proj(gemma, L).detach().clone() for L in range(18)]
-    s = evaluate(gemma, path, "rome", n=1, out_dir=tmp_path, generation=None, progress=False)
+    s = evaluate(
+        gemma, dataset=path, method="rome", n=1, out_dir=tmp_path, generation=None, progress=False
+    )
     assert s.n == 1 and s.unedited["efficacy_success"] == 0.0
     assert s.edited["efficacy_success"] == 1.0
     assert s.layers == [load_hparams("rome", "gemma-3-270m").layer]  # the layer edited

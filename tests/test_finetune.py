@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-import editing.finetune as ft
-from editing.finetune import finetune_edit, mixed_schedule
-from editing.hparams import FTHparams
+import editing.methods.finetune as ft
+from editing.methods.finetune import FTHparams, finetune_edit, mixed_schedule
+from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from tracing.models import decode, down_proj, n_layers, next_token_probs, target_ids, tokenize
+from tracing.forward import next_token_probs
+from tracing.models import decode, down_proj, n_layers, target_ids, tokenize
 
 REQ = EditRequest("The Space Needle is located in {} of", "the city", " Paris")
 REQS = [
@@ -78,7 +79,7 @@ def test_ftl_never_moves_a_weight_by_more_than_epsilon(toy_model):
     eps, lr = 1e-3, 1e-2
     saved = all_weights(toy_model)
     hp = FTHparams(layers=[1, 2], lr=lr, num_steps=8, norm_constraint=eps, mode="constrained")
-    edit = finetune_edit(toy_model, REQS[:2], hp, progress=False)
+    edit = finetune_edit(toy_model, prepare_requests(toy_model, REQS[:2]), hp, progress=False)
     assert edit.method == "ft-l"
     assert_same(toy_model, saved)  # making the edit leaves the model as it was
     with edit.applied(toy_model):
@@ -87,7 +88,7 @@ def test_ftl_never_moves_a_weight_by_more_than_epsilon(toy_model):
     # the same run without the clamp moves far more: the bound is what binds
     free = finetune_edit(
         toy_model,
-        REQS[:2],
+        prepare_requests(toy_model, REQS[:2]),
         FTHparams(layers=[1, 2], lr=lr, num_steps=8, mode="unconstrained"),
         progress=False,
     )
@@ -102,7 +103,7 @@ def test_finetuning_raises_target_and_touches_only_chosen_layers(toy_model):
     layer = 2
     before = mean_logprob(toy_model, REQ.prompt, REQ.target_new)
     hp = FTHparams(layers=[layer], lr=5e-3, num_steps=20, norm_constraint=0.05)
-    edit = finetune_edit(toy_model, [REQ], hp, progress=False)
+    edit = finetune_edit(toy_model, prepare_requests(toy_model, [REQ]), hp, progress=False)
     assert [d.layer for d in edit.deltas] == [layer]
     edit.apply(toy_model)
     try:
@@ -121,7 +122,7 @@ def test_fast_loss_matches_a_plain_full_forward(toy_model):
     logits at target positions only; it must equal the mean over requests of minus the mean
     token log-probability from a plain forward of each request."""
     hp = FTHparams(layers=[1, 3], lr=1e-4, num_steps=1, batch_size=8, mode="unconstrained")
-    edit = finetune_edit(toy_model, REQS, hp, progress=False)
+    edit = finetune_edit(toy_model, prepare_requests(toy_model, REQS), hp, progress=False)
     ref = -sum(mean_logprob(toy_model, r.prompt, r.target_new) for r in REQS) / len(REQS)
     assert edit.metadata["losses"][0] == pytest.approx(ref, rel=1e-5, abs=1e-5)
 
@@ -157,7 +158,7 @@ def test_mixed_batches_put_neutral_facts_in_the_loss(toy_models, monkeypatch):
 
     monkeypatch.setattr(ft, "_mean_logprob", spy)
     hp = FTHparams(layers=[1], num_steps=2, mode="mixed", mixed_ratio=2.0, norm_constraint=None)
-    finetune_edit(model, [REQ], hp, neutral_facts=neutral, progress=False)
+    finetune_edit(model, prepare_requests(model, [REQ]), hp, neutral_facts=neutral, progress=False)
     neutral_inputs = {tuple(tokenize(model, p) + target_ids(model, a)[:-1]) for p, a in neutral}
     assert len(seen) == 2
     for batch in seen:
@@ -182,7 +183,9 @@ def test_mixed_mode_keeps_neutral_facts_better_than_plain_finetuning(toy_models,
             mode=mode,
             mixed_ratio=3.0,
         )
-        edit = finetune_edit(model, REQS[:2], hp, neutral_facts=neutral, progress=False)
+        edit = finetune_edit(
+            model, prepare_requests(model, REQS[:2]), hp, neutral_facts=neutral, progress=False
+        )
         with edit.applied(model):
             after = [mean_logprob(model, p, a) for p, a in neutral]
         drops[mode] = sum(b - a for a, b in zip(after, base, strict=True)) / len(base)
@@ -204,7 +207,7 @@ def test_nan_part_way_restores_weights_bit_exactly(toy_models, monkeypatch):
     monkeypatch.setattr(ft, "_mean_logprob", poisoned)
     hp = FTHparams(layers=[0, 2], lr=1e-2, num_steps=5, mode="unconstrained")
     with pytest.raises(ValueError, match="nan"):
-        finetune_edit(model, [REQ], hp, progress=False)
+        finetune_edit(model, prepare_requests(model, [REQ]), hp, progress=False)
     assert len(calls) == 3  # two optimiser steps had changed the weights before the NaN
     assert_same(model, saved)
     assert {k: p.requires_grad for k, p in model.original_model.named_parameters()} == flags
@@ -216,7 +219,12 @@ def test_requires_grad_flags_are_restored(toy_models):
     param.requires_grad_(True)
     try:
         flags = {k: p.requires_grad for k, p in model.original_model.named_parameters()}
-        finetune_edit(model, [REQ], FTHparams(layers=[1], num_steps=1), progress=False)
+        finetune_edit(
+            model,
+            prepare_requests(model, [REQ]),
+            FTHparams(layers=[1], num_steps=1),
+            progress=False,
+        )
         assert {k: p.requires_grad for k, p in model.original_model.named_parameters()} == flags
         assert all(p.grad is None for p in model.original_model.parameters())
     finally:
@@ -226,24 +234,24 @@ def test_requires_grad_flags_are_restored(toy_models):
 @pytest.mark.parametrize(
     ("requests", "hp", "match"),
     [
-        ([REQ], FTHparams(layers=[99]), "unknown layer 99"),
-        ([REQ], FTHparams(layers=None), "layers"),
-        ([], FTHparams(layers=[1]), "non-empty"),
-        ([EditRequest("No subject here", "Rome", " Paris")], FTHparams(layers=[1]), "template"),
-        ([EditRequest("{} is in", "Rome", "   ")], FTHparams(layers=[1]), "empty"),
+        ([REQ], dict(layers=[99]), "unknown layer 99"),
+        ([REQ], dict(layers=None), "layers"),
+        ([], dict(layers=[1]), "no edit requests"),
+        ([EditRequest("No subject here", "Rome", " Paris")], dict(layers=[1]), "template"),
+        ([EditRequest("{} is in", "Rome", "   ")], dict(layers=[1]), "empty"),
         (
             [REQ, EditRequest(REQ.template, REQ.subject, " Berlin")],
-            FTHparams(layers=[1]),
+            dict(layers=[1]),
             "conflicts",
         ),
-        ([REQ], FTHparams(layers=[1], num_steps=0), "num_steps"),
+        ([REQ], dict(layers=[1], num_steps=0), "num_steps"),
     ],
 )
 def test_bad_input_raises_before_any_change(toy_models, requests, hp, match):
     model = toy_models["gemma3"]
     saved = all_weights(model)
     with pytest.raises(ValueError, match=match):
-        finetune_edit(model, requests, hp, progress=False)
+        finetune_edit(model, prepare_requests(model, requests), FTHparams(**hp), progress=False)
     assert_same(model, saved)
 
 
@@ -251,18 +259,26 @@ def test_bad_neutral_facts_raise(toy_models):
     model = toy_models["gpt2"]
     hp = FTHparams(layers=[1], mode="mixed", norm_constraint=None)
     with pytest.raises(ValueError, match="neutral fact 0"):
-        finetune_edit(model, [REQ], hp, neutral_facts=[("Paris is", "")], progress=False)
+        finetune_edit(
+            model,
+            prepare_requests(model, [REQ]),
+            hp,
+            neutral_facts=[("Paris is", "")],
+            progress=False,
+        )
     with pytest.raises(ValueError, match="pair"):
-        finetune_edit(model, [REQ], hp, neutral_facts=[("Paris is",)], progress=False)
+        finetune_edit(
+            model, prepare_requests(model, [REQ]), hp, neutral_facts=[("Paris is",)], progress=False
+        )
     with pytest.raises(ValueError, match="at least one neutral"):
-        finetune_edit(model, [REQ], hp, neutral_facts=[], progress=False)
+        finetune_edit(model, prepare_requests(model, [REQ]), hp, neutral_facts=[], progress=False)
 
 
 @pytest.mark.model
 def test_ftl_edits_a_known_fact_of_the_embedded_model(gemma):
     """FT-L with the shipped Gemma defaults at one layer: the new target's probability on the
     edit prompt rises and no weight moves by more than epsilon."""
-    from editing.hparams import load_hparams
+    from editing.methods import load_hparams
 
     hp = load_hparams("ft-l", "gemma-3-270m")
     assert hp.mode == "constrained" and len(hp.layers) == 1
@@ -272,7 +288,7 @@ def test_ftl_edits_a_known_fact_of_the_embedded_model(gemma):
     layer = hp.layers[0]
     w0 = down_proj(gemma, layer).clone()
     before = mean_logprob(gemma, req.prompt, req.target_new)
-    edit = finetune_edit(gemma, [req], hp, progress=False)
+    edit = finetune_edit(gemma, prepare_requests(gemma, [req]), hp, progress=False)
     assert torch.equal(down_proj(gemma, layer), w0)
     with edit.applied(gemma):
         after = mean_logprob(gemma, req.prompt, req.target_new)

@@ -7,14 +7,12 @@ import logging
 
 import pytest
 
-from editing.hparams import (
-    FTHparams,
-    MemitHparams,
-    RomeHparams,
-    TargetHparams,
-    defaults_dir,
-    load_hparams,
-)
+from editing.hparams import TargetHparams, defaults_dir
+from editing.methods import load_hparams
+from editing.methods.finetune import FTHparams
+from editing.methods.memit import MemitHparams
+from editing.methods.rome import RomeHparams
+from tracing.errors import InvalidInput
 
 
 def test_every_default_file_loads_round_trips_and_documents_its_source():
@@ -91,7 +89,7 @@ def test_overrides_top_level_and_target():
     "kwargs, message",
     [
         (dict(colour="red"), r"unknown rome hyper-parameter\(s\) \['colour'\]"),
-        (dict(lr=-1.0), "lr must be a positive"),
+        (dict(lr=-1.0), "lr must be a finite positive"),
         (dict(mom2_dtype="float16"), "mom2_dtype"),
         (dict(layer=-2), "not a layer index"),
         (dict(num_steps=2.5), "num_steps must be an integer"),
@@ -116,7 +114,7 @@ def test_bad_files_and_methods(tmp_path):
     bad.write_text(json.dumps({"layers": [1], "mode": "constrained", "norm_constraint": None}))
     with pytest.raises(ValueError, match="needs a norm_constraint"):
         load_hparams("ft-l", path=bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InvalidInput):
         load_hparams("rome", path=tmp_path / "missing.json")
     with pytest.raises(ValueError, match="repeated layer"):
         MemitHparams(layers=[1, 1])
@@ -130,7 +128,7 @@ def test_dataclass_round_trip_in_code():
 
 
 def test_parse_layers():
-    from editing.hparams import parse_layers
+    from tracing.layers import parse_layers
 
     assert parse_layers("3-8") == [3, 4, 5, 6, 7, 8]
     assert parse_layers("3,5,7") == [3, 5, 7]

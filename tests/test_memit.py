@@ -6,14 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import editing.memit as memit_mod
-from editing.hparams import MemitHparams, TargetHparams
-from editing.memit import memit_edit, norm_aware_targets, post_mlp_norm
+import editing.methods.memit as memit_mod
+from editing.api import make_edit
+from editing.hparams import TargetHparams
+from editing.methods.memit import MemitHparams, norm_aware_targets
+from editing.prepared import prepare_requests
 from editing.requests import EditRequest
 from editing.stats import layer_second_moments
 from editing.targets import compute_targets
 from tracing.facts import tokenize_fact
-from tracing.models import down_proj, hook_name
+from tracing.models import down_proj, hook_name, post_mlp_norm
 
 TEMPLATES = ["{}", "Because of this. {}", "I think that the. {}"]
 REQS = [
@@ -57,14 +59,20 @@ def test_one_request_one_layer_matches_closed_form(toy_model, stats):
     L, lam = 2, 10.0
     hp = _hp([L], norm_aware=True, lam=lam)
     before = _weights(toy_model)
-    edit = memit_edit(toy_model, REQS[:1], hp, stats=stats, context_templates=TEMPLATES)
+    edit = make_edit(
+        toy_model, REQS[:1], "memit", hp, stats=stats, context_templates=TEMPLATES, progress=False
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(toy_model), strict=True))
     (delta,) = edit.deltas
     assert delta.layer == L
     # independent float64 closed form from the same statistics and targets
     z = (
         compute_targets(
-            toy_model, REQS[:1], layer=L, hook="resid", hp=hp.target, context_templates=TEMPLATES
+            toy_model,
+            prepare_requests(toy_model, REQS[:1], TEMPLATES),
+            layer=L,
+            hook="resid",
+            hp=hp.target,
         )
         .targets[0]
         .double()
@@ -102,8 +110,24 @@ def test_norm_aware_is_a_no_op_without_post_norm(toy_models, tmp_path):
     st = layer_second_moments(
         model, LAYERS, n_tokens=2000, seq_len=64, cache_dir=tmp_path, progress=False
     )
-    a = memit_edit(model, REQS, _hp(LAYERS, True), stats=st, context_templates=TEMPLATES)
-    b = memit_edit(model, REQS, _hp(LAYERS, False), stats=st, context_templates=TEMPLATES)
+    a = make_edit(
+        model,
+        REQS,
+        "memit",
+        _hp(LAYERS, True),
+        stats=st,
+        context_templates=TEMPLATES,
+        progress=False,
+    )
+    b = make_edit(
+        model,
+        REQS,
+        "memit",
+        _hp(LAYERS, False),
+        stats=st,
+        context_templates=TEMPLATES,
+        progress=False,
+    )
     for da, db in zip(a.deltas, b.deltas, strict=True):
         assert torch.equal(da.matrix(), db.matrix())
 
@@ -136,11 +160,17 @@ def test_norm_aware_targets_invert_the_rms_norm():
 
 def test_memit_moves_the_last_layer_state_towards_z(toy_model, stats):
     hp = _hp(LAYERS, lam=1.0)
-    edit = memit_edit(toy_model, REQS, hp, stats=stats, context_templates=TEMPLATES)
+    edit = make_edit(
+        toy_model, REQS, "memit", hp, stats=stats, context_templates=TEMPLATES, progress=False
+    )
     assert [d.layer for d in edit.deltas] == LAYERS
     assert all(d.rank == 2 for d in edit.deltas)
     z = compute_targets(
-        toy_model, REQS, layer=LAYERS[-1], hook="resid", hp=hp.target, context_templates=TEMPLATES
+        toy_model,
+        prepare_requests(toy_model, REQS, TEMPLATES),
+        layer=LAYERS[-1],
+        hook="resid",
+        hp=hp.target,
     ).targets.double()
     name = hook_name(toy_model, "resid", LAYERS[-1])
     h0 = torch.stack([_state(toy_model, r, [name])[0] for r in REQS])
@@ -154,14 +184,22 @@ def test_failure_part_way_restores_weights(toy_model, stats, monkeypatch):
     real = memit_mod.subject_keys
     calls = []
 
-    def flaky(model, requests, layer, templates, **kw):
+    def flaky(model, prepared, layer, **kw):
         calls.append(layer)
         if len(calls) == 2:  # after the first layer's update is in the weights
             raise RuntimeError("simulated failure")
-        return real(model, requests, layer, templates, **kw)
+        return real(model, prepared, layer, **kw)
 
     monkeypatch.setattr(memit_mod, "subject_keys", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
-        memit_edit(toy_model, REQS, _hp(LAYERS), stats=stats, context_templates=TEMPLATES)
+        make_edit(
+            toy_model,
+            REQS,
+            "memit",
+            _hp(LAYERS),
+            stats=stats,
+            context_templates=TEMPLATES,
+            progress=False,
+        )
     assert calls == LAYERS
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(toy_model), strict=True))

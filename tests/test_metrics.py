@@ -8,19 +8,23 @@ import math
 import pytest
 import torch
 
-from editing.datasets import CounterFactRecord, ZsreRecord, load_counterfact
-from editing.generation import GenerationSettings, generate_texts, generation_prompts
-from editing.metrics import (
+from editing.evaluation.datasets import CounterFactRecord, ZsreRecord, load_counterfact
+from editing.evaluation.generation import (
+    GenerationSettings,
+    fluency,
+    generate_texts,
+    generation_prompts,
+    ngram_entropy,
+    words,
+)
+from editing.evaluation.metrics import (
     ModelScorer,
     TokenScores,
     aggregate,
     counterfact_metrics,
-    fluency,
     harmonic_mean,
-    ngram_entropy,
     score_counterfact,
     score_zsre,
-    words,
     zsre_metrics,
 )
 from tracing.models import target_ids, tokenize
@@ -45,8 +49,13 @@ class StubScorer:
 
 
 RECORD = CounterFactRecord(
-    case_id=7, subject="Xavi", template="{} plays for", target_true="Barcelona",
-    target_new="Milan", paraphrase_prompts=("P1", "P2"), neighborhood_prompts=("N1", "N2", "N3"),
+    case_id=7,
+    subject="Xavi",
+    template="{} plays for",
+    target_true="Barcelona",
+    target_new="Milan",
+    paraphrase_prompts=("P1", "P2"),
+    neighborhood_prompts=("N1", "N2", "N3"),
 )
 
 
@@ -106,8 +115,13 @@ def test_scorer_gets_every_pair_in_one_call_and_success_is_strict():
 
 
 def test_record_without_paraphrases_gives_none_not_zero():
-    rec = CounterFactRecord(case_id=1, subject="Xavi", template="{} plays for",
-                            target_true="Barcelona", target_new="Milan")
+    rec = CounterFactRecord(
+        case_id=1,
+        subject="Xavi",
+        template="{} plays for",
+        target_true="Barcelona",
+        target_new="Milan",
+    )
     m = counterfact_metrics(score_counterfact(StubScorer(_table(True)), [rec])[0])
     assert m["paraphrase_success"] is None and m["neighborhood_success"] is None
     agg = aggregate([m, {**m, "paraphrase_success": 1.0}])
@@ -128,9 +142,15 @@ def test_harmonic_mean_and_aggregate_score():
 
 
 def test_zsre_token_accuracy():
-    rec = ZsreRecord(subject="Watts", question="Where did Watts study?", target_new="MIT",
-                     answers=("Illinois",), rephrase="Watts studied where?",
-                     loc_question="nq question: who wrote hamlet", loc_answer="Shakespeare")
+    rec = ZsreRecord(
+        subject="Watts",
+        question="Where did Watts study?",
+        target_new="MIT",
+        answers=("Illinois",),
+        rephrase="Watts studied where?",
+        loc_question="nq question: who wrote hamlet",
+        loc_answer="Shakespeare",
+    )
     table = {
         ("Where did Watts study?", " MIT"): ts([-1, -1, -1], target=(1, 2, 3), argmax=(1, 2, 9)),
         ("Watts studied where?", " MIT"): ts([-1, -1, -1], target=(1, 2, 3), argmax=(0, 0, 3)),
@@ -196,15 +216,19 @@ def test_generation_batched_equals_one_by_one_and_is_seeded(toy_models):
     for sample in (False, True):
         cfg = GenerationSettings(max_new_tokens=8, sample=sample)
         together = generate_texts(model, prompts, cfg, seeds=[3, 4, 5])
-        alone = [generate_texts(model, [p], cfg, seeds=[s])[0]
-                 for p, s in zip(prompts, [3, 4, 5], strict=True)]
+        alone = [
+            generate_texts(model, [p], cfg, seeds=[s])[0]
+            for p, s in zip(prompts, [3, 4, 5], strict=True)
+        ]
         assert together == alone
-        assert all(t.startswith(p) and len(t) > len(p) for t, p in zip(together, prompts,
-                                                                       strict=True))
+        assert all(
+            t.startswith(p) and len(t) > len(p) for t, p in zip(together, prompts, strict=True)
+        )
     cfg = GenerationSettings(max_new_tokens=8)
     state = torch.random.get_rng_state()
-    assert generate_texts(model, prompts, cfg, seeds=1) == generate_texts(model, prompts, cfg,
-                                                                          seeds=1)
+    assert generate_texts(model, prompts, cfg, seeds=1) == generate_texts(
+        model, prompts, cfg, seeds=1
+    )
     assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
 
 
@@ -213,9 +237,8 @@ def test_greedy_generation_matches_hf_generate(toy_models):
     prompt = "The Space Needle is located in"
     ids = torch.tensor([tokenize(model, prompt)])
     with torch.no_grad():
-        ref = model.original_model.generate(ids, max_new_tokens=6, do_sample=False,
-                                            pad_token_id=0)
-    want = prompt + model.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+        ref = model.original_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = prompt + model.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
     got = generate_texts(model, [prompt], GenerationSettings(max_new_tokens=6, sample=False))
     assert got == [want]
 

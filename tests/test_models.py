@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from tracing import forward as F
 from tracing import loading as L
 from tracing import models as M
 
@@ -25,7 +26,7 @@ def test_bridge_logits_equal_hf_for_every_architecture(toy_dirs, toy_model):
     ids = torch.tensor([M.tokenize(toy_model, "The Space Needle is located in the city of")])
     with torch.no_grad():
         bridge_logits = toy_model(ids, use_cache=False)
-    name = toy_model.factscope_name
+    name = M.model_name(toy_model)
     fresh = AutoModelForCausalLM.from_pretrained(
         name, dtype=torch.float32, attn_implementation="eager"
     )
@@ -99,7 +100,7 @@ def test_next_token_probs_batched_equals_one_by_one(toy_model):
         "Seattle is in",
         "The Space Needle is located in the city of",
     ]
-    batched = M.next_token_probs(toy_model, prompts)
+    batched = F.next_token_probs(toy_model, prompts)
     for i, p in enumerate(prompts):
         ids = torch.tensor([M.tokenize(toy_model, p)])
         ref = torch.softmax(_hf_logits(toy_model, ids)[0, -1], -1)
@@ -109,7 +110,7 @@ def test_next_token_probs_batched_equals_one_by_one(toy_model):
 def test_prompt_longer_than_context_is_refused(toy_models):
     m = toy_models["gpt2"]
     with pytest.raises(ValueError, match="longer than the context"):
-        M.next_token_probs(m, [" word" * 400])
+        F.next_token_probs(m, [" word" * 400])
 
 
 def test_fingerprint_distinguishes_models_and_survives_mlp_edit(toy_models):
@@ -169,9 +170,9 @@ def test_cache_completeness_marker(tmp_path):
 
 @pytest.mark.model
 def test_embedded_model_knows_facts(gemma):
-    top = M.top_k(gemma, "The Eiffel Tower is located in the city of", 1)
+    top = F.top_k(gemma, "The Eiffel Tower is located in the city of", 1)
     assert top[0][0] == " Paris"
-    top = M.top_k(gemma, "The Space Needle is located in the city of", 1)
+    top = F.top_k(gemma, "The Space Needle is located in the city of", 1)
     assert top[0][0] == " Seattle"
     assert M.n_layers(gemma) == 18 and M.prepends_bos(gemma)
 

@@ -6,13 +6,10 @@ import json
 
 import pytest
 
-from editing.datasets import load_counterfact
-from editing.requests import (
-    EditRequest,
-    load_requests,
-    request_from_counterfact,
-    validate_requests,
-)
+from editing.evaluation.datasets import load_counterfact
+from editing.evaluation.tasks import Case, CounterFactTask
+from editing.requests import EditRequest, load_requests, validate_requests
+from tracing.errors import InvalidInput
 
 
 def _req(**kw) -> EditRequest:
@@ -42,9 +39,9 @@ def test_subject_occurrence_finds_the_filled_slot():
     assert r.subject_occurrence == 1
 
 
-def test_request_from_counterfact_keeps_both_targets():
+def test_counterfact_request_keeps_both_targets():
     rec = load_counterfact(full_sample=True)[0]
-    r = request_from_counterfact(rec)
+    r = CounterFactTask().request(Case(rec.case_id, rec))
     assert r.prompt == rec.prompt and r.case_id == rec.case_id
     assert r.target_new.strip() == rec.target_new.strip()
     assert r.target_true.strip() == rec.target_true.strip()
@@ -119,7 +116,7 @@ def test_load_requests_errors_name_the_request(tmp_path, record, message):
 
 
 def test_load_requests_missing_file_and_bad_json(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(InvalidInput):
         load_requests(tmp_path / "nope.json")
     bad = tmp_path / "bad.json"
     bad.write_text("[{")

@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.context import context_templates, template_prompt_ids
-from editing.hparams import RomeHparams, TargetHparams, load_hparams
+from editing.api import make_edit
+from editing.context import context_templates
+from editing.hparams import TargetHparams
+from editing.keys import subject_keys
+from editing.methods import load_hparams
+from editing.methods.rome import RomeHparams, rank_one_update
+from editing.prepared import prepare_requests, templated_prompt
 from editing.requests import EditRequest
-from editing.rome import down_proj_bias, rank_one_update, rome_edit, subject_keys
 from editing.stats import layer_second_moments
-from editing.targets import capture_states
-from tracing.models import down_proj, top_k
+from tracing.forward import capture_states, top_k
+from tracing.models import down_proj, down_proj_bias
 
 TEMPLATES = ["{}", "Because of this. {}", "I think that the. {}"]
 REQ = EditRequest("{} is located in the city of", "The Space Needle", "Paris")
@@ -33,14 +37,16 @@ def _hp(consistent: bool = True) -> RomeHparams:
 
 def test_rome_update_writes_v_star_at_k_star(toy_model, stats):
     W = down_proj(toy_model, LAYER).detach().clone()
-    edit = rome_edit(toy_model, REQ, _hp(), stats=stats, context_templates=TEMPLATES)
-    assert torch.equal(down_proj(toy_model, LAYER), W)  # rome_edit leaves the model alone
+    edit = make_edit(
+        toy_model, REQ, "rome", _hp(), stats=stats, context_templates=TEMPLATES, progress=False
+    )
+    assert torch.equal(down_proj(toy_model, LAYER), W)  # make_edit leaves the model alone
     (delta,) = edit.deltas
     assert delta.layer == LAYER and delta.rank == 1
     M = delta.matrix()
     sv = torch.linalg.svdvals(M.double())
     assert sv[0] > 0 and sv[1] < 1e-5 * sv[0]  # rank one up to float32 rounding
-    k_star = subject_keys(toy_model, [REQ], LAYER, TEMPLATES)[0]
+    k_star = subject_keys(toy_model, prepare_requests(toy_model, [REQ], TEMPLATES), LAYER)[0]
     v_star = torch.tensor(edit.metadata["v_star"])
     b = down_proj_bias(toy_model, LAYER)
     out = k_star @ (W + M) + (0 if b is None else b)
@@ -57,7 +63,7 @@ def test_rank_one_update_in_float64(toy_model, stats):
     W = down_proj(toy_model, LAYER).detach().double()
     C = stats[LAYER].mom2.double()
     g = torch.Generator().manual_seed(0)
-    k = subject_keys(toy_model, [REQ], LAYER, TEMPLATES)[0].double()
+    k = subject_keys(toy_model, prepare_requests(toy_model, [REQ], TEMPLATES), LAYER)[0].double()
     v = torch.randn(W.shape[1], generator=g, dtype=torch.float64)
     b = down_proj_bias(toy_model, LAYER)
     left, right = rank_one_update(W, C, k, v, bias=b)
@@ -73,14 +79,19 @@ def test_rank_one_update_in_float64(toy_model, stats):
 def test_original_rome_writes_v_star_at_the_plain_prompt(toy_model, stats):
     """consistent_key=False: the residual uses the plain prompt's own key, so after the edit
     the model's raw down-projection output at the subject's last token is v* exactly."""
-    edit = rome_edit(toy_model, REQ, _hp(False), stats=stats, context_templates=TEMPLATES)
+    edit = make_edit(
+        toy_model, REQ, "rome", _hp(False), stats=stats, context_templates=TEMPLATES, progress=False
+    )
     v_star = torch.tensor(edit.metadata["v_star"])
-    ids, lookup = template_prompt_ids(toy_model, REQ, "{}")
+    plain = templated_prompt(toy_model, REQ, "{}")
+    ids, lookup = list(plain.ids), plain.subject_last
     name = f"blocks.{LAYER}.mlp.out.hook_out"
     with edit.applied(toy_model):
         out = capture_states(toy_model, torch.tensor([ids]), [name], name)[name][0, lookup]
     torch.testing.assert_close(out, v_star, rtol=1e-4, atol=1e-4 * float(v_star.abs().max()))
-    consistent = rome_edit(toy_model, REQ, _hp(True), stats=stats, context_templates=TEMPLATES)
+    consistent = make_edit(
+        toy_model, REQ, "rome", _hp(True), stats=stats, context_templates=TEMPLATES, progress=False
+    )
     assert not torch.allclose(consistent.deltas[0].matrix(), edit.deltas[0].matrix())
 
 
@@ -88,7 +99,15 @@ def test_rome_rejects_singular_statistics(toy_models):
     model = toy_models["llama"]
     d = model.cfg.d_mlp
     with pytest.raises(ValueError, match="singular"):
-        rome_edit(model, REQ, _hp(), stats={LAYER: torch.zeros(d, d)}, context_templates=TEMPLATES)
+        make_edit(
+            model,
+            REQ,
+            "rome",
+            _hp(),
+            stats={LAYER: torch.zeros(d, d)},
+            context_templates=TEMPLATES,
+            progress=False,
+        )
 
 
 @pytest.mark.model
@@ -101,7 +120,9 @@ def test_rome_edit_on_gemma_makes_new_target_top1(gemma):
     W = down_proj(gemma, hp.layer).detach().clone()
     assert top_k(gemma, prompt, 1)[0][0] == " Seattle"
     templates = context_templates(gemma, hp.context_templates)[:4]  # lean: 4 of 11
-    edit = rome_edit(gemma, req, hp, stats=stats, context_templates=templates)
+    edit = make_edit(
+        gemma, req, "rome", hp, stats=stats, context_templates=templates, progress=False
+    )
     with edit.applied(gemma):
         assert top_k(gemma, prompt, 1)[0][0] == " Paris"
     assert torch.equal(down_proj(gemma, hp.layer), W)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from editing.datasets import wikitext_paragraphs
+from editing.corpus import wikitext_paragraphs
 from editing.stats import corpus_sequences, layer_second_moments, stats_dir
 from tracing.models import hook_name, prepends_bos
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editing.context import build_prompts, check_templates, context_templates
+from editing.context import check_templates, context_templates
 from editing.hparams import TargetHparams
+from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from editing.targets import DeltaRunner, compute_targets
+from editing.targets import DeltaRunner, compute_targets, rewrite_prompts
 from tracing.facts import tokenize_fact
 from tracing.models import down_proj, final_logits, hook_name, target_ids
 
@@ -29,7 +30,7 @@ def test_optimisation_lowers_nll_and_keeps_weights(toy_model, hook):
     before = _weights(toy_model)
     hp = TargetHparams(num_steps=8, lr=0.5, kl_factor=0.0, weight_decay=0.0, early_stop_loss=0.0)
     res = compute_targets(
-        toy_model, REQUESTS[:2], layer=1, hook=hook, hp=hp, context_templates=TEMPLATES
+        toy_model, prepare_requests(toy_model, REQUESTS[:2], TEMPLATES), layer=1, hook=hook, hp=hp
     )
     assert res.delta.shape == res.init.shape == (2, toy_model.cfg.d_model)
     for r in range(2):
@@ -41,7 +42,11 @@ def test_optimisation_lowers_nll_and_keeps_weights(toy_model, hook):
 def test_delta_norm_respects_clamp(toy_model):
     hp = TargetHparams(num_steps=6, lr=2.0, clamp_norm_factor=0.05, early_stop_loss=0.0)
     res = compute_targets(
-        toy_model, REQUESTS[:2], layer=2, hook="resid", hp=hp, context_templates=TEMPLATES
+        toy_model,
+        prepare_requests(toy_model, REQUESTS[:2], TEMPLATES),
+        layer=2,
+        hook="resid",
+        hp=hp,
     )
     ratio = res.delta.norm(dim=-1) / res.init.norm(dim=-1)
     assert (ratio <= 0.05 * (1 + 1e-5)).all()
@@ -53,10 +58,10 @@ def test_delta_norm_respects_clamp(toy_model):
 def test_batching_does_not_mix_requests(toy_models, arch, hook):
     model = toy_models[arch]
     hp = TargetHparams(num_steps=6, lr=0.3, early_stop_loss=0.0)
-    kw = dict(layer=1, hook=hook, hp=hp, context_templates=TEMPLATES)
-    batched = compute_targets(model, REQUESTS, **kw)
+    kw = dict(layer=1, hook=hook, hp=hp)
+    batched = compute_targets(model, prepare_requests(model, REQUESTS, TEMPLATES), **kw)
     for r, req in enumerate(REQUESTS):
-        alone = compute_targets(model, [req], **kw)
+        alone = compute_targets(model, prepare_requests(model, [req], TEMPLATES), **kw)
         torch.testing.assert_close(batched.init[r], alone.init[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batched.delta[r], alone.delta[0], rtol=2e-3, atol=2e-4)
         assert batched.nll_after[r] == pytest.approx(alone.nll_after[0], rel=1e-3, abs=1e-4)
@@ -68,7 +73,7 @@ def test_each_request_stops_on_its_own(toy_models):
     model = toy_models["llama"]
     hp = TargetHparams(num_steps=5, early_stop_loss=1e6)
     res = compute_targets(
-        model, REQUESTS[:2], layer=1, hook="resid", hp=hp, context_templates=TEMPLATES
+        model, prepare_requests(model, REQUESTS[:2], TEMPLATES), layer=1, hook="resid", hp=hp
     )
     assert res.steps == [0, 0]
     assert torch.count_nonzero(res.delta) == 0
@@ -98,7 +103,7 @@ def _reference_logprobs(model, prompt, layer, hook, delta):
 @pytest.mark.parametrize("hook", ["mlp_raw", "resid"])
 def test_layer_skipping_path_matches_full_forward(toy_model, hook):
     layer = 1
-    prompts = build_prompts(toy_model, REQUESTS, TEMPLATES)
+    prompts = rewrite_prompts(prepare_requests(toy_model, REQUESTS, TEMPLATES))
     runner = DeltaRunner(toy_model, prompts, layer, hook, max_tokens=64)  # several chunks
     assert len(runner.chunks) > 1
     g = torch.Generator().manual_seed(0)
@@ -121,7 +126,7 @@ def test_layer_skipping_path_matches_full_forward(toy_model, hook):
 def test_final_logits_only_at_read_positions(toy_model):
     """The read positions are exactly the positions that predict the target tokens."""
     req = REQUESTS[0]
-    (p, *_rest) = build_prompts(toy_model, [req], ["{}"])
+    (p, *_rest) = rewrite_prompts(prepare_requests(toy_model, [req]))
     fact = tokenize_fact(toy_model, req.prompt, req.subject)
     tgt = target_ids(toy_model, req.target_new)
     assert p.lookup == fact.subject_last
@@ -145,7 +150,11 @@ def test_nonfinite_loss_raises(toy_models):
     try:
         with pytest.raises(ValueError, match="non-finite"):
             compute_targets(
-                model, REQUESTS[:1], layer=1, hook="resid", hp=hp, context_templates=TEMPLATES
+                model,
+                prepare_requests(model, REQUESTS[:1], TEMPLATES),
+                layer=1,
+                hook="resid",
+                hp=hp,
             )
     finally:
         DeltaRunner.chunk_logprobs = real  # type: ignore[method-assign]

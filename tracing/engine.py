@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from tracing.models import final_logits, hook_name, n_layers
+from tracing.models import cache_keyword, final_logits, hook_name, n_layers
 
 #: (kind, layer, token); kind "resid" at layer -1 is the input of block 0.
 State = tuple[str, int, int]
@@ -78,19 +78,13 @@ def run_corrupted(
             kwargs = dict(block_kwargs[layer])
             rec = KVRecorder()
             if kv is not None:
-                kwargs[_cache_kwarg(model)] = rec
+                kwargs[cache_keyword(model)] = rec
             out = model.blocks[layer](h, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
             resid.append(h)
             if kv is not None:
                 kv = kv + [next(iter(rec.kv.values()))] if len(rec.kv) == 1 else None
     return resid, kv
-
-
-def _cache_kwarg(model) -> str:
-    """Name under which this architecture's blocks take a key/value cache."""
-    arch = str(getattr(model.cfg, "architecture", "") or "")
-    return "layer_past" if arch.startswith("GPTJ") else "past_key_values"
 
 
 def suffix_kwargs(kwargs: dict, cut: int) -> dict:
@@ -165,7 +159,7 @@ def _run_chunk(model, prep, chunk: list[Sequence[State]], cut: int) -> np.ndarra
             if cut > 0:
                 k, v = prep.corrupt_kv[layer]
                 reps = len(active)
-                kwargs[_cache_kwarg(model)] = PrefixKV(
+                kwargs[cache_keyword(model)] = PrefixKV(
                     k[..., :cut, :].repeat(reps, *[1] * (k.ndim - 1)),
                     v[..., :cut, :].repeat(reps, *[1] * (v.ndim - 1)),
                 )

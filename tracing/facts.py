@@ -5,11 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from tracing.models import tokenize
+from tracing.errors import InvalidInput
+from tracing.forward import next_token_probs
+from tracing.models import HookedModel, target_ids, tokenize
 
 
 @dataclass(frozen=True)
@@ -42,25 +45,26 @@ class TokenizedFact:
 def find_subject(prompt: str, subject: str, occurrence: int = 0) -> tuple[int, int]:
     """Character span of the ``occurrence``-th appearance of ``subject`` in ``prompt``.
 
-    Raises a ValueError that says what is wrong: empty input, a subject that only appears with
-    different case or spacing, a subject that does not appear, or too few occurrences.
+    Raises an InvalidInput error that says what is wrong: empty input, a subject that only
+    appears with different case or spacing, a subject that does not appear, or too few
+    occurrences.
     """
     if not prompt or not prompt.strip():
-        raise ValueError("empty prompt")
+        raise InvalidInput("empty prompt")
     if not subject or not subject.strip():
-        raise ValueError("empty subject")
+        raise InvalidInput("empty subject")
     starts = [m.start() for m in re.finditer(re.escape(subject), prompt)]
     if not starts:
         squash = re.compile(r"\s+")
         norm_p, norm_s = squash.sub(" ", prompt).lower(), squash.sub(" ", subject.strip()).lower()
         if norm_s in norm_p:
-            raise ValueError(
+            raise InvalidInput(
                 f"subject {subject!r} is not in the prompt {prompt!r} as written; it appears "
                 f"only with different case or spacing: pass it exactly as in the prompt"
             )
-        raise ValueError(f"subject {subject!r} does not occur in the prompt {prompt!r}")
+        raise InvalidInput(f"subject {subject!r} does not occur in the prompt {prompt!r}")
     if not 0 <= occurrence < len(starts):
-        raise ValueError(
+        raise InvalidInput(
             f"subject {subject!r} occurs {len(starts)} time(s) in the prompt; "
             f"occurrence {occurrence} does not exist"
         )
@@ -81,9 +85,23 @@ def tokenize_fact(model, prompt: str, subject: str, occurrence: int = 0) -> Toke
     shift = len(ids) - len(enc["input_ids"])  # 1 when a BOS was prepended
     hits = [i + shift for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
     if not hits:
-        raise ValueError(f"subject {subject!r} covers no token of the prompt {prompt!r}")
+        raise InvalidInput(f"subject {subject!r} covers no token of the prompt {prompt!r}")
     tokens = tuple(tok.decode([i]) for i in ids)
     return TokenizedFact(tuple(ids), tokens, (hits[0], hits[-1] + 1))
+
+
+def known_facts(model: HookedModel, facts: Sequence[Fact], batch_size: int = 32) -> list[Fact]:
+    """The facts whose answer's first token is the model's top-1 next token (facts without an
+    answer are kept: their answer will be the model's own prediction)."""
+    with_answer = [f for f in facts if f.answer]
+    keep_ids: set[int] = set()
+    for i in range(0, len(with_answer), 256):
+        chunk = with_answer[i : i + 256]
+        top = next_token_probs(model, [f.prompt for f in chunk], batch_size).argmax(-1)
+        for f, t in zip(chunk, top.tolist(), strict=True):
+            if target_ids(model, f.answer)[0] == t:
+                keep_ids.add(id(f))
+    return [f for f in facts if not f.answer or id(f) in keep_ids]
 
 
 def _data_file(name: str) -> Path:
@@ -99,11 +117,11 @@ def load_known_facts(path: str | Path | None = None) -> list[Fact]:
     with opener(src, "rt", encoding="utf-8") as f:
         raw = json.load(f)
     if not isinstance(raw, list):
-        raise ValueError(f"{src}: expected a JSON list of facts")
+        raise InvalidInput(f"{src}: expected a JSON list of facts")
     facts = []
     for i, r in enumerate(raw):
         if not isinstance(r, dict) or not r.get("prompt") or not r.get("subject"):
-            raise ValueError(f"{src}: record {i} lacks a non-empty 'prompt' and 'subject'")
+            raise InvalidInput(f"{src}: record {i} lacks a non-empty 'prompt' and 'subject'")
         answer = r.get("answer", r.get("attribute"))
         facts.append(
             Fact(

@@ -18,16 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from tracing.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
 CACHE_FORMAT = 1
 _COMPLETE_MARKER = "factscope_complete.json"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded (missing package, weights not local, broken files)."""
 
 
 @dataclass(frozen=True)
@@ -231,10 +230,10 @@ def load_hf(name_or_path: str) -> tuple[torch.nn.Module, object, str]:
     return model, tok, _official_name(model.config, name_or_path)
 
 
-def bridge_from_hf(model: torch.nn.Module, tokenizer: object, official_name: str):
+def bridge_from_hf(
+    model: torch.nn.Module, tokenizer: object, official_name: str
+) -> TransformerBridge:
     """Wrap a loaded HF causal LM in a TransformerBridge (no weight processing, CPU, float32)."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     with _hub_offline():
@@ -247,7 +246,7 @@ def bridge_from_hf(model: torch.nn.Module, tokenizer: object, official_name: str
     return bridge
 
 
-def load_model(name: str = DEFAULT_MODEL):
+def load_model(name: str = DEFAULT_MODEL) -> TransformerBridge:
     """Load a hooked model by name, from local files only.
 
     ``name`` is an embedded model (``gemma-3-270m``, the default, or ``smollm2-135m``), a local
@@ -258,9 +257,9 @@ def load_model(name: str = DEFAULT_MODEL):
     model, tok, official = load_hf(name)
     prepend_bos = _raw_tokenizer_adds_bos(tok)  # read before the bridge adjusts the tokenizer
     bridge = bridge_from_hf(model, tok, official)
-    bridge.factscope_name = name
-    bridge.factscope_prepend_bos = prepend_bos
-    bridge.cfg.default_prepend_bos = prepend_bos
+    from tracing.models import attach_info  # the surface records name, BOS rule, fingerprint
+
+    attach_info(bridge, name, prepend_bos)
     return bridge
 
 

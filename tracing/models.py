@@ -1,24 +1,39 @@
-"""The small architecture-neutral surface that tracing and editing use.
+"""The architecture-neutral model surface that tracing and editing use.
 
 Everything else in factscope talks to a model through the functions here, never through
-hook-name strings or architecture-specific module paths: :func:`n_layers`, :func:`hook_name`,
-:func:`down_proj` (the MLP down-projection as a live ``[d_mlp, d_model]`` view),
-:func:`tokenize` / :func:`target_ids` (with the model's own BOS rule),
-:func:`next_token_probs` and :func:`fingerprint`. Models come from :func:`load_model`
-(re-exported from :mod:`tracing.loading`): a TransformerLens 4.x ``TransformerBridge`` over a
-Hugging Face model with weight processing off, so an in-place edit of a bridge weight *is* an
-edit of the HF weight.
+hook-name strings, architecture-specific module paths or keyword names: a new architecture
+touches this module only. What it holds:
+
+* identity: :class:`ModelInfo` (name, BOS rule, fingerprint; computed once per model) and
+  :func:`model_info`, :func:`model_name`, :func:`fingerprint`, :func:`prepends_bos`;
+* shape: :func:`n_layers`, :func:`check_layer`, :func:`context_length`;
+* hooks: :func:`hook_name` for every kind of state (``resid``, ``mlp``, ``attn``, the MLP key
+  ``mlp_key``, the raw down-projection output ``mlp_raw``, ...);
+* weights: :func:`down_proj` (the MLP down-projection as a live ``[d_mlp, d_model]`` view),
+  :func:`down_proj_bias`, :func:`post_mlp_norm`;
+* blocks: :func:`cache_keyword` (the keyword a block takes its key/value cache under);
+* text: :func:`tokenize` / :func:`target_ids` (with the model's own BOS rule), :func:`decode`,
+  :func:`final_logits`.
+
+Models come from :func:`load_model` (:mod:`tracing.loading`): a TransformerLens 4.x
+``TransformerBridge`` over a Hugging Face model with weight processing off, so an in-place
+edit of a bridge weight *is* an edit of the HF weight. Running a model (capture states, stop
+early, next-token probabilities) is :mod:`tracing.forward`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from jaxtyping import Float
+from transformer_lens.model_bridge import TransformerBridge
 
+from tracing.errors import InvalidInput
 from tracing.loading import (  # noqa: F401  (re-exported: the public entry points)
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -27,15 +42,97 @@ from tracing.loading import (  # noqa: F401  (re-exported: the public entry poin
     load_model,
 )
 
-HookKind = Literal["resid", "resid_pre", "resid_mid", "mlp", "attn", "mlp_key", "embed"]
+#: The hooked model every factscope function takes.
+HookedModel = TransformerBridge
+
+HookKind = Literal["resid", "resid_pre", "resid_mid", "mlp", "attn", "mlp_key", "mlp_raw", "embed"]
+
+_INFO_ATTR = "factscope_info"
 
 
-# --------------------------------------------------------------------------- surface
+# --------------------------------------------------------------------------- identity
 
 
-def n_layers(model) -> int:
+@dataclass(frozen=True)
+class ModelInfo:
+    """What factscope knows about a loaded model beyond its weights: the name it was loaded
+    under, whether its prompts start with BOS, and a fingerprint of its unedited identity."""
+
+    name: str
+    prepend_bos: bool
+    fingerprint: str
+
+
+def _fingerprint(model: HookedModel) -> str:
+    cfg = model.cfg
+    h = hashlib.sha256()
+    for key in ("architecture", "n_layers", "d_model", "d_mlp", "d_vocab", "n_heads"):
+        h.update(f"{key}={getattr(cfg, key, None)};".encode())
+    emb = model.embed.original_component.weight.detach()
+    step = max(1, emb.shape[0] // 4096)
+    h.update(emb[::step].contiguous().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def attach_info(model: HookedModel, name: str, prepend_bos: bool) -> ModelInfo:
+    """Record ``model``'s :class:`ModelInfo` (done by :func:`load_model`); returns it."""
+    info = ModelInfo(name=name, prepend_bos=prepend_bos, fingerprint=_fingerprint(model))
+    setattr(model, _INFO_ATTR, info)
+    model.cfg.default_prepend_bos = prepend_bos
+    return info
+
+
+def model_info(model: HookedModel) -> ModelInfo:
+    """The model's :class:`ModelInfo`; for a bridge not made by :func:`load_model`, derived
+    once from its config (name ``cfg.model_name``, TransformerLens' BOS default)."""
+    info = getattr(model, _INFO_ATTR, None)
+    if info is None:
+        name = str(getattr(model.cfg, "model_name", None) or "?")
+        info = attach_info(model, name, bool(model.cfg.default_prepend_bos))
+    return info
+
+
+def model_name(model: HookedModel) -> str:
+    """The name a model was loaded under (an embedded name, a folder or a hub id)."""
+    return model_info(model).name
+
+
+def fingerprint(model: HookedModel) -> str:
+    """A short hash identifying a model's architecture and unedited identity.
+
+    Hashes the config shape and the token-embedding matrix (which no edit in factscope
+    touches), so an edited model keeps its fingerprint and a different model gets another.
+    Computed once per model (:class:`ModelInfo`).
+    """
+    return model_info(model).fingerprint
+
+
+def prepends_bos(model: HookedModel) -> bool:
+    """Whether prompts for this model start with BOS: what its own Hugging Face tokenizer does
+    (Gemma, Llama: yes; GPT-2, GPT-J, SmolLM2: no, as in ROME's code). TransformerLens' own
+    default (always prepend) is not used."""
+    return model_info(model).prepend_bos
+
+
+# --------------------------------------------------------------------------- shape and hooks
+
+
+def n_layers(model: HookedModel) -> int:
     """Number of transformer blocks."""
     return int(model.cfg.n_layers)
+
+
+def context_length(model: HookedModel) -> int:
+    """Longest sequence the model accepts."""
+    return int(model.cfg.n_ctx)
+
+
+def check_layer(model: HookedModel, layer: int) -> int:
+    """Return ``layer`` if it exists in ``model``; otherwise raise an error naming it."""
+    n = n_layers(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise InvalidInput(f"unknown layer {layer!r}: this model has layers 0..{n - 1}")
+    return layer
 
 
 _HOOKS: dict[str, str] = {
@@ -45,104 +142,92 @@ _HOOKS: dict[str, str] = {
     "mlp": "blocks.{L}.hook_mlp_out",
     "attn": "blocks.{L}.hook_attn_out",
     "mlp_key": "blocks.{L}.mlp.hook_post",
+    "mlp_raw": "blocks.{L}.mlp.out.hook_out",
 }
 
 
-def check_layer(model, layer: int) -> int:
-    """Return ``layer`` if it exists in ``model``; otherwise raise a ValueError naming it."""
-    n = n_layers(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
-        raise ValueError(f"unknown layer {layer!r}: this model has layers 0..{n - 1}")
-    return layer
-
-
-def hook_name(model, kind: HookKind, layer: int | None = None) -> str:
+def hook_name(model: HookedModel, kind: HookKind, layer: int | None = None) -> str:
     """The bridge hook name for a kind of state at ``layer``, checked to exist on ``model``.
 
     Kinds: ``resid`` (block output, ROME's "hidden state"), ``resid_pre``, ``resid_mid``,
     ``mlp`` (MLP output as added to the residual stream), ``attn`` (attention output),
-    ``mlp_key`` (input of the MLP down-projection: ROME's key), ``embed`` (embedding output,
-    where causal-tracing noise is added; includes Gemma's sqrt(d_model) scaling).
+    ``mlp_key`` (input of the MLP down-projection: ROME's key), ``mlp_raw`` (output of the
+    down-projection itself, before any post-MLP norm: where ROME's value lives), ``embed``
+    (embedding output, where causal-tracing noise is added; includes Gemma's sqrt(d_model)
+    scaling).
     """
     if kind == "embed":
         name = "hook_embed"
     elif kind in _HOOKS:
         if layer is None:
-            raise ValueError(f"hook kind {kind!r} needs a layer")
+            raise InvalidInput(f"hook kind {kind!r} needs a layer")
         name = _HOOKS[kind].format(L=check_layer(model, layer))
     else:
-        raise ValueError(f"unknown hook kind {kind!r}; expected one of {['embed', *_HOOKS]}")
+        raise InvalidInput(f"unknown hook kind {kind!r}; expected one of {['embed', *_HOOKS]}")
     if name not in model.hook_dict:
-        raise ValueError(f"this model has no hook {name!r} (kind {kind!r})")
+        raise InvalidInput(f"this model has no hook {name!r} (kind {kind!r})")
     return name
 
 
-def down_proj(model, layer: int) -> Float[torch.Tensor, "d_mlp d_model"]:
+# --------------------------------------------------------------------------- weights
+
+
+def _down_module(model: HookedModel, layer: int) -> torch.nn.Module:
+    mlp = model.blocks[check_layer(model, layer)].mlp
+    out = getattr(mlp, "out", None)
+    module = getattr(out, "original_component", None) if out is not None else None
+    if module is None or not hasattr(module, "weight"):
+        raise InvalidInput(f"layer {layer}: cannot find the MLP down-projection of this model")
+    return module
+
+
+def down_proj(model: HookedModel, layer: int) -> Float[torch.Tensor, "d_mlp d_model"]:
     """The MLP down-projection weight of ``layer`` as a live ``[d_mlp, d_model]`` view.
 
     Whatever the architecture stores (GPT-2's Conv1D ``[d_mlp, d_model]``, or a Linear
     ``[d_model, d_mlp]`` in GPT-J, Llama and Gemma), the returned tensor shares storage with the
     HF parameter, so ``down_proj(m, L).add_(delta)`` edits the model in place.
     """
-    check_layer(model, layer)
-    mlp = model.blocks[layer].mlp
-    out = getattr(mlp, "out", None)
-    module = getattr(out, "original_component", None) if out is not None else None
-    if module is None or not hasattr(module, "weight"):
-        raise ValueError(f"layer {layer}: cannot find the MLP down-projection of this model")
+    module = _down_module(model, layer)
     weight = module.weight
-    d_mlp, d_model = int(model.cfg.d_mlp), int(model.cfg.d_model)
-    if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
-        view = weight
-    else:  # torch.nn.Linear stores [out, in]
-        view = weight.T
+    assert isinstance(weight, torch.Tensor)
+    d_mlp, d_model = int(model.cfg.d_mlp or 0), int(model.cfg.d_model)
+    view = weight if type(module).__name__ == "Conv1D" else weight.T  # Conv1D: [in, out]
     if tuple(view.shape) != (d_mlp, d_model):
-        raise ValueError(
+        raise InvalidInput(
             f"layer {layer}: down-projection has shape {tuple(weight.shape)}, "
             f"expected [d_mlp={d_mlp}, d_model={d_model}] in some orientation"
         )
     return view
 
 
-def prepends_bos(model) -> bool:
-    """Whether prompts for this model start with BOS: what its own Hugging Face tokenizer does
-    (Gemma, Llama: yes; GPT-2, GPT-J, SmolLM2: no, as in ROME's code). TransformerLens' own
-    default (always prepend) is not used."""
-    flag = getattr(model, "factscope_prepend_bos", None)
-    return bool(model.cfg.default_prepend_bos) if flag is None else bool(flag)
+def down_proj_bias(model: HookedModel, layer: int) -> Float[torch.Tensor, " d_model"] | None:
+    """The down-projection's bias at ``layer`` (GPT-2, GPT-J), or None (Llama, Gemma)."""
+    bias = getattr(_down_module(model, layer), "bias", None)
+    return None if bias is None else bias.detach()
 
 
-def tokenize(model, text: str) -> list[int]:
-    """Token ids of a prompt, with the model's BOS rule (see :func:`prepends_bos`)."""
-    if not isinstance(text, str) or not text:
-        raise ValueError("cannot tokenise an empty prompt")
-    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    return [model.tokenizer.bos_token_id, *ids] if prepends_bos(model) else ids
+def post_mlp_norm(model: HookedModel, layer: int) -> torch.nn.Module | None:
+    """The norm between the MLP down-projection and the residual add at ``layer`` (Gemma's
+    ``post_feedforward_layernorm``), or None for architectures without one."""
+    return getattr(model.blocks[check_layer(model, layer)], "ln2_post", None)
 
 
-def target_ids(model, text: str) -> list[int]:
-    """Token ids of a continuation (an answer or target), with no BOS or other special tokens."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"empty target {text!r}")
-    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise ValueError(f"target {text!r} tokenises to nothing")
-    return ids
+def cache_keyword(model: HookedModel) -> str:
+    """The keyword under which this architecture's decoder blocks take a key/value cache
+    (read off the Hugging Face block's signature: ``cache`` in current transformers,
+    ``layer_past`` in older GPT-J, ``past_key_values`` elsewhere)."""
+    block = model.blocks[0].original_component
+    params = inspect.signature(block.forward).parameters
+    for name in ("cache", "layer_past", "past_key_values"):
+        if name in params:
+            return name
+    return "past_key_values"
 
 
-def decode(model, ids: Sequence[int] | int) -> str:
-    """Decode token ids (or one id) to text."""
-    if isinstance(ids, int):
-        ids = [ids]
-    return model.tokenizer.decode(list(ids))
-
-
-def context_length(model) -> int:
-    """Longest sequence the model accepts."""
-    return int(model.cfg.n_ctx)
-
-
-def final_logits(model, resid: Float[torch.Tensor, "batch pos d_model"]) -> torch.Tensor:
+def final_logits(
+    model: HookedModel, resid: Float[torch.Tensor, "batch pos d_model"]
+) -> Float[torch.Tensor, "batch pos vocab"]:
     """Logits from final residual states: final norm, unembedding and any logit soft-capping.
 
     Pass only the positions you need (e.g. ``resid[:, -1:]``): the vocabulary projection is
@@ -155,123 +240,29 @@ def final_logits(model, resid: Float[torch.Tensor, "batch pos d_model"]) -> torc
     return logits
 
 
-def run_blocks(
-    model,
-    resid: Float[torch.Tensor, "batch pos d_model"],
-    block_kwargs: list[dict],
-    start: int,
-    stop: int | None = None,
-) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Run blocks ``start..stop-1`` on a residual stream, with bridge hooks firing.
-
-    ``block_kwargs`` are the keyword arguments each block received in a batch-1 forward of the
-    same token sequence (see :func:`capture_block_kwargs`); their batch-1 masks and position
-    embeddings broadcast over any batch size.
-    """
-    stop = n_layers(model) if stop is None else stop
-    h = resid
-    for layer in range(start, stop):
-        out = model.blocks[layer](h, **block_kwargs[layer])
-        h = out[0] if isinstance(out, tuple) else out
-    return h
+# --------------------------------------------------------------------------- text
 
 
-def capture_block_kwargs(
-    model, tokens: torch.Tensor, names: Callable[[str], bool] | None = None
-) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Run ``tokens`` ([1, pos]) once and return (activation cache, per-block keyword
-    arguments), so later calls can re-run any range of blocks directly (:func:`run_blocks`).
-
-    ``names`` filters the hook names cached; by default ``hook_embed`` and every block's
-    ``resid_pre``. The keyword arguments have no key/value cache and ``use_cache=False``.
-    """
-    if tokens.ndim != 2 or tokens.shape[0] != 1:
-        raise ValueError("capture_block_kwargs expects one sequence of shape [1, pos]")
-    if names is None:
-
-        def names(n: str) -> bool:
-            return n == "hook_embed" or n.endswith("hook_resid_pre")
-
-    kwargs: list[dict] = [{} for _ in range(n_layers(model))]
-    handles = []
-    for layer, block in enumerate(model.blocks):
-
-        def pre(_mod, _args, kw, layer=layer):
-            kwargs[layer] = {k: v for k, v in kw.items() if k not in ("hidden_states",)}
-
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            _, cache = model.run_with_cache(
-                tokens, names_filter=names, use_cache=False, logits_to_keep=1
-            )
-    finally:
-        for h in handles:
-            h.remove()
-    for kw in kwargs:
-        kw.pop("past_key_values", None)
-        kw.pop("layer_past", None)
-        kw["use_cache"] = False
-    return {k: v for k, v in cache.items()}, kwargs
+def tokenize(model: HookedModel, text: str) -> list[int]:
+    """Token ids of a prompt, with the model's BOS rule (see :func:`prepends_bos`)."""
+    if not isinstance(text, str) or not text:
+        raise InvalidInput("cannot tokenise an empty prompt")
+    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return [model.tokenizer.bos_token_id, *ids] if prepends_bos(model) else ids
 
 
-def _length_groups(seqs: list[list[int]]) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        groups.setdefault(len(s), []).append(i)
-    return groups
+def target_ids(model: HookedModel, text: str) -> list[int]:
+    """Token ids of a continuation (an answer or target), with no BOS or other special tokens."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInput(f"empty target {text!r}")
+    ids = list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise InvalidInput(f"target {text!r} tokenises to nothing")
+    return ids
 
 
-def last_token_logits(
-    model, prompts: Sequence[str] | Sequence[list[int]], batch_size: int = 32
-) -> Float[torch.Tensor, "batch vocab"]:
-    """Next-token logits after each prompt (strings, tokenised with the model's BOS rule, or
-    token-id lists). Prompts are grouped by length, so no padding enters any result, and the
-    vocabulary projection is computed at the last position only."""
-    seqs = [tokenize(model, p) if isinstance(p, str) else list(p) for p in prompts]
-    limit = context_length(model)
-    for s in seqs:
-        if len(s) > limit:
-            raise ValueError(f"prompt of {len(s)} tokens is longer than the context ({limit})")
-    out: list[torch.Tensor | None] = [None] * len(seqs)
-    for idx in _length_groups(seqs).values():
-        for i in range(0, len(idx), batch_size):
-            chunk = idx[i : i + batch_size]
-            toks = torch.tensor([seqs[j] for j in chunk], dtype=torch.long)
-            with torch.no_grad():
-                logits = model(toks, logits_to_keep=1, use_cache=False)[:, -1]
-            for row, j in enumerate(chunk):
-                out[j] = logits[row]
-    return torch.stack(out)  # type: ignore[arg-type]
-
-
-def next_token_probs(
-    model, prompts: Sequence[str] | Sequence[list[int]], batch_size: int = 32
-) -> Float[torch.Tensor, "batch vocab"]:
-    """Softmax next-token distribution after each prompt (see :func:`last_token_logits`)."""
-    return torch.softmax(last_token_logits(model, prompts, batch_size).float(), dim=-1)
-
-
-def top_k(model, prompt: str, k: int = 5) -> list[tuple[str, float]]:
-    """The ``k`` most likely next tokens after ``prompt`` with their probabilities."""
-    if k < 1:
-        raise ValueError("k must be at least 1")
-    probs = next_token_probs(model, [prompt])[0]
-    p, i = probs.topk(k)
-    return [(decode(model, int(t)), float(q)) for t, q in zip(i, p, strict=True)]
-
-
-def fingerprint(model) -> str:
-    """A short hash identifying a model's architecture and unedited identity.
-
-    Hashes the config shape and the token-embedding matrix (which no edit in factscope
-    touches), so an edited model keeps its fingerprint and a different model gets another.
-    """
-    cfg = model.cfg
-    h = hashlib.sha256()
-    for key in ("architecture", "n_layers", "d_model", "d_mlp", "d_vocab", "n_heads"):
-        h.update(f"{key}={getattr(cfg, key, None)};".encode())
-    emb = model.embed.original_component.weight.detach()
-    step = max(1, emb.shape[0] // 4096)
-    h.update(emb[::step].contiguous().float().numpy().tobytes())
-    return h.hexdigest()[:16]
+def decode(model: HookedModel, ids: Sequence[int] | int) -> str:
+    """Decode token ids (or one id) to text."""
+    if isinstance(ids, int):
+        ids = [ids]
+    return str(model.tokenizer.decode(list(ids)))

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from tracing.errors import InvalidInput
 from tracing.facts import load_known_facts
+from tracing.io import write_json_atomic
 from tracing.loading import cache_dir
 from tracing.models import fingerprint, hook_name, tokenize
 
@@ -29,7 +31,7 @@ def subject_embedding_std(model, subjects: list[str]) -> float:
     """Unbiased std over all (token, dimension) entries of the embedding output of each
     subject tokenised alone (with the model's BOS rule)."""
     if not subjects:
-        raise ValueError("need at least one subject to measure sigma")
+        raise InvalidInput("need at least one subject to measure sigma")
     name = hook_name(model, "embed")
     rows = []
     with torch.no_grad():
@@ -49,10 +51,7 @@ def embedding_sigma(model, n_facts: int = SIGMA_FACTS, *, use_cache: bool = True
     subjects = [f.subject for f in load_known_facts()[:n_facts]]
     sigma = subject_embedding_std(model, subjects)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"sigma": sigma, "n_facts": n_facts}))
-        tmp.replace(path)
+        write_json_atomic(path, {"sigma": sigma, "n_facts": n_facts})
     return sigma
 
 
@@ -74,7 +73,7 @@ def resolve_noise(model, noise: str | float = DEFAULT_NOISE, uniform: bool = Fal
     number (that standard deviation), optionally ``uniform`` (draws from U(-1, 1) times level,
     ROME's uniform option)."""
     if isinstance(noise, bool):
-        raise ValueError(f"invalid noise {noise!r}")
+        raise InvalidInput(f"invalid noise {noise!r}")
     if isinstance(noise, int | float):
         level = float(noise)
         spec, sigma = repr(level), None
@@ -89,11 +88,11 @@ def resolve_noise(model, noise: str | float = DEFAULT_NOISE, uniform: bool = Fal
             try:
                 level, spec, sigma = float(text), text, None
             except ValueError:
-                raise ValueError(
+                raise InvalidInput(
                     f"invalid noise {noise!r}: use a multiple of sigma like '3s' or a number"
                 ) from None
     if not np.isfinite(level) or level < 0:
-        raise ValueError(f"noise level must be a finite non-negative number, got {level}")
+        raise InvalidInput(f"noise level must be a finite non-negative number, got {level}")
     return NoiseSpec(level=level, spec=spec, sigma=sigma, uniform=uniform)
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from tracing.io import write_json_atomic
+
 KINDS = ("resid", "mlp", "attn")
 TOKEN_CLASSES = (
     "first_subject",
@@ -101,12 +103,7 @@ class TraceResult:
 
     def save(self, path: str | Path) -> Path:
         """Write as JSON (atomically: a partial file is never left under ``path``)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-        return path
+        return write_json_atomic(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> TraceResult:
@@ -193,10 +190,8 @@ class LayerSelection:
     model: str = ""
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
+        """Write as JSON (atomically); ``factscope edit --layers FILE`` reads it."""
+        return write_json_atomic(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> LayerSelection:

@@ -9,9 +9,11 @@ loaded: each model is saved as a Hugging Face folder with its tokenizer and then
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from tracing.errors import InvalidInput
 
 Arch = Literal["gpt2", "gptj", "llama", "gemma3"]
 ARCHS: tuple[Arch, ...] = ("gpt2", "gptj", "llama", "gemma3")
@@ -55,7 +57,7 @@ def tiny_config(arch: Arch, vocab_size: int, size: Literal["tiny", "small"] = "t
     from transformers import GPT2Config, GPTJConfig, LlamaConfig
 
     n_layer, d, heads = (4, 64, 4) if size == "tiny" else (12, 768, 12)
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         bos_token_id=1,
         eos_token_id=2,
@@ -93,7 +95,7 @@ def tiny_config(arch: Arch, vocab_size: int, size: Literal["tiny", "small"] = "t
             sliding_window=16,
             **common,
         )
-    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHS}")
+    raise InvalidInput(f"unknown architecture {arch!r}; expected one of {ARCHS}")
 
 
 def build_toy_model(

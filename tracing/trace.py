@@ -31,15 +31,17 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from tracing.engine import State, fast_probs, run_corrupted, state_hook
+from tracing.errors import InvalidInput
 from tracing.facts import tokenize_fact
+from tracing.forward import capture_block_kwargs
 from tracing.models import (
-    capture_block_kwargs,
     check_layer,
     context_length,
     decode,
     final_logits,
     fingerprint,
     hook_name,
+    model_name,
     n_layers,
     target_ids,
 )
@@ -88,7 +90,7 @@ def prepare_fact(
     notes: list[str] = []
     fact = tokenize_fact(model, prompt, subject, occurrence)
     if len(fact.ids) > context_length(model):
-        raise ValueError(
+        raise InvalidInput(
             f"prompt has {len(fact.ids)} tokens, longer than the context ({context_length(model)})"
         )
     ids = torch.tensor([fact.ids])
@@ -190,11 +192,11 @@ def restored_probs(
     for states in interventions:
         for kind, layer, tok in states:
             if kind not in KINDS:
-                raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+                raise InvalidInput(f"unknown kind {kind!r}; expected one of {KINDS}")
             if not (kind == "resid" and layer == -1):
                 check_layer(model, layer)
             if not 0 <= tok < len(prep.tokens):
-                raise ValueError(
+                raise InvalidInput(
                     f"token index {tok} outside the prompt (0..{len(prep.tokens) - 1})"
                 )
     bar = tqdm(total=len(interventions), disable=not progress, desc=f"trace ({method})")
@@ -203,7 +205,7 @@ def restored_probs(
             return fast_probs(model, prep, interventions, max_rows, bar)
         if method == "reference":
             return _reference_probs(model, prep, interventions, bar)
-        raise ValueError(f"unknown method {method!r}; expected 'fast' or 'reference'")
+        raise InvalidInput(f"unknown method {method!r}; expected 'fast' or 'reference'")
     finally:
         bar.close()
 
@@ -249,10 +251,10 @@ def trace_fact(
     t0 = time.perf_counter()
     kinds = tuple(kinds)
     if not kinds:
-        raise ValueError("no kinds to trace")
+        raise InvalidInput("no kinds to trace")
     for k in kinds:
         if k not in KINDS:
-            raise ValueError(f"unknown kind {k!r}; expected one of {KINDS}")
+            raise InvalidInput(f"unknown kind {k!r}; expected one of {KINDS}")
     windows = dict(DEFAULT_WINDOW)
     if isinstance(window, int):
         windows.update(mlp=window, attn=window)
@@ -260,9 +262,9 @@ def trace_fact(
         windows.update(window)
     for k, w in windows.items():
         if not isinstance(w, int) or w < 1:
-            raise ValueError(f"window for {k} must be an integer >= 1, got {w!r}")
+            raise InvalidInput(f"window for {k} must be an integer >= 1, got {w!r}")
     if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        raise InvalidInput(f"samples must be an integer >= 1, got {samples!r}")
     spec = resolve_noise(model, noise, uniform_noise)
     prep, notes = prepare_fact(model, prompt, subject, answer, spec, samples, seed, occurrence)
     n, T = n_layers(model), len(prep.tokens)
@@ -284,7 +286,7 @@ def trace_fact(
         samples=samples,
         seed=seed,
         method=method,
-        model=str(getattr(model, "factscope_name", "")),
+        model=model_name(model),
         model_fingerprint=fingerprint(model),
     )
     return TraceResult(

@@ -34,17 +34,21 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from editing.edit import Edit, restoring_weights
-from editing.hparams import FTHparams
-from editing.requests import EditRequest, validate_requests
+from editing.edit import Edit
+from editing.hparams import Hparams, check_int, check_layers, check_number
+from editing.methods.registry import EditInputs, EditMethod
+from editing.prepared import PreparedRequest
+from editing.weights import restoring_weights
+from tracing.errors import EditFailed, InvalidHparams, InvalidInput
+from tracing.facts import known_facts, load_known_facts
+from tracing.forward import capture_block_kwargs, capture_states, run_blocks
 from tracing.models import (
-    capture_block_kwargs,
+    HookedModel,
     check_layer,
     context_length,
     down_proj,
     final_logits,
-    next_token_probs,
-    run_blocks,
+    hook_name,
     target_ids,
     tokenize,
 )
@@ -54,6 +58,42 @@ log = logging.getLogger(__name__)
 MODES = ("constrained", "unconstrained", "mixed")
 METHOD_NAMES = {"constrained": "ft-l", "unconstrained": "ft", "mixed": "mixed"}
 NEUTRAL_SEED = 0
+
+
+@dataclass
+class FTHparams(Hparams):
+    """Fine-tuning of the down-projections of ``layers`` (Zhu et al. 2020).
+
+    ``mode``: ``constrained`` (FT-L: after every step each weight is clamped to within
+    ``norm_constraint`` (epsilon, l-infinity) of its original value), ``unconstrained``, or
+    ``mixed`` (batches mix new facts with ``mixed_ratio`` unmodified facts per new fact). A
+    ``norm_constraint`` that is not None bounds the change in every mode.
+    """
+
+    family = "ft"
+
+    layers: list[int] | None = None  # type: ignore[assignment]
+    lr: float = 5e-4
+    num_steps: int = 25
+    norm_constraint: float | None = 5e-4
+    mode: str = "constrained"
+    batch_size: int = 8
+    mixed_ratio: float = 1.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.layers = check_layers("layers", self.layers)
+        check_number("lr", self.lr)
+        check_int("num_steps", self.num_steps, minimum=1)
+        if self.norm_constraint is not None:
+            check_number("norm_constraint", self.norm_constraint)
+        if self.mode not in MODES:
+            raise InvalidHparams(f"unknown FT mode {self.mode!r}; expected one of {MODES}")
+        if self.mode == "constrained" and self.norm_constraint is None:
+            raise InvalidHparams("constrained fine-tuning (FT-L) needs a norm_constraint (epsilon)")
+        check_int("batch_size", self.batch_size, minimum=1)
+        check_number("mixed_ratio", self.mixed_ratio, allow_zero=True)
+        check_number("weight_decay", self.weight_decay, allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -69,44 +109,16 @@ class _Example:
 def _encode(model, prompt: str, target: str, what: str) -> _Example:
     try:
         prompt_ids, tgt = tokenize(model, prompt), target_ids(model, target)
-    except ValueError as err:
-        raise ValueError(f"{what}: {err}") from err
+    except InvalidInput as err:
+        raise InvalidInput(f"{what}: {err}") from err
     inputs = (*prompt_ids, *tgt[:-1])
     if len(inputs) > context_length(model):
-        raise ValueError(f"{what}: prompt + target ({len(inputs)} tokens) exceed the context")
+        raise InvalidInput(f"{what}: prompt + target ({len(inputs)} tokens) exceed the context")
     return _Example(tuple(inputs), len(prompt_ids), tuple(tgt))
 
 
-def _check_hparams(model, hp: FTHparams) -> list[int]:
-    if hp.mode not in MODES:
-        raise ValueError(f"unknown fine-tuning mode {hp.mode!r}; expected one of {MODES}")
-    layers = list(hp.layers) if hp.layers is not None else []
-    if not layers:
-        raise ValueError("FTHparams.layers is empty: name at least one layer to fine-tune")
-    for layer in layers:
-        check_layer(model, layer)
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"FTHparams.layers has duplicates: {layers}")
-    if isinstance(hp.num_steps, bool) or not isinstance(hp.num_steps, int) or hp.num_steps < 1:
-        raise ValueError(f"FTHparams.num_steps must be an integer >= 1, got {hp.num_steps!r}")
-    if isinstance(hp.batch_size, bool) or not isinstance(hp.batch_size, int) or hp.batch_size < 1:
-        raise ValueError(f"FTHparams.batch_size must be an integer >= 1, got {hp.batch_size!r}")
-    if not (math.isfinite(hp.lr) and hp.lr > 0):
-        raise ValueError(f"FTHparams.lr must be a positive number, got {hp.lr!r}")
-    if not (math.isfinite(hp.weight_decay) and hp.weight_decay >= 0):
-        raise ValueError(f"FTHparams.weight_decay must be >= 0, got {hp.weight_decay!r}")
-    eps = hp.norm_constraint
-    if eps is not None and not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"FTHparams.norm_constraint must be > 0 or None, got {eps!r}")
-    if hp.mode == "constrained" and eps is None:
-        raise ValueError("mode 'constrained' (FT-L) needs FTHparams.norm_constraint (epsilon)")
-    if hp.mode == "mixed" and not (math.isfinite(hp.mixed_ratio) and hp.mixed_ratio >= 0):
-        raise ValueError(f"FTHparams.mixed_ratio must be >= 0, got {hp.mixed_ratio!r}")
-    return sorted(layers)
-
-
 def default_neutral_facts(
-    model,
+    model: HookedModel,
     n: int,
     *,
     exclude_subjects: Sequence[str] = (),
@@ -114,22 +126,18 @@ def default_neutral_facts(
     scan_chunk: int = 64,
 ) -> list[tuple[str, str]]:
     """Up to ``n`` (prompt, answer) pairs from the shipped known facts that ``model`` gets
-    right (its top-1 next token is the answer's first token), in a seeded random order,
-    skipping facts about ``exclude_subjects``. May return fewer than ``n`` (none for a model
-    that knows nothing, e.g. a random one)."""
-    from tracing.facts import load_known_facts
-
-    facts = [f for f in load_known_facts() if f.answer and f.subject not in set(exclude_subjects)]
+    right (:func:`tracing.facts.known_facts`), in a seeded random order, skipping facts about
+    ``exclude_subjects``. May return fewer than ``n`` (none for a model that knows nothing,
+    e.g. a random one)."""
+    excluded = set(exclude_subjects)
+    facts = [f for f in load_known_facts() if f.answer and f.subject not in excluded]
     random.Random(seed).shuffle(facts)
     found: list[tuple[str, str]] = []
     for start in range(0, len(facts), scan_chunk):
-        chunk = facts[start : start + scan_chunk]
-        top1 = next_token_probs(model, [f.prompt for f in chunk]).argmax(-1).tolist()
-        for f, t in zip(chunk, top1, strict=True):
-            if t == target_ids(model, f.answer)[0]:
-                found.append((f.prompt, f.answer))
-                if len(found) >= n:
-                    return found
+        for f in known_facts(model, facts[start : start + scan_chunk]):
+            found.append((f.prompt, str(f.answer)))
+            if len(found) >= n:
+                return found
     return found
 
 
@@ -148,7 +156,7 @@ def mixed_schedule(
     facts drawn from successive seeded permutations of all neutral facts, so every neutral
     fact is used equally often. Deterministic for a given seed."""
     if ratio > 0 and n_neutral < 1:
-        raise ValueError("mixed batches need at least one neutral fact")
+        raise InvalidInput("mixed batches need at least one neutral fact")
     gen = random.Random(seed)
     stream: list[int] = []
     schedule = []
@@ -173,33 +181,17 @@ def _pad(examples: Sequence[_Example], pad_id: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-class _Stop(Exception):
-    """Raised in a hook to end a forward pass early."""
-
-
 def _states_before(
-    model, tokens: torch.Tensor, layer: int, chunk: int = 32
+    model: HookedModel, tokens: torch.Tensor, layer: int, chunk: int = 32
 ) -> Float[torch.Tensor, "batch pos d_model"]:
     """The residual stream entering block ``layer`` for every row of ``tokens`` (no gradient;
-    the forward stops there)."""
-    captured: list[torch.Tensor] = []
-
-    def grab(_mod, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        captured.append(hidden.detach().clone())
-        raise _Stop
-
-    handle = model.blocks[layer].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for i in range(0, tokens.shape[0], chunk):
-                try:
-                    model(tokens[i : i + chunk], use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return torch.cat(captured)
+    each forward stops there)."""
+    name = hook_name(model, "resid_pre", layer)
+    parts = [
+        capture_states(model, tokens[i : i + chunk], [name], name)[name]
+        for i in range(0, tokens.shape[0], chunk)
+    ]
+    return torch.cat(parts)
 
 
 def _mean_logprob(
@@ -231,7 +223,7 @@ def _parameter(model, layer: int) -> torch.nn.Parameter:
     view = down_proj(model, layer)
     param = view if view._base is None else view._base
     if not isinstance(param, torch.nn.Parameter):
-        raise ValueError(f"layer {layer}: the down-projection is not a plain parameter")
+        raise InvalidInput(f"layer {layer}: the down-projection is not a plain parameter")
     return param
 
 
@@ -257,14 +249,15 @@ def _grad_only(model, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
 
 
 def finetune_edit(
-    model,
-    requests: list[EditRequest],
+    model: HookedModel,
+    prepared: Sequence[PreparedRequest],
     hp: FTHparams,
     *,
-    neutral_facts: list[tuple[str, str]] | None = None,
+    neutral_facts: Sequence[tuple[str, str]] | None = None,
     progress: bool = True,
 ) -> Edit:
-    """Fine-tune the down-projections of ``hp.layers`` on ``requests`` and return the change
+    """Fine-tune the down-projections of ``hp.layers`` on the prepared requests (see
+    :func:`editing.prepared.prepare_requests`) and return the change
     as an :class:`Edit` (method ``"ft-l"``, ``"ft"`` or ``"mixed"`` after ``hp.mode``); the
     model's weights are left bit-identical to what they were.
 
@@ -279,18 +272,17 @@ def finetune_edit(
 
     ``neutral_facts`` (mixed mode): (prompt, answer) pairs to keep; default: facts of
     known_1000 the model answers right at top-1, chosen with a fixed seed (at least 16, or
-    ``mixed_ratio`` per request). Bad input (requests, layers, hyper-parameters, neutral facts)
-    raises a ValueError before any change; a non-finite loss raises a ValueError after the
-    weights are restored.
+    ``mixed_ratio`` per request). Bad input (layers, neutral facts) raises
+    :class:`~tracing.errors.InvalidInput` before any change; a non-finite loss raises
+    :class:`~tracing.errors.EditFailed` after the weights are restored.
     """
-    if not isinstance(requests, Sequence) or isinstance(requests, str) or not requests:
-        raise ValueError("finetune_edit needs a non-empty list of EditRequest")
-    validate_requests(model, list(requests))
-    layers = _check_hparams(model, hp)
-    examples = [
-        _encode(model, r.prompt, r.target_new, f"request {i} ({r.prompt!r})")
-        for i, r in enumerate(requests)
-    ]
+    if not prepared:
+        raise InvalidInput("finetune_edit needs at least one prepared request")
+    if not hp.layers:
+        raise InvalidHparams("fine-tuning needs layers: set hp.layers (or pass layers=[...])")
+    layers = [check_layer(model, L) for L in hp.layers]
+    requests = [p.request for p in prepared]
+    examples = [_Example(p.plain.ids + p.target[:-1], len(p.plain.ids), p.target) for p in prepared]
     neutral: list[tuple[str, str]] = []
     if hp.mode == "mixed" and hp.mixed_ratio > 0:
         if neutral_facts is None:
@@ -299,21 +291,21 @@ def finetune_edit(
                 model, want, exclude_subjects=[r.subject for r in requests]
             )
             if not neutral:
-                raise ValueError(
+                raise InvalidInput(
                     "mixed mode: the model answers none of the known facts right at top-1; "
                     "pass neutral_facts=[(prompt, answer), ...] explicitly"
                 )
         else:
             neutral = list(neutral_facts)
         if not neutral:
-            raise ValueError("mixed mode needs at least one neutral fact (neutral_facts empty)")
+            raise InvalidInput("mixed mode needs at least one neutral fact (neutral_facts empty)")
     for i, pair in enumerate(neutral):
         if not (
             isinstance(pair, tuple | list)
             and len(pair) == 2
             and all(isinstance(x, str) for x in pair)
         ):
-            raise ValueError(f"neutral fact {i} must be a (prompt, answer) pair of strings")
+            raise InvalidInput(f"neutral fact {i} must be a (prompt, answer) pair of strings")
     neutral_ex = [
         _encode(model, p, a, f"neutral fact {i} ({p!r})") for i, (p, a) in enumerate(neutral)
     ]
@@ -349,7 +341,7 @@ def finetune_edit(
                         model, h0[idx], [all_ex[i] for i in idx], block_kwargs, start
                     )
                     if not torch.isfinite(loss):
-                        raise ValueError(
+                        raise EditFailed(
                             f"fine-tuning loss became {loss.item()} at step {step}: weights "
                             "restored (lower the learning rate?)"
                         )
@@ -373,3 +365,35 @@ def finetune_edit(
         return Edit.from_weights(
             model, before, METHOD_NAMES[hp.mode], list(requests), hp.to_dict(), metadata=metadata
         )
+
+
+def edit_finetune(
+    model: HookedModel,
+    prepared: Sequence[PreparedRequest],
+    hp: FTHparams,
+    inputs: EditInputs,
+) -> Edit:
+    """The registered form of :func:`finetune_edit` (default neutral facts)."""
+    return finetune_edit(model, prepared, hp, progress=inputs.progress)
+
+
+def _method(name: str, mode: str, summary: str) -> EditMethod:
+    # Zhu et al.'s unconstrained and mixed baselines have no bound unless one is given
+    unbounded = {} if mode == "constrained" else {"norm_constraint": None}
+    return EditMethod(
+        name=name,
+        hparams=FTHparams,
+        edit=edit_finetune,
+        batched=False,
+        uses_templates=False,
+        summary=summary,
+        fixed={"mode": mode},
+        file_defaults=unbounded,
+    )
+
+
+METHODS = (
+    _method("ft-l", "constrained", "fine-tuning with an l-infinity bound (Zhu et al. 2020)"),
+    _method("ft", "unconstrained", "plain fine-tuning of the chosen down-projections"),
+    _method("mixed", "mixed", "fine-tuning on batches mixing new and unmodified facts"),
+)

@@ -1,4 +1,4 @@
-"""Typed loaders for the benchmark data shipped with factscope: CounterFact, zsRE, WikiText-2.
+"""Typed loaders for the evaluation data shipped with factscope: CounterFact and zsRE.
 
 CounterFact comes in two shapes and both load into :class:`CounterFactRecord`:
 
@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-
-def data_path(name: str) -> Path:
-    """Path of a data file shipped in ``editing/data``."""
-    return Path(str(files("editing").joinpath("data").joinpath(name)))
+from editing.corpus import data_path
+from tracing.errors import InvalidInput
 
 
 def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise InvalidInput(f"no data file {path}")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"{path}: not a readable JSON file ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,16 @@ class CounterFactRecord:
 
 def _require(rec: Any, keys: tuple[str, ...], where: str) -> None:
     if not isinstance(rec, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise InvalidInput(f"{where}: expected a JSON object, got {type(rec).__name__}")
     missing = [k for k in keys if k not in rec]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
+        raise InvalidInput(f"{where}: missing field(s) {missing}")
 
 
 def _target(value: Any, where: str, key: str) -> str:
     text = value.get("str") if isinstance(value, dict) else value
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where}: empty or malformed {key}")
+        raise InvalidInput(f"{where}: empty or malformed {key}")
     return text
 
 
@@ -77,9 +78,9 @@ def parse_counterfact(rec: Any, index: int = 0) -> CounterFactRecord:
         rw = rec["requested_rewrite"]
         _require(rw, ("prompt", "subject", "target_new", "target_true"), where)
         if "{}" not in rw["prompt"]:
-            raise ValueError(f"{where}: requested_rewrite.prompt has no '{{}}' for the subject")
+            raise InvalidInput(f"{where}: requested_rewrite.prompt has no '{{}}' for the subject")
         if not str(rw["subject"]).strip():
-            raise ValueError(f"{where}: empty subject")
+            raise InvalidInput(f"{where}: empty subject")
         return CounterFactRecord(
             case_id=int(rec["case_id"]),
             subject=rw["subject"],
@@ -96,7 +97,7 @@ def parse_counterfact(rec: Any, index: int = 0) -> CounterFactRecord:
     _require(rec, ("case_id", "prompt", "subject", "target_new", "ground_truth"), where)
     subject, prompt = rec["subject"], rec["prompt"]
     if not isinstance(subject, str) or not subject.strip():
-        raise ValueError(f"{where}: empty subject")
+        raise InvalidInput(f"{where}: empty subject")
     # A subject missing from its prompt is kept (template without "{}"): evaluation skips and
     # counts such cases instead of failing the whole run.
     template = prompt.replace(subject, "{}", 1) if subject in prompt else prompt
@@ -130,7 +131,7 @@ def load_counterfact(
         )
     raw = _read_json(src)
     if not isinstance(raw, list) or not raw:
-        raise ValueError(f"{src}: expected a non-empty JSON list of CounterFact records")
+        raise InvalidInput(f"{src}: expected a non-empty JSON list of CounterFact records")
     return [parse_counterfact(r, i) for i, r in enumerate(raw)]
 
 
@@ -153,7 +154,7 @@ def parse_zsre(rec: Any, index: int = 0) -> ZsreRecord:
     where = f"zsRE record {index}"
     _require(rec, ("subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans"), where)
     if not str(rec["alt"]).strip():
-        raise ValueError(f"{where}: empty target 'alt'")
+        raise InvalidInput(f"{where}: empty target 'alt'")
     return ZsreRecord(
         subject=rec["subject"],
         question=rec["src"],
@@ -177,18 +178,5 @@ def load_zsre(path: str | Path | None = None, *, eval_sample: bool = False) -> l
         )
     raw = _read_json(src)
     if not isinstance(raw, list) or not raw:
-        raise ValueError(f"{src}: expected a non-empty JSON list of zsRE records")
+        raise InvalidInput(f"{src}: expected a non-empty JSON list of zsRE records")
     return [parse_zsre(r, i) for i, r in enumerate(raw)]
-
-
-def wikitext_paragraphs(split: str = "test", min_chars: int = 1) -> Iterator[str]:
-    """Paragraphs of the shipped WikiText-2 raw text (``test`` or ``valid``), in file order,
-    skipping headings (`` = ... = ``) and blank lines."""
-    if split not in ("test", "valid"):
-        raise ValueError(f"unknown WikiText-2 split {split!r}; shipped: 'test', 'valid'")
-    with gzip.open(data_path(f"wikitext2_{split}.raw.gz"), "rt", encoding="utf-8") as f:
-        for line in f:
-            text = line.strip()
-            if len(text) < min_chars or (text.startswith("=") and text.endswith("=")):
-                continue
-            yield text

@@ -32,15 +32,14 @@ and cannot be downloaded here, so it is not computed.
 from __future__ import annotations
 
 import math
-import re
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from editing.datasets import CounterFactRecord, ZsreRecord
+from editing.evaluation.datasets import CounterFactRecord, ZsreRecord
+from tracing.errors import InvalidInput
 from tracing.models import (
     context_length,
     final_logits,
@@ -103,7 +102,7 @@ def space_target(text: str) -> str:
     """ROME's target convention: exactly one leading space (``"Paris"`` -> ``" Paris"``)."""
     stripped = text.lstrip()
     if not stripped:
-        raise ValueError(f"empty target {text!r}")
+        raise InvalidInput(f"empty target {text!r}")
     return f" {stripped}"
 
 
@@ -118,7 +117,7 @@ class ModelScorer:
 
     def __init__(self, model, batch_size: int = 16) -> None:
         if batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise InvalidInput("batch_size must be at least 1")
         self.model = model
         self.batch_size = batch_size
         self._resid = hook_name(model, "resid", n_layers(model) - 1)
@@ -129,7 +128,7 @@ class ModelScorer:
         p_ids, t_ids = tokenize(self.model, prompt), target_ids(self.model, target)
         limit = context_length(self.model)
         if len(p_ids) + len(t_ids) > limit:
-            raise ValueError(
+            raise InvalidInput(
                 f"prompt {prompt!r} + target {target!r} is {len(p_ids) + len(t_ids)} tokens, "
                 f"longer than the context ({limit})"
             )
@@ -260,7 +259,7 @@ def _mean(values: Iterable[float]) -> float | None:
 
 def _argmax_agreement(post: TokenScores, pre: TokenScores) -> float:
     if post.target != pre.target:
-        raise ValueError("locality needs the same answer tokens before and after the edit")
+        raise InvalidInput("locality needs the same answer tokens before and after the edit")
     same = sum(int(a == b) for a, b in zip(post.argmax, pre.argmax, strict=True))
     return same / len(post.argmax)
 
@@ -383,37 +382,3 @@ def zsre_metrics(scores: ZsreScores) -> dict[str, float]:
         "paraphrase_acc": scores.rephrase.accuracy,
         "specificity_acc": scores.locality.accuracy,
     }
-
-
-# --------------------------------------------------------------------------- fluency
-
-_WORD = re.compile(r"\w+|[^\w\s]")
-
-
-def words(text: str) -> list[str]:
-    """Word tokens for n-gram statistics: runs of word characters and single punctuation marks
-    (close to NLTK's word_tokenize, which ROME used, without the dependency)."""
-    return _WORD.findall(text)
-
-
-def ngram_entropy(
-    text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
-) -> float:
-    """ROME's generation entropy of one text, in bits: for each n, the entropy of the n-gram
-    frequency distribution; result = mean over n of ``weight_n * H_n`` (a text too short for
-    any n-gram of some n contributes 0 for it). ROME's tables print this times 100."""
-    if len(ns) != len(weights) or not ns:
-        raise ValueError("ns and weights must be non-empty and of equal length")
-    toks = words(text)
-    total = 0.0
-    for n, w in zip(ns, weights, strict=True):
-        counts = Counter(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
-        m = sum(counts.values())
-        h = -sum(c / m * math.log2(c / m) for c in counts.values()) if m else 0.0
-        total += w * h
-    return total / len(ns)
-
-
-def fluency(texts: Sequence[str]) -> float | None:
-    """Mean :func:`ngram_entropy` over texts (``None`` for no texts)."""
-    return _mean(ngram_entropy(t) for t in texts)

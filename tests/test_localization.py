@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from factscope.cli import main
-from tracing import dataset as D
+from tracing import localization as D
 from tracing.facts import Fact, load_known_facts
 from tracing.results import AverageEffects, LayerSelection, TraceResult, TraceSettings
 
@@ -118,7 +118,8 @@ def test_trace_dataset_resumes_from_cache(toy_models, tmp_path, monkeypatch):
 
 def test_known_facts_filter_keeps_only_top1_answers(toy_models):
     model = toy_models["llama"]
-    from tracing.models import decode, next_token_probs
+    from tracing.forward import next_token_probs
+    from tracing.models import decode
 
     prompt = "Paris is the capital of"
     top = decode(model, int(next_token_probs(model, [prompt])[0].argmax()))

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tracing.errors import InvalidInput
+
 #: (key, label, is a rate shown in percent) in table order, CounterFact then zsRE.
 METRIC_LABELS: tuple[tuple[str, str, bool], ...] = (
     ("score", "Score (harmonic mean of ES, PS, NS)", True),
@@ -52,7 +54,7 @@ _SHORT = {
 
 @dataclass
 class EvalSummary:
-    """The outcome of one evaluation run (see :func:`editing.evaluate.evaluate`)."""
+    """The outcome of one evaluation run (see :func:`editing.evaluation.runner.evaluate`)."""
 
     dataset: str
     method: str
@@ -62,7 +64,7 @@ class EvalSummary:
     n_requested: int
     n_skipped: int  # subject missing from the prompt, untokenisable target, ...
     n_unknown: int  # examined but dropped by the only-known filter
-    n_failed: int  # the method refused the request (ValueError)
+    n_failed: int  # the method refused the request or could not compute the edit
     only_known: bool
     known_rule: str
     seed: int
@@ -135,7 +137,7 @@ def comparison_table(summaries: Sequence[EvalSummary]) -> str:
     """One Markdown table across runs (ROME-paper style): a row per method, each under the
     unedited model's row for the cases it scored (runs that scored the same cases share one)."""
     if not summaries:
-        raise ValueError("no summaries to compare")
+        raise InvalidInput("no summaries to compare")
     keys = [k for k, _, _ in METRIC_LABELS if any(s.edited.get(k) is not None for s in summaries)]
     rate = {k: r for k, _, r in METRIC_LABELS}
     head = ["method", "n", *[_SHORT[k] for k in keys], "s / edit", "s / case"]
@@ -145,8 +147,11 @@ def comparison_table(summaries: Sequence[EvalSummary]) -> str:
         groups.setdefault(json.dumps(s.unedited, sort_keys=True), []).append(s)
     rows: list[tuple[str, int, dict, float | None, float | None]] = []
     for group in groups.values():
-        label = "unedited" if len(groups) == 1 else (
-            "unedited (cases of " + ", ".join(s.method for s in group) + ")")
+        label = (
+            "unedited"
+            if len(groups) == 1
+            else ("unedited (cases of " + ", ".join(s.method for s in group) + ")")
+        )
         rows.append((label, group[0].n, group[0].unedited, None, None))
         for s in group:
             if s.method == "none":
@@ -154,8 +159,13 @@ def comparison_table(summaries: Sequence[EvalSummary]) -> str:
             name = s.method if not s.joint or s.batch == 1 else f"{s.method} ({s.batch} at once)"
             rows.append((name, s.n, s.edited, s.seconds_per_edit, s.seconds_per_case))
     for label, n, vals, per_edit, per_case in rows:
-        cells = [label, str(n), *[fmt(vals.get(k), rate[k]) for k in keys],
-                 fmt(per_edit, False), fmt(per_case, False)]
+        cells = [
+            label,
+            str(n),
+            *[fmt(vals.get(k), rate[k]) for k in keys],
+            fmt(per_edit, False),
+            fmt(per_case, False),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -221,7 +231,7 @@ def split_prefixed(rows: Sequence[Mapping], prefix: str) -> list[dict]:
 # --------------------------------------------------------------------------- viz data
 
 
-def edit_bar_rows(row: Mapping) -> list[dict]:
+def case_bars(row: Mapping) -> list[dict]:
     """Data for :func:`viz.plots.plot_edit_bars` from one CounterFact case row: the mean
     probability of the true and the new target on the edit, paraphrase and neighbourhood
     prompts, before and after the edit."""
@@ -237,7 +247,7 @@ def edit_bar_rows(row: Mapping) -> list[dict]:
                 continue
             out.append({"prompt_kind": kind, "target": target, "before": before, "after": after})
     if not out:
-        raise ValueError(f"row of case {row.get('case_id')} holds no CounterFact probabilities")
+        raise InvalidInput(f"row of case {row.get('case_id')} holds no CounterFact probabilities")
     return out
 
 

@@ -1,4 +1,5 @@
-"""Text generation for the fluency metric: which prompts, and fast seeded generation.
+"""Text generation for the fluency metric (which prompts, fast seeded generation) and the
+metric itself: n-gram entropy of the generated text.
 
 Generation runs the bridge's underlying Hugging Face model (``model.original_model``) one
 token at a time with its KV cache and no hooks attached; weight edits made through the bridge
@@ -11,12 +12,16 @@ for Gemma's 262k words) is computed only at the last position.
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from editing.datasets import CounterFactRecord, ZsreRecord
+from editing.evaluation.datasets import CounterFactRecord, ZsreRecord
+from tracing.errors import InvalidInput
 from tracing.models import tokenize
 
 #: Prompts built from the subject when a record has no generation prompts of its own.
@@ -34,7 +39,7 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.top_k < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens, top_k and batch_size must be at least 1")
+            raise InvalidInput("max_new_tokens, top_k and batch_size must be at least 1")
 
 
 def generation_prompts(record: CounterFactRecord | ZsreRecord) -> tuple[list[str], str]:
@@ -105,7 +110,7 @@ def generate_texts(
         else [int(s) for s in seeds]
     )
     if len(seed_list) != len(prompts):
-        raise ValueError(f"{len(seed_list)} seeds for {len(prompts)} prompts")
+        raise InvalidInput(f"{len(seed_list)} seeds for {len(prompts)} prompts")
     tok = model.tokenizer
     eos = tok.eos_token_id
     pad = next((t for t in (tok.pad_token_id, eos) if t is not None), 0)
@@ -126,3 +131,38 @@ def generate_texts(
             row = row[: row.index(eos)]
         texts.append(prompt + tok.decode(row, skip_special_tokens=True))
     return texts
+
+
+# --------------------------------------------------------------------------- fluency
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Word tokens for n-gram statistics: runs of word characters and single punctuation marks
+    (close to NLTK's word_tokenize, which ROME used, without the dependency)."""
+    return _WORD.findall(text)
+
+
+def ngram_entropy(
+    text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
+) -> float:
+    """ROME's generation entropy of one text, in bits: for each n, the entropy of the n-gram
+    frequency distribution; result = mean over n of ``weight_n * H_n`` (a text too short for
+    any n-gram of some n contributes 0 for it). ROME's tables print this times 100."""
+    if len(ns) != len(weights) or not ns:
+        raise InvalidInput("ns and weights must be non-empty and of equal length")
+    toks = words(text)
+    total = 0.0
+    for n, w in zip(ns, weights, strict=True):
+        counts = Counter(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
+        m = sum(counts.values())
+        h = -sum(c / m * math.log2(c / m) for c in counts.values()) if m else 0.0
+        total += w * h
+    return total / len(ns)
+
+
+def fluency(texts: Sequence[str]) -> float | None:
+    """Mean :func:`ngram_entropy` over texts (``None`` for no texts)."""
+    values = [ngram_entropy(t) for t in texts]
+    return sum(values) / len(values) if values else None

@@ -1,9 +1,8 @@
-"""Tracing many facts: known-fact filtering, resumable batch traces, average indirect effects
+"""Localisation over many facts: resumable batch traces, average indirect effects
 per ROME Fig. 2 token class, and selecting the MLP layers to edit."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,26 +10,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from tracing.facts import Fact, load_known_facts
-from tracing.models import fingerprint, next_token_probs, target_ids
+from tracing.errors import InvalidInput
+from tracing.facts import Fact, known_facts, load_known_facts
+from tracing.io import write_json_atomic
+from tracing.models import HookedModel, fingerprint
 from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, LayerSelection, TraceResult
 from tracing.trace import trace_fact
 
 log = logging.getLogger(__name__)
-
-
-def known_facts(model, facts: Sequence[Fact], batch_size: int = 32) -> list[Fact]:
-    """The facts whose answer's first token is the model's top-1 next token (facts without an
-    answer are kept: their answer will be the model's own prediction)."""
-    with_answer = [f for f in facts if f.answer]
-    keep_ids: set[int] = set()
-    for i in range(0, len(with_answer), 256):
-        chunk = with_answer[i : i + 256]
-        top = next_token_probs(model, [f.prompt for f in chunk], batch_size).argmax(-1)
-        for f, t in zip(chunk, top.tolist(), strict=True):
-            if target_ids(model, f.answer)[0] == t:
-                keep_ids.add(id(f))
-    return [f for f in facts if not f.answer or id(f) in keep_ids]
 
 
 def _fact_key(fact: Fact, index: int) -> str:
@@ -38,7 +25,7 @@ def _fact_key(fact: Fact, index: int) -> str:
 
 
 def trace_dataset(
-    model,
+    model: HookedModel,
     facts: Sequence[Fact] | None = None,
     *,
     n: int | None = None,
@@ -107,7 +94,7 @@ def load_traces(folder: str | Path) -> list[TraceResult]:
         folder = folder / "traces"
     paths = sorted(folder.glob("*.json"))
     if not paths:
-        raise FileNotFoundError(f"no traces (*.json) in {folder}")
+        raise InvalidInput(f"no traces (*.json) in {folder}")
     return [TraceResult.load(p) for p in paths]
 
 
@@ -132,10 +119,10 @@ def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
     """Average indirect effect (restored minus corrupted probability) per layer, per kind and
     token class. Within a fact, tokens of one class are averaged first, then facts."""
     if not results:
-        raise ValueError("no traces to average")
+        raise InvalidInput("no traces to average")
     layers = {r.n_layers for r in results}
     if len(layers) != 1:
-        raise ValueError(f"traces come from models with different layer counts: {layers}")
+        raise InvalidInput(f"traces come from models with different layer counts: {layers}")
     kinds = [k for k in KINDS if all(k in r.scores for r in results)]
     n = layers.pop()
     sums = {k: {c: np.zeros(n) for c in TOKEN_CLASSES} for k in kinds}
@@ -175,12 +162,12 @@ def select_layers(
     """The contiguous window of ``k`` layers with the largest summed average effect of ``kind``
     at ``token_class`` (default: MLP at the last subject token, where ROME and MEMIT edit)."""
     if kind not in effects.effects:
-        raise ValueError(f"no {kind!r} effects in these traces (have {list(effects.effects)})")
+        raise InvalidInput(f"no {kind!r} effects in these traces (have {list(effects.effects)})")
     if token_class not in effects.effects[kind]:
-        raise ValueError(f"no facts with a {token_class!r} token in these traces")
+        raise InvalidInput(f"no facts with a {token_class!r} token in these traces")
     per_layer = np.asarray(effects.effects[kind][token_class], dtype=float)
     if not 1 <= k <= len(per_layer):
-        raise ValueError(f"k must be between 1 and {len(per_layer)} (the layer count), got {k}")
+        raise InvalidInput(f"k must be between 1 and {len(per_layer)} (the layer count), got {k}")
     window_sums = np.convolve(per_layer, np.ones(k), mode="valid")
     start = int(np.argmax(window_sums))
     return LayerSelection(
@@ -197,7 +184,4 @@ def select_layers(
 
 def save_effects(effects: AverageEffects, path: str | Path) -> Path:
     """Write average effects as JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(effects.to_dict(), indent=1))
-    return path
+    return write_json_atomic(path, effects.to_dict())

@@ -1,0 +1,26 @@
+"""Evaluating edits: CounterFact and zsRE tasks, their metrics, the runner and its results.
+
+``evaluate(model, EvalConfig(...))`` (:mod:`editing.evaluation.runner`) edits cases with a
+registered method and scores them; :func:`scaling` gives metric-against-number-of-edits
+points; :class:`EvalSummary` and :func:`comparison_table` read and tabulate results.
+"""
+
+from editing.evaluation.generation import GenerationSettings
+from editing.evaluation.results import EvalSummary, case_bars, comparison_table
+from editing.evaluation.runner import EvalConfig, evaluate
+from editing.evaluation.scaling import scaling
+from editing.evaluation.tasks import TASKS, Case, Task, load_cases
+
+__all__ = [
+    "TASKS",
+    "Case",
+    "EvalConfig",
+    "EvalSummary",
+    "GenerationSettings",
+    "Task",
+    "case_bars",
+    "comparison_table",
+    "evaluate",
+    "load_cases",
+    "scaling",
+]

@@ -1,0 +1,369 @@
+"""The evaluation runner: edit CounterFact / zsRE cases with a method, score them before and
+after, write rows, a summary and tables; resumable.
+
+``evaluate(model, EvalConfig(dataset="counterfact", method="rome", n=100, out_dir="results"))``
+loads the cases, keeps (optionally) those whose true target the unedited model prefers,
+skips and counts cases that cannot be evaluated, edits one case at a time or ``batch`` cases
+at once (methods registered as batched, e.g. MEMIT; every method with ``joint=True``), scores
+every metric of the dataset's task on the edited model, undoes the edit, and writes under
+``out_dir/<dataset>_<method>/``: ``cases.jsonl`` (one row per case, appended as it goes, so an
+interrupted run resumes where it stopped), ``cases.csv``, ``summary.json``, ``summary.md``
+and ``run.json`` (the settings, checked on resume). Unedited scores and generated texts are
+cached in ``out_dir/unedited_<dataset>_<weights>.jsonl`` and shared by every method's run.
+
+Only an edit the method refuses (:class:`~tracing.errors.InvalidRequest`) or cannot compute
+(:class:`~tracing.errors.EditFailed`) is counted as a failed case; any other error stops the
+run (its rows so far stay on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from editing.api import HparamsLike, make_edit, resolve_hparams
+from editing.edit import Edit
+from editing.evaluation.cases import (
+    UneditedCache,
+    case_seed,
+    generate_cases,
+    select_cases,
+    weights_checksums,
+    weights_key,
+)
+from editing.evaluation.generation import GenerationSettings, fluency
+from editing.evaluation.metrics import ModelScorer, Scorer, aggregate
+from editing.evaluation.results import (
+    EvalSummary,
+    append_rows,
+    read_rows,
+    split_prefixed,
+    write_csv,
+)
+from editing.evaluation.tasks import KNOWN_RULES, Case, Task, load_cases
+from editing.methods import get_method
+from tracing.errors import EditFailed, InvalidInput, InvalidRequest
+from tracing.io import write_json_atomic, write_text_atomic
+from tracing.models import HookedModel, fingerprint, model_name
+
+log = logging.getLogger(__name__)
+
+NO_EDIT = "none"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything that defines an evaluation run.
+
+    ``method``: a registered editing method or ``"none"`` (the unedited model). ``joint``:
+    edit ``batch`` cases at once (default: only for batched methods such as MEMIT).
+    ``hparams``: hyper-parameters (object, dict, JSON path) or None for the method's defaults;
+    ``layers`` overrides the edited layers. ``only_known`` keeps CounterFact cases the
+    unedited model knows (``known_rule``: ``prefers`` or ``top1``). ``generation``: fluency
+    settings (None: no fluency). ``name``: the run folder inside ``out_dir`` (default
+    ``<dataset>_<method>``).
+    """
+
+    dataset: str | Path = "counterfact"
+    method: str = "rome"
+    n: int = 200
+    batch: int = 100
+    layers: Sequence[int] | None = None
+    hparams: HparamsLike = None
+    out_dir: str | Path = "results"
+    only_known: bool = True
+    known_rule: str = "prefers"
+    seed: int = 0
+    progress: bool = True
+    joint: bool | None = None
+    generation: GenerationSettings | None = field(default_factory=GenerationSettings)
+    name: str | None = None
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before any model is touched."""
+        if self.method != NO_EDIT:
+            get_method(self.method)
+        if self.n < 1 or self.batch < 1:
+            raise InvalidInput(
+                f"n and batch must be at least 1 (got n={self.n}, batch={self.batch})"
+            )
+        if self.known_rule not in KNOWN_RULES:
+            raise InvalidInput(
+                f"unknown known_rule {self.known_rule!r}; expected one of {KNOWN_RULES}"
+            )
+
+    @property
+    def is_joint(self) -> bool:
+        """Whether ``batch`` cases are edited at once."""
+        if self.joint is not None:
+            return bool(self.joint)
+        return self.method != NO_EDIT and get_method(self.method).batched
+
+
+#: Replaces :func:`editing.api.make_edit` in tests (same signature).
+EditFn = Callable[..., Edit]
+
+
+@dataclass
+class _Run:
+    """The state one run shares between its units."""
+
+    model: HookedModel
+    config: EvalConfig
+    task: Task
+    scorer: Scorer
+    cache: UneditedCache
+    hparams: Any
+    edit_fn: EditFn
+    edit_hparams: dict | None = None
+
+
+def _check_run(path: Path, settings: dict) -> None:
+    """Refuse to resume a run folder made with other settings (``n`` may differ)."""
+    if path.exists():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise InvalidInput(
+                f"{path.parent} holds a run with other settings ({', '.join(diff)} differ): "
+                "choose another output folder or name, or delete it"
+            )
+    else:
+        write_json_atomic(path, settings)
+
+
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+def _run_unit(run: _Run, unit: list[tuple[Case, Any]], todo: set[int]) -> list[dict]:
+    """Edit one unit's cases, score those in ``todo`` on the edited model, undo; rows."""
+    cfg, model, task = run.config, run.model, run.task
+    t0 = time.perf_counter()
+    edit = None
+    if cfg.method != NO_EDIT:
+        requests = [task.request(c) for c, _ in unit]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(case_seed(cfg.seed, unit[0][0].case_id))
+            try:
+                edit = run.edit_fn(
+                    model, requests, cfg.method, run.hparams, layers=cfg.layers, progress=False
+                )
+            except (InvalidRequest, EditFailed) as exc:
+                log.warning("edit of cases %s failed: %s", [c.case_id for c, _ in unit], exc)
+                return [
+                    {**task.fields(c), "failed": str(exc)} for c, _ in unit if c.case_id in todo
+                ]
+        if run.edit_hparams is None:
+            run.edit_hparams = getattr(edit, "hparams", None)
+    t_edit = time.perf_counter() - t0
+    cases = [(c, pre) for c, pre in unit if c.case_id in todo]
+    gen = cfg.generation
+    if edit is None:
+        posts = [pre for _, pre in cases]
+        post_gen = None
+    else:
+        with edit.applied(model):
+            posts = task.score(run.scorer, [c for c, _ in cases])
+            post_gen = generate_cases(model, [c for c, _ in cases], gen, cfg.seed) if gen else None
+    t_eval = time.perf_counter() - t0 - t_edit
+    befores = run.cache.get_texts([c for c, _ in cases], gen, cfg.seed) if gen else []
+    rows = []
+    for i, ((case, pre), post) in enumerate(zip(cases, posts, strict=True)):
+        row = {
+            **task.fields(case),
+            "unit_size": len(unit),
+            "edit_seconds": t_edit / len(unit),
+            "eval_seconds": t_eval / len(cases),
+        }
+        row.update(_prefixed("pre_", task.metrics(pre, pre)))
+        row.update(_prefixed("post_", task.metrics(post, pre)))
+        if gen:
+            before = befores[i]
+            after = before if post_gen is None else post_gen[i]
+            row.update(
+                pre_fluency=fluency(before["texts"]),
+                post_fluency=fluency(after["texts"]),
+                gen_source=before["source"],
+                pre_texts=before["texts"],
+                post_texts=after["texts"],
+            )
+        rows.append(row)
+    return rows
+
+
+def _hparams_dict(hp: Any) -> dict | None:
+    if hp is None:
+        return None
+    return hp.to_dict() if hasattr(hp, "to_dict") else dict(hp)
+
+
+def evaluate(
+    model: HookedModel,
+    config: EvalConfig | None = None,
+    *,
+    edit_fn: EditFn | None = None,
+    scorer: Scorer | None = None,
+    **settings: Any,
+) -> EvalSummary:
+    """Evaluate ``config.method`` on the first ``config.n`` usable cases of
+    ``config.dataset``; see the module docstring for what is written where. Keyword
+    ``settings`` are :class:`EvalConfig` fields (``evaluate(model, method="memit", n=10)``)
+    replacing those of ``config``. ``edit_fn`` replaces :func:`editing.api.make_edit` (same
+    signature; its hyper-parameters are then passed through as given) and ``scorer`` the
+    model scorer. The model's weights are restored after every unit and checked: a leak
+    raises RuntimeError. Returns the :class:`EvalSummary` (also written)."""
+    cfg = replace(config or EvalConfig(), **settings)
+    cfg.check()
+    t_start = time.perf_counter()
+    label, task, cases = load_cases(cfg.dataset)
+    unit_size = cfg.batch if cfg.is_joint and cfg.method != NO_EDIT else 1
+    hp: Any = None
+    if cfg.method != NO_EDIT:
+        if edit_fn is None:  # resolved in full, so a resumed run notices changed defaults
+            hp = resolve_hparams(model, cfg.method, cfg.hparams, cfg.layers)
+        elif isinstance(cfg.hparams, str | Path):
+            hp = get_method(cfg.method).load_hparams(model_name(model), cfg.hparams)
+        else:
+            hp = cfg.hparams
+    scorer = scorer or ModelScorer(model)
+    filtered = cfg.only_known and task.kind == "counterfact"
+    run_dir = Path(cfg.out_dir) / (cfg.name or f"{label}_{cfg.method}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wkey = weights_key(model)
+    settings_record = {
+        "dataset": str(cfg.dataset),
+        "method": cfg.method,
+        "model": model_name(model),
+        "weights": wkey,
+        "hparams": _hparams_dict(hp),
+        "layers": list(cfg.layers) if cfg.layers is not None else None,
+        "only_known": filtered,
+        "known_rule": cfg.known_rule,
+        "seed": cfg.seed,
+        "unit_size": unit_size,
+        "joint": cfg.is_joint,
+        "generation": asdict(cfg.generation) if cfg.generation else None,
+    }
+    _check_run(run_dir / "run.json", settings_record)
+    cache = UneditedCache(Path(cfg.out_dir) / f"unedited_{label}_{wkey}.jsonl", task, scorer, model)
+    selected, skipped, n_unknown = select_cases(
+        model, task, cases, cfg.n, filtered, cfg.known_rule, cache
+    )
+    if not selected:
+        raise InvalidInput(
+            f"no usable case in {label}: {len(skipped)} skipped, {n_unknown} not known by the model"
+        )
+    jsonl = run_dir / "cases.jsonl"
+    done = read_rows(jsonl)
+    units = [selected[i : i + unit_size] for i in range(0, len(selected), unit_size)]
+    todo_units = [u for u in units if any(c.case_id not in done for c, _ in u)]
+    run = _Run(model, cfg, task, scorer, cache, hp, edit_fn or make_edit)
+    if cfg.generation:  # every unedited text in one batched run, before any edit
+        pending = [c for u in todo_units for c, _ in u if c.case_id not in done]
+        cache.get_texts(pending, cfg.generation, cfg.seed)
+    checks = weights_checksums(model)
+    for unit in tqdm(todo_units, desc=f"eval {cfg.method}", disable=not cfg.progress):
+        todo = {c.case_id for c, _ in unit if c.case_id not in done}
+        rows = _run_unit(run, unit, todo)
+        if weights_checksums(model) != checks:
+            raise RuntimeError(f"model weights changed after evaluating cases {sorted(todo)}")
+        append_rows(jsonl, rows)
+        done.update({r["case_id"]: r for r in rows})
+    hp_file = run_dir / "hparams.json"
+    if run.edit_hparams is not None:
+        write_json_atomic(hp_file, run.edit_hparams)
+    resolved = json.loads(hp_file.read_text(encoding="utf-8")) if hp_file.exists() else None
+    rows = [done[c.case_id] for c, _ in selected]
+    summary = _summary(cfg, model, label, task, rows, run_dir, unit_size, hp, resolved)
+    summary.n_requested, summary.n_skipped, summary.n_unknown = cfg.n, len(skipped), n_unknown
+    summary.skipped = skipped
+    summary.seconds_total = time.perf_counter() - t_start
+    if len(selected) < cfg.n:
+        summary.notes.append(f"only {len(selected)} of the {cfg.n} requested cases are usable")
+    write_csv(run_dir / "cases.csv", rows)
+    write_json_atomic(run_dir / "summary.json", summary.to_dict())
+    write_text_atomic(run_dir / "summary.md", summary.markdown())
+    return summary
+
+
+def _summary(
+    cfg: EvalConfig,
+    model: HookedModel,
+    label: str,
+    task: Task,
+    rows: list[dict],
+    run_dir: Path,
+    unit_size: int,
+    hp: Any,
+    resolved: dict | None,
+) -> EvalSummary:
+    ok = [r for r in rows if "failed" not in r]
+    edited = cfg.method != NO_EDIT
+    edit_s = [r["edit_seconds"] for r in ok]
+    layers = list(cfg.layers) if cfg.layers is not None else None
+    if layers is None and hp is not None:
+        layers = list(hp.get("layers") if isinstance(hp, dict) else hp.layers) or None
+    notes = []
+    if cfg.only_known and task.kind == "counterfact":
+        notes.append(f"only cases the unedited model knows (rule {cfg.known_rule!r})")
+    if task.kind == "counterfact":
+        notes.append(
+            "ROME's reference score (tf-idf consistency) is not computed: ROME's "
+            "tf-idf files are not available here"
+        )
+    gen = cfg.generation
+    return EvalSummary(
+        dataset=label,
+        method=cfg.method,
+        model=model_name(model),
+        fingerprint=fingerprint(model),
+        n=len(ok),
+        n_requested=cfg.n,
+        n_skipped=0,
+        n_unknown=0,
+        n_failed=len(rows) - len(ok),
+        only_known=cfg.only_known and task.kind == "counterfact",
+        known_rule=cfg.known_rule,
+        seed=cfg.seed,
+        batch=unit_size,
+        joint=cfg.is_joint,
+        layers=layers,
+        hparams=resolved if resolved is not None else _hparams_dict(hp),
+        edited=aggregate(split_prefixed(ok, "post_")),
+        unedited=aggregate(split_prefixed(ok, "pre_")),
+        seconds_per_edit=sum(edit_s) / len(edit_s) if edit_s and edited else None,
+        seconds_per_case=(
+            sum(r["edit_seconds"] + r["eval_seconds"] for r in ok) / len(ok) if ok else None
+        ),
+        seconds_total=0.0,
+        seconds_per_edit_median=statistics.median(edit_s) if edit_s and edited else None,
+        generation=None
+        if not gen
+        else {
+            **asdict(gen),
+            "sources": {
+                src: sum(r.get("gen_source") == src for r in ok) for src in ("record", "subject")
+            },
+        },
+        failures=[{"case_id": r["case_id"], "error": r["failed"]} for r in rows if "failed" in r],
+        files={
+            k: str(run_dir / f)
+            for k, f in (
+                ("rows", "cases.jsonl"),
+                ("csv", "cases.csv"),
+                ("summary", "summary.json"),
+                ("table", "summary.md"),
+            )
+        },
+        notes=notes,
+    )

@@ -1,0 +1,104 @@
+"""The key side of ROME-like edits: subject keys ``k*`` and the second moment ``C = E[k k^T]``
+they are weighed by.
+
+* :func:`subject_keys`: per request, the MLP key (down-projection input, hook kind
+  ``mlp_key``) at the subject's last token, averaged over the context templates the request
+  was prepared with;
+* :func:`layer_stats`: ``C`` for some layers with a method's statistics settings (one pass,
+  cached on disk; :mod:`editing.stats`);
+* :func:`second_moment`: the checked ``[d_mlp, d_mlp]`` matrix of one layer out of whatever a
+  caller passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from jaxtyping import Float
+
+from editing.hparams import KeyValueHparams
+from editing.prepared import PreparedRequest
+from editing.stats import SecondMoment, layer_second_moments
+from tracing.errors import EditFailed, InvalidInput
+from tracing.forward import capture_states, length_chunks, padded
+from tracing.models import HookedModel, down_proj, hook_name
+
+#: Statistics as callers may pass them: per layer, or one layer's matrix.
+Stats = Mapping[int, SecondMoment | torch.Tensor] | SecondMoment | torch.Tensor
+
+DEFAULT_BATCH_TOKENS = 4096
+
+
+def subject_keys(
+    model: HookedModel,
+    prepared: Sequence[PreparedRequest],
+    layer: int,
+    *,
+    templated: bool = True,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> Float[torch.Tensor, "n d_mlp"]:
+    """Per request, the mean over its prepared prompts of the MLP key at the subject's last
+    token (``templated=False``: the bare prompt's key only). Forward passes stop right after
+    ``layer``; the model's current weights are used. The mean is taken in float64."""
+    name = hook_name(model, "mlp_key", layer)
+    items = [
+        (r, t.ids, t.subject_last)
+        for r, p in enumerate(prepared)
+        for t in (p.prompts if templated else p.prompts[:1])
+    ]
+    sums = torch.zeros(len(prepared), int(model.cfg.d_mlp), dtype=torch.float64)
+    counts = torch.zeros(len(prepared), dtype=torch.float64)
+    for chunk in length_chunks([len(ids) for _, ids, _ in items], max_batch_tokens):
+        batch = [items[i] for i in chunk]
+        keys = capture_states(model, padded([ids for _, ids, _ in batch]), [name], name)[name]
+        rows = keys[torch.arange(len(batch)), torch.tensor([lk for _, _, lk in batch])]
+        owners = torch.tensor([r for r, _, _ in batch])
+        sums.index_add_(0, owners, rows.double())
+        counts.index_add_(0, owners, torch.ones(len(batch), dtype=torch.float64))
+    keys = (sums / counts[:, None]).to(down_proj(model, layer).dtype)
+    if not torch.isfinite(keys).all():
+        raise EditFailed(f"layer {layer}: non-finite MLP keys for the edit prompts")
+    return keys
+
+
+def second_moment(stats: Stats | None, layer: int) -> torch.Tensor | None:
+    """The ``[d_mlp, d_mlp]`` matrix for ``layer`` out of whatever the caller passed (a
+    SecondMoment, a dict of them or of tensors by layer, or a tensor); None if nothing was
+    passed. Refuses a missing layer, a non-square matrix, or NaN/inf."""
+    if stats is None:
+        return None
+    if isinstance(stats, Mapping):
+        if layer not in stats:
+            raise InvalidInput(f"no second-moment statistics given for layer {layer}")
+        stats = stats[layer]
+    mom2 = stats if isinstance(stats, torch.Tensor) else stats.mom2
+    if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1]:
+        raise InvalidInput(f"layer {layer}: statistics must be a square matrix")
+    if not torch.isfinite(mom2).all():
+        raise InvalidInput(f"layer {layer}: the second-moment statistics contain NaN or inf")
+    return mom2
+
+
+def layer_stats(
+    model: HookedModel,
+    layers: Sequence[int],
+    hp: KeyValueHparams,
+    *,
+    given: Stats | None = None,
+    progress: bool = False,
+) -> dict[int, torch.Tensor]:
+    """``C`` for each of ``layers``: from ``given`` where the caller passed it, else computed
+    (or read from the cache) with ``hp``'s statistics settings, all missing layers in one
+    pass."""
+    if given is not None:
+        return {L: second_moment(given, L) for L in layers}  # type: ignore[misc]
+    stats = layer_second_moments(
+        model,
+        list(layers),
+        n_tokens=hp.mom2_n_tokens,
+        corpus=hp.corpus,
+        dtype=hp.mom2_dtype,
+        progress=progress,
+    )
+    return {L: stats[L].mom2 for L in layers}

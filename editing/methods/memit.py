@@ -1,0 +1,221 @@
+"""MEMIT (Meng et al. 2023): many facts spread over a range of MLP down-projections.
+
+1. Targets: for every request a hidden state ``z`` at the residual stream after the last edit
+   layer (:func:`editing.targets.compute_targets` with ``hook="resid"``, all requests batched).
+2. For each edit layer ``l`` in ascending order, with the updates of earlier layers already
+   in the weights: the template-averaged keys ``K`` ([n, d_mlp]), the current residual ``h``
+   at the last edit layer, ``R = (z - h) / (layers remaining)``, and the least-squares update
+
+       delta W_l = (lambda C_l + K^T K)^-1 K^T T_l        (solved in float64)
+
+   where ``T_l`` is the change wanted in layer ``l``'s down-projection output. MEMIT as
+   published takes ``T_l = R`` (a change of the down-projection output adds straight onto the
+   residual stream).
+
+Norm-aware spreading (``norm_aware=True``, the default). Gemma puts an RMSNorm between the
+down-projection and the residual add: the MLP's contribution is ``m = g * y / rms(y)`` for the
+raw output ``y``, so its size is fixed and only its direction can change; treating ``R`` as a
+change of ``y`` makes the update grow without bound (each layer falls short, the residual of
+the next grows). Here the wanted contribution ``m* = m + R`` is mapped back through the norm
+at the current operating point: ``y* = rms(y) * (m*/g) / rms(m*/g)`` (the pre-image with the
+current scale; coordinates where the gain ``g`` is ~0 keep their current value), and
+``T_l = y* - y``. For models without a post-MLP norm this is exactly the published form.
+
+The model is changed while the layers are processed (each layer's keys are computed with the
+earlier updates in place, as MEMIT does); :func:`editing.api.make_edit` restores it, so the
+caller gets an :class:`~editing.edit.Edit` and bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+
+from editing.edit import Edit, LayerDelta
+from editing.hparams import KeyValueHparams, check_layers
+from editing.keys import DEFAULT_BATCH_TOKENS, layer_stats, subject_keys
+from editing.methods.registry import EditInputs, EditMethod
+from editing.prepared import PreparedRequest
+from editing.targets import compute_targets
+from tracing.errors import EditFailed, InvalidHparams
+from tracing.forward import capture_states, length_chunks, padded
+from tracing.models import (
+    HookedModel,
+    check_layer,
+    down_proj,
+    fingerprint,
+    hook_name,
+    model_name,
+    post_mlp_norm,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemitHparams(KeyValueHparams):
+    """MEMIT: least-squares updates of the down-projections of ``layers`` (lambda =
+    ``mom2_update_weight`` times the per-token second moment). ``norm_aware``: account for a
+    norm between the down-projection and the residual add (Gemma) when spreading the residual.
+    ``layers`` None (only in ``_default`` files): the caller must choose the layers."""
+
+    family = "memit"
+
+    layers: list[int] | None = None  # type: ignore[assignment]
+    mom2_update_weight: float = 15000.0
+    norm_aware: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.layers = check_layers("layers", self.layers)
+
+
+def norm_gain(norm, d_model: int) -> Float[torch.Tensor, " d_model"]:
+    """The per-coordinate gain ``g`` of an RMSNorm (``N(y) = g * y / rms(y)``), read off the
+    module itself: ``N(c * ones)`` for a large ``c`` (so the epsilon does not matter)."""
+    with torch.no_grad():
+        return norm(torch.full((1, 1, d_model), 1e3)).reshape(-1).double()
+
+
+def norm_aware_targets(
+    y: Float[torch.Tensor, "n d_model"],
+    m: Float[torch.Tensor, "n d_model"],
+    resid: Float[torch.Tensor, "n d_model"],
+    gain: Float[torch.Tensor, " d_model"],
+) -> Float[torch.Tensor, "n d_model"]:
+    """The change of the raw down-projection output that moves the normed MLP output ``m``
+    (= ``gain * y / rms(y)``) by ``resid``, within what the norm can reach: the pre-image of
+    ``m + resid`` rescaled to ``rms(y)``, minus ``y``. Coordinates whose gain is below 1e-3 of
+    the largest keep their current value. Computed in float64."""
+    y, m, resid, g = y.double(), m.double(), resid.double(), gain.double()
+    ok = g.abs() > 1e-3 * g.abs().max()
+    want = m + resid
+    rms_y = y.pow(2).mean(-1, keepdim=True).sqrt()
+    pre = torch.where(ok, want / torch.where(ok, g, 1.0), y / rms_y)
+    pre = pre / pre.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
+    return pre * rms_y - y
+
+
+def _plain_states(
+    model: HookedModel, prepared: Sequence[PreparedRequest], names: list[str], stop_after: str
+) -> dict[str, torch.Tensor]:
+    """States at the subject's last token of each bare edit prompt, by hook name."""
+    items = [(p.plain.ids, p.plain.subject_last) for p in prepared]
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    order: list[int] = []
+    for chunk in length_chunks([len(ids) for ids, _ in items], DEFAULT_BATCH_TOKENS):
+        got = capture_states(model, padded([items[i][0] for i in chunk]), names, stop_after)
+        look = torch.tensor([items[i][1] for i in chunk])
+        for n in names:
+            rows[n].append(got[n][torch.arange(len(chunk)), look])
+        order.extend(chunk)
+    inverse = torch.argsort(torch.tensor(order))
+    return {n: torch.cat(rows[n])[inverse] for n in names}
+
+
+def edit_memit(
+    model: HookedModel,
+    prepared: Sequence[PreparedRequest],
+    hp: MemitHparams,
+    inputs: EditInputs,
+) -> Edit:
+    """A MEMIT edit of all ``prepared`` requests over ``hp.layers`` (see the module
+    docstring). The weights change while the layers are processed; the caller restores
+    them (:func:`editing.api.make_edit` does)."""
+    if not hp.layers:
+        raise InvalidHparams("MEMIT needs layers: set hp.layers (or pass layers=[...])")
+    layers = sorted(check_layer(model, int(L)) for L in hp.layers)
+    moms = layer_stats(model, layers, hp, given=inputs.stats, progress=inputs.progress)
+    last = layers[-1]
+    t0 = time.perf_counter()
+    res = compute_targets(
+        model, prepared, layer=last, hook="resid", hp=hp.target, progress=inputs.progress
+    )
+    z = res.targets.double()
+    t1 = time.perf_counter()
+    deltas: list[LayerDelta] = []
+    diag: list[dict] = []
+    resid_name = hook_name(model, "resid", last)
+    for i, L in enumerate(layers):
+        keys = subject_keys(model, prepared, L).double()
+        norm = post_mlp_norm(model, L) if hp.norm_aware else None
+        names = [resid_name]
+        if norm is not None:
+            names += [hook_name(model, "mlp_raw", L), hook_name(model, "mlp", L)]
+        cur = _plain_states(model, prepared, names, resid_name)
+        resid = (z - cur[resid_name].double()) / (len(layers) - i)
+        want = resid
+        if norm is not None:
+            gain = norm_gain(norm, resid.shape[-1])
+            y, m = cur[names[1]].double(), cur[names[2]].double()
+            check = gain * y / y.pow(2).mean(-1, keepdim=True).sqrt()
+            if (check - m).norm() > 1e-3 * m.norm():
+                raise InvalidHparams(
+                    f"layer {L}: the post-MLP norm is not an RMSNorm (m != g*y/rms(y)); "
+                    "set norm_aware=False for this model"
+                )
+            want = norm_aware_targets(y, m, resid, gain)
+        weight = down_proj(model, L)
+        lhs = hp.mom2_update_weight * moms[L].double() + keys.T @ keys
+        try:
+            left = torch.linalg.solve(lhs, keys.T)  # [d_mlp, n]
+        except torch.linalg.LinAlgError as exc:
+            raise EditFailed(
+                f"layer {L}: lambda*C + K^T K is singular (raise mom2_update_weight or "
+                "use more tokens for the statistics)"
+            ) from exc
+        if not (torch.isfinite(left).all() and torch.isfinite(want).all()):
+            raise EditFailed(f"MEMIT update for layer {L} is not finite")
+        n = left.shape[1]
+        if n < min(weight.shape):
+            delta = LayerDelta(L, left=left.float(), right=want.float())
+        else:
+            delta = LayerDelta(L, dense=(left @ want).float())
+        upd = delta.matrix()
+        diag.append(
+            {
+                "layer": L,
+                "resid_norm": float(resid.norm(dim=-1).mean()),
+                "target_norm": float(want.norm(dim=-1).mean()),
+                "update_norm": float(upd.norm()),
+                "weight_norm": float(weight.norm()),
+            }
+        )
+        log.info("MEMIT layer %d: %s", L, diag[-1])
+        with torch.no_grad():
+            weight.add_(upd)
+        deltas.append(delta)
+    meta = {
+        "layers": diag,
+        "nll_before": res.nll_before,
+        "nll_after": res.nll_after,
+        "steps": res.steps,
+        "z_delta_norm": [float(x) for x in res.delta.norm(dim=-1)],
+        "n_templates": len(prepared[0].prompts),
+        "seconds_targets": round(t1 - t0, 3),
+        "seconds_layers": round(time.perf_counter() - t1, 3),
+    }
+    return Edit(
+        deltas=deltas,
+        method="memit",
+        requests=[p.request for p in prepared],
+        hparams=hp.to_dict(),
+        model_fingerprint=fingerprint(model),
+        model_name=model_name(model),
+        metadata=meta,
+    )
+
+
+METHOD = EditMethod(
+    name="memit",
+    hparams=MemitHparams,
+    edit=edit_memit,
+    batched=True,
+    uses_templates=True,
+    summary="least-squares updates spread over a range of MLP layers, many facts at once",
+)

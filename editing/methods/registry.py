@@ -1,0 +1,89 @@
+"""The method registry: what the CLI, :func:`editing.api.make_edit`, hyper-parameter loading
+and the evaluation runner know about each editing method.
+
+An :class:`EditMethod` names a method and holds its hyper-parameter class, its edit function,
+whether it edits a batch in one computation, and the fields its name fixes (``ft-l`` is
+fine-tuning with ``mode="constrained"``). Every edit function has one signature,
+:class:`EditFn`: it takes the model, the requests prepared once by
+:func:`editing.prepared.prepare_requests`, the resolved hyper-parameters and
+:class:`EditInputs`, may change weights while it works, and returns an
+:class:`~editing.edit.Edit` (``make_edit`` restores the weights around it).
+
+Adding a method: one module under :mod:`editing.methods` defining its ``Hparams`` subclass
+and edit function and an ``EditMethod`` value, one line in ``editing/methods/__init__.py``,
+and one default file ``editing/hparams_defaults/{family}_default.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from editing.edit import Edit
+from editing.hparams import Hparams, read_hparams
+from editing.keys import Stats
+from editing.prepared import PreparedRequest
+from tracing.errors import InvalidInput
+from tracing.models import HookedModel
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """What a caller may give a method besides requests and hyper-parameters: precomputed
+    second moments by layer (ROME-like methods), and whether to show progress bars."""
+
+    stats: Stats | None = None
+    progress: bool = False
+
+
+class EditFn(Protocol):
+    """The signature of every method's edit function."""
+
+    def __call__(
+        self,
+        model: HookedModel,
+        prepared: Sequence[PreparedRequest],
+        hp: Any,
+        inputs: EditInputs,
+    ) -> Edit: ...
+
+
+@dataclass(frozen=True)
+class EditMethod:
+    """One registered editing method.
+
+    ``batched``: the method edits all requests of a unit in one computation (MEMIT); others
+    edit one request at a time (ROME applies them in sequence within one call).
+    ``uses_templates``: requests are prepared in the model's own context templates
+    (``hp.context_templates``); otherwise only the bare prompt is used. ``fixed``: fields
+    of ``hparams`` this name forces (``ft-l``: ``mode="constrained"``); ``file_defaults``:
+    fields it implies when reading a default file (``ft``: no bound). Neither applies when a
+    caller overrides ``mode`` explicitly.
+    """
+
+    name: str
+    hparams: type[Hparams]
+    edit: EditFn
+    batched: bool
+    uses_templates: bool
+    summary: str
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    file_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def load_hparams(
+        self, model_name: str | None = None, path: str | Path | None = None, **overrides: Any
+    ) -> Hparams:
+        """This method's hyper-parameters: the file ``path``, else the shipped defaults for
+        ``model_name``; ``overrides`` replace fields (see :func:`editing.hparams.read_hparams`)."""
+        implied = {**self.file_defaults, **self.fixed}
+        return read_hparams(self.hparams, model_name, path, fixed=implied, **overrides)
+
+
+def lookup(registry: Mapping[str, EditMethod], name: str) -> EditMethod:
+    """The method called ``name`` (case-insensitive), or an error listing the known ones."""
+    key = str(name).lower()
+    if key not in registry:
+        raise InvalidInput(f"unknown editing method {name!r}; expected one of {list(registry)}")
+    return registry[key]

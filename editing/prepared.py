@@ -1,0 +1,91 @@
+"""Requests prepared once: validated, put into every context template and tokenised.
+
+:func:`prepare_requests` checks a batch of :class:`~editing.requests.EditRequest` against the
+model (:func:`~editing.requests.validate_requests`) and tokenises, once, everything any method
+reads: for each context template the prompt's token ids and the index of the subject's last
+token, the KL prompt ``"{subject} is a"``, and the new target's token ids. Methods take the
+resulting :class:`PreparedRequest` values and never tokenise again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from editing.context import check_templates, fill_template
+from editing.requests import EditRequest, validate_requests
+from tracing.facts import tokenize_fact
+from tracing.models import HookedModel, target_ids
+
+KL_TEMPLATE = "{} is a"
+
+
+@dataclass(frozen=True)
+class TemplatedPrompt:
+    """One tokenised prompt: ``template`` filled with the request's prompt (or, for the KL
+    prompt, with its subject), its token ids (model's BOS rule) and the index of the subject's
+    last token."""
+
+    template: str
+    ids: tuple[int, ...]
+    subject_last: int
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request with every tokenisation a method needs. ``prompts[0]`` is the
+    bare edit prompt (template ``"{}"``); the others follow the context templates in order."""
+
+    request: EditRequest
+    target: tuple[int, ...]  # token ids of target_new (no BOS)
+    prompts: tuple[TemplatedPrompt, ...]
+    kl: TemplatedPrompt  # "{subject} is a"
+
+    @property
+    def plain(self) -> TemplatedPrompt:
+        """The bare edit prompt."""
+        return self.prompts[0]
+
+
+def _subject_ids(
+    model: HookedModel, text: str, subject: str, char_start: int
+) -> tuple[tuple[int, ...], int]:
+    starts = [m.start() for m in re.finditer(re.escape(subject), text)]
+    occurrence = starts.index(char_start) if char_start in starts else 0
+    fact = tokenize_fact(model, text, subject, occurrence)
+    return tuple(fact.ids), fact.subject_last
+
+
+def templated_prompt(model: HookedModel, request: EditRequest, template: str) -> TemplatedPrompt:
+    """``template`` filled with ``request``'s prompt, tokenised, with the subject-last index
+    of the subject occurrence that the request's ``{}`` stands for."""
+    text = fill_template(template, request.prompt)
+    char_start = template.find("{}") + request.template.find("{}")
+    ids, last = _subject_ids(model, text, request.subject, char_start)
+    return TemplatedPrompt(template, ids, last)
+
+
+def prepare_requests(
+    model: HookedModel,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str] = ("{}",),
+) -> list[PreparedRequest]:
+    """Validate ``requests`` against ``model`` (an :class:`~tracing.errors.InvalidRequest`
+    names the first bad one) and tokenise each in every context template (the bare ``"{}"``
+    is always first; see :func:`editing.context.check_templates`)."""
+    requests = list(requests)
+    validate_requests(model, requests)
+    checked = check_templates([t for t in templates if t != "{}"])
+    out = []
+    for req in requests:
+        kl_ids, kl_last = _subject_ids(model, KL_TEMPLATE.format(req.subject), req.subject, 0)
+        out.append(
+            PreparedRequest(
+                request=req,
+                target=tuple(target_ids(model, req.target_new)),
+                prompts=tuple(templated_prompt(model, req, t) for t in checked),
+                kl=TemplatedPrompt(KL_TEMPLATE, kl_ids, kl_last),
+            )
+        )
+    return out

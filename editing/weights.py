@@ -1,0 +1,53 @@
+"""Protecting down-projection weights around code that changes them in place.
+
+:func:`weights_snapshot` copies the weights of some layers, :func:`restore_weights` puts them
+back bit for bit, and :class:`restoring_weights` does both around a ``with`` block (on an
+error always, on a normal exit when asked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+
+import torch
+from jaxtyping import Float
+
+from tracing.models import HookedModel, check_layer, down_proj
+
+
+def weights_snapshot(
+    model: HookedModel, layers: Iterable[int]
+) -> dict[int, Float[torch.Tensor, "m d"]]:
+    """Clones of ``down_proj(model, L)`` for each layer (the values to restore later)."""
+    return {L: down_proj(model, check_layer(model, L)).detach().clone() for L in set(layers)}
+
+
+def restore_weights(model: HookedModel, snapshot: dict[int, torch.Tensor]) -> None:
+    """Copy ``snapshot`` (from :func:`weights_snapshot`) back into the down-projections."""
+    with torch.no_grad():
+        for L, original in snapshot.items():
+            down_proj(model, L).copy_(original)
+
+
+class restoring_weights:  # noqa: N801  (used like a function: ``with restoring_weights(...)``)
+    """Context manager: snapshot the down-projections of ``layers``; if the block raises,
+    copy them back (bit-exact) and re-raise. With ``always=True`` they are restored on a
+    normal exit too. ``__enter__`` returns the snapshot ``{layer: weights}``."""
+
+    def __init__(self, model: HookedModel, layers: Iterable[int], *, always: bool = False) -> None:
+        self.model, self.layers, self.always = model, list(layers), always
+        self.snapshot: dict[int, torch.Tensor] = {}
+
+    def __enter__(self) -> dict[int, torch.Tensor]:
+        self.snapshot = weights_snapshot(self.model, self.layers)
+        return self.snapshot
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None or self.always:
+            restore_weights(self.model, self.snapshot)

@@ -1,0 +1,49 @@
+"""The ``factscope`` command line: parses arguments, calls the library, prints results.
+
+One module per area (:mod:`~factscope.cli.models`, :mod:`~factscope.cli.tracing`,
+:mod:`~factscope.cli.editing`, :mod:`~factscope.cli.evaluation`), each registering its
+commands; every command is a function ``cmd_*(args)``. Options the user leaves out are not
+passed on, so the library's defaults apply. Bad input (a
+:class:`~tracing.errors.FactscopeError`) prints one ``error: ...`` line and exits 2; any
+other exception is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from factscope import __version__
+from factscope.cli import editing, evaluation, models, tracing
+from tracing.errors import FactscopeError
+
+SECTIONS = (models, tracing, editing, evaluation)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="factscope", description="Locate and edit facts in transformer language models."
+    )
+    parser.add_argument("--version", action="version", version=f"factscope {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for section in SECTIONS:
+        section.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        args.func(args)
+    except FactscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,127 @@
+"""Commands ``eval`` (edit and score CounterFact / zsRE cases, or the scaling curve) and
+``eval-table`` (one Markdown table from several runs)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from factscope.cli.common import UNSET, add_model, given, input_file, load, output_folder
+
+if TYPE_CHECKING:
+    from editing.evaluation import EvalConfig
+
+
+def _config(args: argparse.Namespace, method: str | None) -> EvalConfig:
+    from editing.evaluation import EvalConfig, GenerationSettings
+    from tracing.layers import parse_layers
+
+    settings = given(args, "dataset", "n", "batch", "seed", "known_rule", "name")
+    if args.layers:
+        settings["layers"] = parse_layers(args.layers)
+    if args.hparams:
+        settings["hparams"] = input_file(args.hparams, "--hparams")
+    if hasattr(args, "gen_tokens"):
+        settings["generation"] = (
+            GenerationSettings(max_new_tokens=args.gen_tokens, sample=not args.greedy)
+            if args.gen_tokens > 0
+            else None
+        )
+    elif args.greedy:
+        settings["generation"] = GenerationSettings(sample=False)
+    if method is not None:
+        settings["method"] = method
+    config = EvalConfig(
+        out_dir=output_folder(args.out),
+        only_known=not args.all_cases,
+        joint=True if args.joint else None,
+        **settings,
+    )
+    config.check()
+    return config
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate a method (or several, with ``--scaling``) and print the summary."""
+    from dataclasses import replace
+
+    from editing.evaluation import evaluate, load_cases, scaling
+
+    given_methods = args.method.split(",") if hasattr(args, "method") else [None]
+    methods = [m for m in given_methods if m != ""]
+    configs = [_config(args, m) for m in methods]  # every setting checked before loading
+    load_cases(configs[0].dataset)  # the dataset too
+    model = load(args)
+    if args.scaling:
+        sizes = [int(x) for x in args.scaling.split(",") if x.strip()]
+        base = configs[0] if hasattr(args, "gen_tokens") else replace(configs[0], generation=None)
+        for p in scaling(model, [c.method for c in configs], sizes, base):
+            cells = ", ".join(
+                f"{k} {v:.3f}"
+                for k, v in p.items()
+                if isinstance(v, float) and k != "seconds_per_edit"
+            )
+            print(f"{p['method']:>10} x{p['n_edits']:<5} {cells}")
+        print(f"# points written to {args.out}/scaling/points.json")
+        return
+    summary = evaluate(model, configs[0])
+    print(summary.markdown())
+    print(f"# rows: {summary.files['rows']}  summary: {summary.files['summary']}")
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    """One Markdown table from several ``summary.json`` files."""
+    from editing.evaluation import EvalSummary, comparison_table
+
+    summaries = [EvalSummary.load(input_file(p, "summary")) for p in args.summaries]
+    print(comparison_table(summaries), end="")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``eval`` and ``eval-table``."""
+    p = sub.add_parser("eval", help="evaluate an editing method on CounterFact or zsRE")
+    p.add_argument(
+        "--method",
+        default=UNSET,
+        help="a registered method (rome, the default, memit, ft-l, ...) or none; with "
+        "--scaling a comma list",
+    )
+    p.add_argument(
+        "--dataset",
+        default=UNSET,
+        help="counterfact (default) | counterfact-full | zsre | PATH.json (CounterFact-shaped)",
+    )
+    p.add_argument("--n", type=int, default=UNSET, help="number of cases (default 200)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=UNSET,
+        help="edits made at once by batched methods (default 100)",
+    )
+    p.add_argument("--joint", action="store_true", help="edit --batch cases at once, any method")
+    p.add_argument("--layers", help="layers to edit: 3-8, 2,4,6 or a select-layers JSON")
+    p.add_argument("--hparams", help="hyper-parameter JSON file (default: the method's defaults)")
+    p.add_argument("--out", default="results", help="output folder (default results/)")
+    p.add_argument("--name", default=UNSET, help="run folder inside --out (default DATASET_METHOD)")
+    add_model(p)
+    p.add_argument("--all-cases", action="store_true", help="keep cases the model does not know")
+    p.add_argument(
+        "--known-rule",
+        default=UNSET,
+        choices=("prefers", "top1"),
+        help="'known': P(true) > P(new) (prefers, default) or true target top-1 (top1)",
+    )
+    p.add_argument("--seed", type=int, default=UNSET, help="default 0")
+    p.add_argument(
+        "--gen-tokens",
+        type=int,
+        default=UNSET,
+        help="tokens per prompt for fluency (0: none; default 40)",
+    )
+    p.add_argument("--greedy", action="store_true", help="greedy generation (default: top-5)")
+    p.add_argument("--scaling", help="sizes, e.g. 1,10,100: metric vs number of edits")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-table", help="one Markdown table from several eval summaries")
+    p.add_argument("summaries", nargs="+", help="summary.json files of eval runs")
+    p.set_defaults(func=cmd_table)
