@@ -40,9 +40,11 @@ class LayerDelta:
     ``dense``."""
 
     layer: int
-    left: Float[torch.Tensor, "d_mlp r"] | None = None
-    right: Float[torch.Tensor, "r d_model"] | None = None
-    dense: Float[torch.Tensor, "d_mlp d_model"] | None = None
+    # Shapes are checked in __post_init__ with messages naming the layer: rank-one factors
+    # may come as vectors ([d_mlp] and [d_model]), factors as [d_mlp, r] and [r, d_model].
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):

@@ -118,9 +118,15 @@ class Hparams:
                 f"unknown {cls.__name__} hyper-parameter(s) {unknown}; known: {sorted(known)}"
             )
         try:
-            return cls(**d)
+            return cls(**cls.coerce(d))
         except TypeError as exc:  # a required field is missing
             raise InvalidHparams(f"{cls.__name__}: {exc}") from exc
+
+    @classmethod
+    def coerce(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """JSON values turned into the fields' types (subclasses with nested values
+        override this); the constructor then checks ranges."""
+        return d
 
     @property
     def layers(self) -> list[int]:
@@ -178,9 +184,17 @@ class KeyValueHparams(Hparams):
     corpus: str = "wikitext"
     context_templates: list[tuple[int, int]] = field(default_factory=lambda: [(5, 10), (10, 10)])
 
+    @classmethod
+    def coerce(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """``target`` from a dict, ``context_templates`` from lists of pairs."""
+        out = dict(d)
+        if isinstance(out.get("target"), Mapping):
+            out["target"] = TargetHparams.from_dict(out["target"])
+        if "context_templates" in out:
+            out["context_templates"] = _template_settings(out["context_templates"])
+        return out
+
     def __post_init__(self) -> None:
-        if isinstance(self.target, Mapping):
-            self.target = TargetHparams.from_dict(self.target)
         if not isinstance(self.target, TargetHparams):
             raise InvalidHparams(
                 f"target must be an object of TargetHparams fields, got {self.target!r}"

@@ -22,7 +22,7 @@ from editing.prepared import PreparedRequest
 from editing.stats import SecondMoment, layer_second_moments
 from tracing.errors import EditFailed, InvalidInput
 from tracing.forward import capture_states, length_chunks, padded
-from tracing.models import HookedModel, down_proj, hook_name
+from tracing.models import HookedModel, down_proj, hook_name, mlp_width
 
 #: Statistics as callers may pass them: per layer, or one layer's matrix.
 Stats = Mapping[int, SecondMoment | torch.Tensor] | SecondMoment | torch.Tensor
@@ -47,7 +47,7 @@ def subject_keys(
         for r, p in enumerate(prepared)
         for t in (p.prompts if templated else p.prompts[:1])
     ]
-    sums = torch.zeros(len(prepared), int(model.cfg.d_mlp), dtype=torch.float64)
+    sums = torch.zeros(len(prepared), mlp_width(model), dtype=torch.float64)
     counts = torch.zeros(len(prepared), dtype=torch.float64)
     for chunk in length_chunks([len(ids) for _, ids, _ in items], max_batch_tokens):
         batch = [items[i] for i in chunk]

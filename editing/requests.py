@@ -250,7 +250,7 @@ def _check_conflicts(requests: Sequence[EditRequest]) -> None:
         index.add(req, i)
 
 
-def validate_requests(model: HookedModel, requests: Sequence[EditRequest]) -> None:
+def validate_requests(model: HookedModel, requests: Sequence[object]) -> None:
     """Check a batch of requests against ``model``; raise an InvalidRequest naming the first bad
     request (index and subject) and what is wrong with it.
 
@@ -286,4 +286,4 @@ def validate_requests(model: HookedModel, requests: Sequence[EditRequest]) -> No
                 f"{req.describe(i)}: prompt and target take {n_total} tokens, more than the "
                 f"model's context ({context_length(model)})"
             )
-    _check_conflicts(requests)
+    _check_conflicts([r for r in requests if isinstance(r, EditRequest)])

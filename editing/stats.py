@@ -43,6 +43,7 @@ from tracing.models import (
     check_layer,
     fingerprint,
     hook_name,
+    mlp_width,
     model_name,
     prepends_bos,
 )
@@ -251,7 +252,7 @@ def layer_second_moments(
 
     folder.mkdir(parents=True, exist_ok=True)
     batches = _batches(corpus_sequences(model, corpus, n_tokens, seq_len), batch_size)
-    d_mlp = int(model.cfg.d_mlp)
+    d_mlp = mlp_width(model)
     meta = {
         "layers": todo,
         "batch_size": batch_size,

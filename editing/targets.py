@@ -335,7 +335,9 @@ def compute_targets(
         delta = theta * scale
         wd = hp.weight_decay * delta.pow(2).sum(-1) / init_norm2
         (wd * active).sum().backward()
-        if not torch.isfinite(nll).all() or not torch.isfinite(theta.grad).all():
+        grad = theta.grad
+        assert grad is not None
+        if not torch.isfinite(nll).all() or not torch.isfinite(grad).all():
             raise EditFailed(f"non-finite loss while optimising targets at layer {layer}")
         if step == 0:
             nll_first = nll.clone()
@@ -351,7 +353,7 @@ def compute_targets(
         if step >= hp.num_steps - 1 or not active.any():
             break
         with torch.no_grad():
-            theta.grad[~active] = 0
+            grad[~active] = 0
             frozen = theta.detach().clone()
         opt.step()
         with torch.no_grad():

@@ -17,6 +17,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 ARCHS = ("gpt2", "gptj", "llama", "gemma3")
 
 
+def pytest_report_header() -> list[str]:
+    """The versions the suite runs on (pyproject.toml bounds them to the ones it passed on)."""
+    from importlib.metadata import version
+
+    names = ("torch", "transformers", "transformer-lens", "jaxtyping", "beartype")
+    return ["factscope deps: " + ", ".join(f"{n} {version(n)}" for n in names)]
+
+
 class NetworkAccessError(RuntimeError):
     pass
 

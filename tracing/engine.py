@@ -18,15 +18,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float
 
-from tracing.models import cache_keyword, final_logits, hook_name, n_layers
+from tracing.models import HookedModel, HookKind, cache_keyword, final_logits, hook_name, n_layers
 
 #: (kind, layer, token); kind "resid" at layer -1 is the input of block 0.
-State = tuple[str, int, int]
+State = tuple[HookKind, int, int]
 
 
 class KVRecorder:
@@ -52,7 +53,7 @@ class PrefixKV:
         return torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
 
 
-def state_hook(model, kind: str, layer: int) -> str:
+def state_hook(model: HookedModel, kind: HookKind, layer: int) -> str:
     """Hook name where state (kind, layer) lives."""
     if kind == "resid" and layer == -1:
         return hook_name(model, "resid_pre", 0)
@@ -91,7 +92,7 @@ def suffix_kwargs(kwargs: dict, cut: int) -> dict:
     """Block keyword arguments for computing positions ``cut:`` only."""
     if cut == 0:
         return kwargs
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key == "position_embeddings" and isinstance(value, tuple):
             out[key] = tuple(x[..., cut:, :] for x in value)
@@ -164,9 +165,11 @@ def _run_chunk(model, prep, chunk: list[Sequence[State]], cut: int) -> np.ndarra
                     v[..., :cut, :].repeat(reps, *[1] * (v.ndim - 1)),
                 )
             hooks = _restore_hooks(model, prep, chunk, active, layer, cut)
+            assert h is not None
             with model.hooks(fwd_hooks=hooks):
                 res = model.blocks[layer](h, **kwargs)
             h = res[0] if isinstance(res, tuple) else res
+        assert h is not None
         logits = final_logits(model, h[:, -1:])[:, 0].float()
         probs = torch.softmax(logits, -1)[:, prep.answer_id].view(len(active), S).mean(1)
     result = np.empty(len(chunk))

@@ -99,7 +99,7 @@ def known_facts(model: HookedModel, facts: Sequence[Fact], batch_size: int = 32)
         chunk = with_answer[i : i + 256]
         top = next_token_probs(model, [f.prompt for f in chunk], batch_size).argmax(-1)
         for f, t in zip(chunk, top.tolist(), strict=True):
-            if target_ids(model, f.answer)[0] == t:
+            if f.answer and target_ids(model, f.answer)[0] == t:
                 keep_ids.add(id(f))
     return [f for f in facts if not f.answer or id(f) in keep_ids]
 

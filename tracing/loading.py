@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import PreTrainedModel
 
 from tracing.errors import ModelLoadError
 
@@ -142,7 +143,7 @@ def build_embedded_cache(name: str, *, force: bool = False) -> Path:
                 str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
             )
         # A GGUF-loaded model refuses to serialise until its quantiser is dropped.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.architectures = [spec.architecture]
@@ -187,7 +188,7 @@ def _official_name(config: object, fallback: str) -> str:
     return str(getattr(config, "_name_or_path", "") or fallback)
 
 
-def load_hf(name_or_path: str) -> tuple[torch.nn.Module, object, str]:
+def load_hf(name_or_path: str) -> tuple[PreTrainedModel, object, str]:
     """Load a Hugging Face causal LM and tokenizer from local files only.
 
     Returns ``(model, tokenizer, official_name)``; ``official_name`` is what TransformerLens
@@ -231,7 +232,7 @@ def load_hf(name_or_path: str) -> tuple[torch.nn.Module, object, str]:
 
 
 def bridge_from_hf(
-    model: torch.nn.Module, tokenizer: object, official_name: str
+    model: PreTrainedModel, tokenizer: object, official_name: str
 ) -> TransformerBridge:
     """Wrap a loaded HF causal LM in a TransformerBridge (no weight processing, CPU, float32)."""
     if not getattr(model.config, "architectures", None):

@@ -135,7 +135,7 @@ def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
                 if toks:
                     sums[k][c] += effect[toks].mean(0)
                     counts[k][c] += 1
-    effects = {
+    effects: dict[str, dict[str, np.ndarray]] = {
         k: {c: sums[k][c] / counts[k][c] for c in TOKEN_CLASSES if counts[k][c]} for k in kinds
     }
     first = results[0].settings

@@ -122,6 +122,11 @@ def n_layers(model: HookedModel) -> int:
     return int(model.cfg.n_layers)
 
 
+def mlp_width(model: HookedModel) -> int:
+    """Width of the MLP hidden layer (the length of an MLP key, ``d_mlp``)."""
+    return int(model.cfg.d_mlp or 0)
+
+
 def context_length(model: HookedModel) -> int:
     """Longest sequence the model accepts."""
     return int(model.cfg.n_ctx)
@@ -146,7 +151,7 @@ _HOOKS: dict[str, str] = {
 }
 
 
-def hook_name(model: HookedModel, kind: HookKind, layer: int | None = None) -> str:
+def hook_name(model: HookedModel, kind: HookKind | str, layer: int | None = None) -> str:
     """The bridge hook name for a kind of state at ``layer``, checked to exist on ``model``.
 
     Kinds: ``resid`` (block output, ROME's "hidden state"), ``resid_pre``, ``resid_mid``,
@@ -191,7 +196,7 @@ def down_proj(model: HookedModel, layer: int) -> Float[torch.Tensor, "d_mlp d_mo
     module = _down_module(model, layer)
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    d_mlp, d_model = int(model.cfg.d_mlp or 0), int(model.cfg.d_model)
+    d_mlp, d_model = mlp_width(model), int(model.cfg.d_model)
     view = weight if type(module).__name__ == "Conv1D" else weight.T  # Conv1D: [in, out]
     if tuple(view.shape) != (d_mlp, d_model):
         raise InvalidInput(

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from tracing.io import write_json_atomic
 
-KINDS = ("resid", "mlp", "attn")
+#: The kinds of state a trace restores (hook kinds of :mod:`tracing.models`).
+KINDS: tuple[Literal["resid", "mlp", "attn"], ...] = ("resid", "mlp", "attn")
 TOKEN_CLASSES = (
     "first_subject",
     "middle_subject",

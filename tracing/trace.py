@@ -35,6 +35,7 @@ from tracing.errors import InvalidInput
 from tracing.facts import tokenize_fact
 from tracing.forward import capture_block_kwargs
 from tracing.models import (
+    HookKind,
     check_layer,
     context_length,
     decode,
@@ -216,7 +217,7 @@ def window_layers(layer: int, window: int, n: int) -> range:
     return range(max(0, layer - window // 2), min(n, layer - (-window // 2)))
 
 
-def grid_interventions(kind: str, n_tokens: int, n: int, window: int) -> list[list[State]]:
+def grid_interventions(kind: HookKind, n_tokens: int, n: int, window: int) -> list[list[State]]:
     """Interventions of a [token x layer] trace of ``kind``, row-major."""
     return [
         [(kind, lw, t) for lw in window_layers(layer, window, n)]
@@ -249,12 +250,12 @@ def trace_fact(
     number; ``window`` an int for mlp/attn or a per-kind dict (defaults: resid 1, mlp/attn 10).
     """
     t0 = time.perf_counter()
-    kinds = tuple(kinds)
     if not kinds:
         raise InvalidInput("no kinds to trace")
     for k in kinds:
         if k not in KINDS:
             raise InvalidInput(f"unknown kind {k!r}; expected one of {KINDS}")
+    traced = tuple(next(x for x in KINDS if x == k) for k in dict.fromkeys(kinds))
     windows = dict(DEFAULT_WINDOW)
     if isinstance(window, int):
         windows.update(mlp=window, attn=window)
@@ -268,8 +269,8 @@ def trace_fact(
     spec = resolve_noise(model, noise, uniform_noise)
     prep, notes = prepare_fact(model, prompt, subject, answer, spec, samples, seed, occurrence)
     n, T = n_layers(model), len(prep.tokens)
-    scores = {}
-    for k in kinds:
+    scores: dict[str, np.ndarray] = {}
+    for k in traced:
         grid = grid_interventions(k, T, n, windows[k])
         probs = restored_probs(model, prep, grid, method=method, progress=progress)
         scores[k] = probs.reshape(T, n)
@@ -277,8 +278,8 @@ def trace_fact(
     if method == "reference":  # the reference engine's own corrupted run (batch numerics)
         p_corrupted = float(restored_probs(model, prep, [[]], method="reference")[0])
     settings = TraceSettings(
-        kinds=kinds,
-        window={k: windows[k] for k in kinds},
+        kinds=traced,
+        window={k: windows[k] for k in traced},
         noise=spec.level,
         noise_spec=spec.spec,
         sigma=spec.sigma,

@@ -107,7 +107,10 @@ def generate_cases(
 ) -> list[dict]:
     """Generated texts of each case's generation prompts (all cases in one batched run;
     prompt j of a case is seeded with ``case_seed(seed, case_id) + j``), with their source."""
-    prompts, seeds, spans, sources = [], [], [], []
+    prompts: list[str] = []
+    seeds: list[int] = []
+    spans: list[tuple[int, int]] = []
+    sources: list[str] = []
     for c in cases:
         ps, source = generation_prompts(c.record)
         spans.append((len(prompts), len(ps)))

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -90,6 +90,7 @@ class TokenScores:
         return cls(tuple(d["target"]), tuple(float(x) for x in d["logprobs"]), tuple(d["argmax"]))
 
 
+@runtime_checkable
 class Scorer(Protocol):
     """Source of teacher-forced scores (a model, or a stub in tests)."""
 
@@ -162,7 +163,8 @@ class ModelScorer:
                 toks, fwd_hooks=[(self._resid, keep)], logits_to_keep=1, use_cache=False
             )
             resid = saved[-1]
-            rows, cols = [], []
+            rows: list[int] = []
+            cols: list[int] = []
             for b, (p, t) in enumerate(batch):
                 rows += [b] * len(t)
                 cols += range(len(p) - 1, len(p) + len(t) - 1)
@@ -206,7 +208,7 @@ class CounterFactScores:
     @classmethod
     def from_dict(cls, d: Mapping) -> CounterFactScores:
         """Inverse of :meth:`to_dict`."""
-        kw = {
+        kw: dict[str, Any] = {
             k: TokenScores.from_dict(v)
             if isinstance(v, Mapping)
             else [TokenScores.from_dict(x) for x in v]
@@ -308,11 +310,12 @@ def counterfact_metrics(
 
 def harmonic_mean(values: Sequence[float | None]) -> float | None:
     """Harmonic mean (0 if any value is 0; ``None`` if any value is missing)."""
-    if not values or any(v is None for v in values):
+    present = [v for v in values if v is not None]
+    if not values or len(present) < len(values):
         return None
-    if any(v <= 0 for v in values):  # type: ignore[operator]
+    if any(v <= 0 for v in present):
         return 0.0
-    return len(values) / sum(1.0 / v for v in values)  # type: ignore[operator]
+    return len(present) / sum(1.0 / v for v in present)
 
 
 #: Rates whose harmonic mean is ROME's CounterFact score.

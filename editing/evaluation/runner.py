@@ -312,7 +312,8 @@ def _summary(
     edit_s = [r["edit_seconds"] for r in ok]
     layers = list(cfg.layers) if cfg.layers is not None else None
     if layers is None and hp is not None:
-        layers = list(hp.get("layers") if isinstance(hp, dict) else hp.layers) or None
+        chosen = hp.get("layers") if isinstance(hp, dict) else hp.layers
+        layers = list(chosen) if chosen else None
     notes = []
     if cfg.only_known and task.kind == "counterfact":
         notes.append(f"only cases the unedited model knows (rule {cfg.known_rule!r})")

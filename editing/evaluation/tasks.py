@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from editing.corpus import data_path
 from editing.evaluation.datasets import (
@@ -55,6 +55,7 @@ class Case:
     record: Any
 
 
+@runtime_checkable
 class Task(Protocol):
     """What the runner needs to know about a kind of evaluation record."""
 

@@ -253,7 +253,7 @@ def finetune_edit(
     prepared: Sequence[PreparedRequest],
     hp: FTHparams,
     *,
-    neutral_facts: Sequence[tuple[str, str]] | None = None,
+    neutral_facts: Sequence[Sequence[str]] | None = None,
     progress: bool = True,
 ) -> Edit:
     """Fine-tune the down-projections of ``hp.layers`` on the prepared requests (see
@@ -283,7 +283,7 @@ def finetune_edit(
     layers = [check_layer(model, L) for L in hp.layers]
     requests = [p.request for p in prepared]
     examples = [_Example(p.plain.ids + p.target[:-1], len(p.plain.ids), p.target) for p in prepared]
-    neutral: list[tuple[str, str]] = []
+    neutral: Sequence[Sequence[str]] = []
     if hp.mode == "mixed" and hp.mixed_ratio > 0:
         if neutral_facts is None:
             want = max(16, math.ceil(hp.mixed_ratio * len(requests)))
@@ -296,7 +296,7 @@ def finetune_edit(
                     "pass neutral_facts=[(prompt, answer), ...] explicitly"
                 )
         else:
-            neutral = list(neutral_facts)
+            neutral = [tuple(p) for p in neutral_facts]
         if not neutral:
             raise InvalidInput("mixed mode needs at least one neutral fact (neutral_facts empty)")
     for i, pair in enumerate(neutral):

@@ -4,7 +4,7 @@ and the evaluation runner know about each editing method.
 An :class:`EditMethod` names a method and holds its hyper-parameter class, its edit function,
 whether it edits a batch in one computation, and the fields its name fixes (``ft-l`` is
 fine-tuning with ``mode="constrained"``). Every edit function has one signature,
-:class:`EditFn`: it takes the model, the requests prepared once by
+:data:`EditFn`: it takes the model, the requests prepared once by
 :func:`editing.prepared.prepare_requests`, the resolved hyper-parameters and
 :class:`EditInputs`, may change weights while it works, and returns an
 :class:`~editing.edit.Edit` (``make_edit`` restores the weights around it).
@@ -16,10 +16,10 @@ and one default file ``editing/hparams_defaults/{family}_default.json``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from editing.edit import Edit
 from editing.hparams import Hparams, read_hparams
@@ -38,16 +38,8 @@ class EditInputs:
     progress: bool = False
 
 
-class EditFn(Protocol):
-    """The signature of every method's edit function."""
-
-    def __call__(
-        self,
-        model: HookedModel,
-        prepared: Sequence[PreparedRequest],
-        hp: Any,
-        inputs: EditInputs,
-    ) -> Edit: ...
+#: The signature of every method's edit function: ``(model, prepared, hp, inputs) -> Edit``.
+EditFn = Callable[[HookedModel, Sequence[PreparedRequest], Any, EditInputs], Edit]
 
 
 @dataclass(frozen=True)
