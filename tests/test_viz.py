@@ -39,6 +39,8 @@ from viz import (  # noqa: E402
     write_html,
 )
 from viz.interactive import hover_text  # noqa: E402
+from viz.plots import to_edit_bars  # noqa: E402
+from viz.style import CLASS_COLORS, CMAPS, KIND_STYLES, PLOTLY_SCALES, KindStyle  # noqa: E402
 
 TOKENS = ["<bos>", "The", " Space", " Needle", " is", " located", " in", " the", " city", " of"]
 N_LAYERS = 6
@@ -86,6 +88,8 @@ def heat_axes(fig):
     return [ax for ax in fig.axes if ax.images]
 
 
+KINDS = ("resid", "mlp", "attn")
+CMAP_NAMES = ("Purples", "Greens", "Reds")
 EXPECTED_LABELS = ["<bos>", "The*", "Space*", "Needle*", "is", "located", "in", "the", "city", "of"]
 
 
@@ -97,9 +101,7 @@ def test_plot_trace_panels_floor_labels_and_data():
     fig = plot_trace(r)
     axes = heat_axes(fig)
     assert len(axes) == 3
-    for ax, kind, cmap in zip(
-        axes, ("resid", "mlp", "attn"), ("Purples", "Greens", "Reds"), strict=True
-    ):
+    for ax, kind, cmap in zip(axes, KINDS, CMAP_NAMES, strict=True):
         im = ax.images[0]
         assert im.get_cmap().name == cmap
         assert im.norm.vmin == pytest.approx(r.p_corrupted)
@@ -119,8 +121,22 @@ def test_plot_trace_one_panel_per_requested_kind(kinds):
     fig = plot_trace(make_trace(), kinds=kinds)
     wanted = [kinds] if isinstance(kinds, str) else kinds
     assert len(heat_axes(fig)) == len(wanted)
-    cmaps = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
-    assert [ax.images[0].get_cmap().name for ax in heat_axes(fig)] == [cmaps[k] for k in wanted]
+    cmaps = [ax.images[0].get_cmap().name for ax in heat_axes(fig)]
+    assert cmaps == [dict(zip(KINDS, CMAP_NAMES, strict=True))[k] for k in wanted]
+
+
+def test_one_colour_table_for_both_back_ends(monkeypatch):
+    """matplotlib heatmaps, plotly heatmaps and layer-selection bars all read viz.style."""
+    assert set(CLASS_COLORS) == set(TOKEN_CLASSES)
+    assert CMAPS == PLOTLY_SCALES == dict(zip(KINDS, CMAP_NAMES, strict=True))
+    monkeypatch.setitem(KIND_STYLES, "mlp", KindStyle("Oranges", "Blues", "#ff0000"))
+    r = make_trace()
+    assert heat_axes(plot_trace(r, kinds="mlp"))[0].images[0].get_cmap().name == "Oranges"
+    scale = trace_figure(r, kinds="mlp").data[0].colorscale
+    assert [c[1] for c in scale] == [c[1] for c in get_colorscale("Blues")]
+    sel = LayerSelection([1], 1, "mlp", "last_subject", 0.3, [0.1, 0.3], n_facts=2)
+    colour = plot_layer_selection(sel).axes[0].containers[0][1].get_facecolor()
+    assert colour == pytest.approx((1.0, 0.0, 0.0, 1.0))
 
 
 def test_token_labels_mark_exactly_the_subject_span():
@@ -205,9 +221,8 @@ def test_trace_figure_hover_and_html(tmp_path):
     fig = trace_figure(r)
     heat = [t for t in fig.data if t.type == "heatmap"]
     assert len(heat) == 3
-    for t, name in zip(heat, ("Purples", "Greens", "Reds"), strict=True):
+    for t, kind, name in zip(heat, KINDS, CMAP_NAMES, strict=True):
         assert [c[1] for c in t.colorscale] == [c[1] for c in get_colorscale(name)]
-    for t, kind in zip(heat, ("resid", "mlp", "attn"), strict=True):
         assert t.zmin == pytest.approx(r.p_corrupted)
         np.testing.assert_array_equal(np.asarray(t.z), r.scores[kind])
     assert list(fig.layout.yaxis.ticktext) == EXPECTED_LABELS
@@ -335,9 +350,13 @@ def test_plot_edit_bars_bad_rows(row, match):
         plot_edit_bars([row])
 
 
-def test_plot_edit_bars_duplicate_row():
+def test_to_edit_bars_normalises_rows():
+    bars = to_edit_bars(EDIT_ROWS)
+    assert all(isinstance(b, EditBar) for b in bars) and len(bars) == len(EDIT_ROWS)
+    assert bars[4] == EditBar("neighborhood", "true", 0.5, 0.45)  # "neighbourhood" accepted
+    assert not hasattr(sys.modules["viz.plots"], "edit_bar_rows")  # renamed (clashed)
     with pytest.raises(ValueError, match="second row"):
-        plot_edit_bars([EDIT_ROWS[0], EDIT_ROWS[0]])
+        to_edit_bars([EDIT_ROWS[0], EDIT_ROWS[0]])
 
 
 def test_plot_scaling(tmp_path):

@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
+from tracing.errors import InvalidInput
 from tracing.results import KINDS, TraceResult
+from viz.style import DIFF_CMAP, kind_style, root_figure
 
-#: Colour map per kind, as in the paper: residual purple, MLP green, attention red.
-CMAPS = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
-#: Plotly colour scales matching :data:`CMAPS`.
-PLOTLY_SCALES = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}
 #: Panel titles per kind.
 TITLES = {
     "resid": "Restoring state after corrupted input",
@@ -28,7 +27,6 @@ TITLES = {
 }
 #: Short names per kind.
 SHORT = {"resid": "state", "mlp": "MLP", "attn": "Attn"}
-DIFF_CMAP = "RdBu_r"
 SAVE_FORMATS = (".png", ".svg", ".pdf")
 
 
@@ -67,16 +65,16 @@ def resolve_kinds(result: TraceResult, kinds: Sequence[str] | str | None) -> lis
     else:
         chosen = [kinds] if isinstance(kinds, str) else list(kinds)
     if not chosen:
-        raise ValueError("no kinds to draw: the result holds no scores and none were asked for")
+        raise InvalidInput("no kinds to draw: the result holds no scores and none were asked for")
     missing = [k for k in chosen if k not in result.scores]
     if missing:
-        raise ValueError(
+        raise InvalidInput(
             f"kinds {missing} are not in this trace (it holds {sorted(result.scores)})"
         )
     for k in chosen:
         arr = np.asarray(result.scores[k])
         if arr.ndim != 2 or arr.shape[0] != len(result.tokens):
-            raise ValueError(
+            raise InvalidInput(
                 f"scores[{k!r}] has shape {arr.shape}; expected [tokens={len(result.tokens)}, "
                 "layers]"
             )
@@ -125,7 +123,7 @@ def draw_panel(
     cbar_label: str,
     x_label: str,
     show_labels: bool = True,
-):
+) -> AxesImage:
     """Draw one [tokens x layers] panel into ``ax`` with its own colour bar; returns the image.
 
     Tokens run top to bottom, layers left to right; values outside [vmin, vmax] are clipped."""
@@ -182,8 +180,8 @@ def plot_trace(
     else:
         axes = list(axes)
         if len(axes) != len(chosen):
-            raise ValueError(f"got {len(axes)} axes for {len(chosen)} kinds {chosen}")
-        fig = axes[0].figure
+            raise InvalidInput(f"got {len(axes)} axes for {len(chosen)} kinds {chosen}")
+        fig = root_figure(axes[0])
     labels = token_labels(result)
     ans = answer_label(result.answer)
     floor = float(result.p_corrupted)
@@ -195,7 +193,7 @@ def plot_trace(
             ax,
             data,
             labels,
-            cmap=CMAPS.get(kind, "viridis"),
+            cmap=kind_style(kind).cmap,
             vmin=lo,
             vmax=hi,
             title=TITLES.get(kind, f"Restoring {kind}") + (f"\n({win})" if win else ""),
@@ -217,15 +215,15 @@ def check_comparable(before: TraceResult, after: TraceResult, kind: str) -> None
     count and both hold ``kind`` (so a cell-by-cell difference means something)."""
     for name, res in (("before", before), ("after", after)):
         if kind not in res.scores:
-            raise ValueError(f"the {name} trace holds no {kind!r} scores ({sorted(res.scores)})")
+            raise InvalidInput(f"the {name} trace holds no {kind!r} scores ({sorted(res.scores)})")
     if list(before.tokens) != list(after.tokens):
-        raise ValueError(
+        raise InvalidInput(
             "before and after traces are of different prompts/tokens: "
             f"{list(before.tokens)!r} vs {list(after.tokens)!r}"
         )
     b, a = np.shape(before.scores[kind]), np.shape(after.scores[kind])
     if b != a:
-        raise ValueError(f"before and after {kind!r} scores differ in shape (layers): {b} vs {a}")
+        raise InvalidInput(f"before and after {kind!r} scores differ in shape (layers): {b} vs {a}")
 
 
 def difference(before: TraceResult, after: TraceResult, kind: str = "mlp") -> np.ndarray:
@@ -261,7 +259,7 @@ def plot_before_after(
             ax,
             data,
             labels,
-            cmap=CMAPS.get(kind, "viridis"),
+            cmap=kind_style(kind).cmap,
             vmin=lo,
             vmax=hi,
             title=(
@@ -304,8 +302,9 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 200) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SAVE_FORMATS:
-        raise ValueError(f"cannot save a figure as {suffix!r}: use one of {SAVE_FORMATS}")
+        raise InvalidInput(f"cannot save a figure as {suffix!r}: use one of {SAVE_FORMATS}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = {"dpi": dpi} if suffix == ".png" else {}
-    fig.savefig(path, format=suffix[1:], bbox_inches="tight", **kwargs)
+    fig.savefig(
+        path, format=suffix[1:], bbox_inches="tight", dpi=dpi if suffix == ".png" else "figure"
+    )
     return path

@@ -16,7 +16,6 @@ from plotly.subplots import make_subplots
 
 from tracing.results import TraceResult
 from viz.heatmap import (
-    PLOTLY_SCALES,
     SHORT,
     TITLES,
     answer_label,
@@ -27,7 +26,8 @@ from viz.heatmap import (
     window_text,
     xlabel,
 )
-from viz.plots import BAR_COLORS, PROMPT_KINDS, EditBar, edit_bar_rows
+from viz.plots import PROMPT_KINDS, TARGETS, EditBar, to_edit_bars
+from viz.style import BAR_COLORS, DIFF_CMAP, kind_style
 
 PANEL_WIDTH = 420
 ROW_HEIGHT = 28
@@ -130,7 +130,7 @@ def trace_figure(result: TraceResult, kinds: Sequence[str] | str | None = None) 
             _heatmap(
                 z,
                 hover_text(result, kind),
-                colorscale=PLOTLY_SCALES.get(kind, "Viridis"),
+                colorscale=kind_style(kind).colorscale,
                 zmin=lo,
                 zmax=hi,
                 colorbar_title=f"p({ans})",
@@ -175,7 +175,7 @@ def before_after_figure(before: TraceResult, after: TraceResult, kind: str = "ml
             _heatmap(
                 z,
                 hover_text(res, kind),
-                colorscale=PLOTLY_SCALES.get(kind, "Viridis"),
+                colorscale=kind_style(kind).colorscale,
                 zmin=lo,
                 zmax=hi,
                 colorbar_title=f"p({answer_label(res.answer)})",
@@ -197,7 +197,7 @@ def before_after_figure(before: TraceResult, after: TraceResult, kind: str = "ml
         _heatmap(
             diff,
             diff_text,
-            colorscale="RdBu_r",
+            colorscale=DIFF_CMAP,
             zmin=-lim,
             zmax=lim,
             zmid=0.0,
@@ -223,10 +223,10 @@ def before_after_figure(before: TraceResult, after: TraceResult, kind: str = "ml
 def edit_bars_figure(rows: Iterable[Mapping | EditBar], title: str | None = None) -> go.Figure:
     """Interactive twin of :func:`viz.plots.plot_edit_bars` for one edit: grouped bars of the
     true and new targets' probabilities on each prompt kind, before and after."""
-    bars = edit_bar_rows(rows)
+    bars = to_edit_bars(rows)
     kinds = [k for k in PROMPT_KINDS if any(b.prompt_kind == k for b in bars)]
     fig = go.Figure()
-    for target in ("true", "new"):
+    for target in TARGETS:
         for when in ("before", "after"):
             ys = []
             for k in kinds:

@@ -16,7 +16,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
+from tracing.errors import InvalidInput
 from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, LayerSelection
+from viz.style import BAR_COLORS, CLASS_COLORS, UNCHOSEN_COLOR, kind_style, root_figure
 
 CLASS_LABELS = {
     "first_subject": "first subject token",
@@ -26,19 +28,12 @@ CLASS_LABELS = {
     "further": "further tokens",
     "last": "last token",
 }
-CLASS_COLORS = dict(
-    zip(
-        TOKEN_CLASSES,
-        ("#9ecae1", "#4292c6", "#d62728", "#ff7f0e", "#2ca02c", "#111111"),
-        strict=True,
-    )
-)
 KIND_NAMES = {"resid": "hidden state", "mlp": "MLP", "attn": "Attn"}
-KIND_COLORS = {"resid": "#6a51a3", "mlp": "#238b45", "attn": "#cb181d"}
 
 #: Prompt kinds of :func:`plot_edit_bars`, in drawing order.
 PROMPT_KINDS = ("edit", "paraphrase", "neighborhood")
-BAR_COLORS = {"true": "#1f77b4", "new": "#ff7f0e"}
+#: Targets of :func:`plot_edit_bars`: the true (old) object and the new one.
+TARGETS = ("true", "new")
 #: Metrics of :func:`plot_scaling`, in panel order, with their accepted aliases.
 SCALING_METRICS = ("efficacy", "paraphrase", "neighborhood", "score")
 _ALIASES = {"neighbourhood": "neighborhood", "neighbor": "neighborhood", "rewrite": "edit"}
@@ -55,7 +50,7 @@ def plot_average_effects(effects: AverageEffects, kinds: Sequence[str] | None = 
     chosen = list(kinds) if kinds is not None else [k for k in KINDS if k in effects.effects]
     missing = [k for k in chosen if k not in effects.effects]
     if missing or not chosen:
-        raise ValueError(
+        raise InvalidInput(
             f"kinds {missing or chosen} not in these effects (they hold {sorted(effects.effects)})"
         )
     fig, axes = _new_figure(len(chosen))
@@ -100,16 +95,16 @@ def plot_layer_selection(selection: LayerSelection, ax: Axes | None = None) -> F
     effect = np.asarray(selection.per_layer_effect, dtype=np.float64)
     layers = sorted(int(x) for x in selection.layers)
     if not layers or layers[0] < 0 or layers[-1] >= len(effect):
-        raise ValueError(
+        raise InvalidInput(
             f"chosen layers {selection.layers} are outside the {len(effect)} layers with effects"
         )
     if ax is None:
         fig, (ax,) = _new_figure(1, width=max(5.5, 0.32 * len(effect) + 1.5), height=3.4)
     else:
-        fig = ax.figure
+        fig = root_figure(ax)
     chosen = set(layers)
-    color = KIND_COLORS.get(selection.kind, "#238b45")
-    colors = [color if i in chosen else "0.7" for i in range(len(effect))]
+    color = kind_style(selection.kind).line
+    colors = [color if i in chosen else UNCHOSEN_COLOR for i in range(len(effect))]
     ax.bar(np.arange(len(effect)), effect, color=colors, width=0.8)
     ax.axvspan(
         layers[0] - 0.5,
@@ -147,7 +142,7 @@ class EditBar:
     after: float
 
 
-def edit_bar_rows(rows: Iterable[Mapping[str, Any] | EditBar]) -> list[EditBar]:
+def to_edit_bars(rows: Iterable[Mapping[str, Any] | EditBar]) -> list[EditBar]:
     """Validate rows for :func:`plot_edit_bars` (dicts with keys prompt_kind, target, before,
     after, or :class:`EditBar`) and return them as :class:`EditBar`; ``ValueError`` naming the
     bad row otherwise. "neighbourhood" is accepted for "neighborhood"."""
@@ -162,28 +157,28 @@ def edit_bar_rows(rows: Iterable[Mapping[str, Any] | EditBar]) -> list[EditBar]:
                 "after": row.after,
             }
         if not isinstance(row, Mapping):
-            raise ValueError(f"edit bar row {i} is a {type(row).__name__}, not a mapping")
+            raise InvalidInput(f"edit bar row {i} is a {type(row).__name__}, not a mapping")
         missing = [k for k in ("prompt_kind", "target", "before", "after") if k not in row]
         if missing:
-            raise ValueError(f"edit bar row {i} lacks {missing}: {dict(row)!r}")
+            raise InvalidInput(f"edit bar row {i} lacks {missing}: {dict(row)!r}")
         kind = _ALIASES.get(str(row["prompt_kind"]), str(row["prompt_kind"]))
         if kind not in PROMPT_KINDS:
-            raise ValueError(f"edit bar row {i}: prompt_kind {kind!r} not in {PROMPT_KINDS}")
+            raise InvalidInput(f"edit bar row {i}: prompt_kind {kind!r} not in {PROMPT_KINDS}")
         target = str(row["target"])
-        if target not in BAR_COLORS:
-            raise ValueError(f"edit bar row {i}: target {target!r} is not 'true' or 'new'")
+        if target not in TARGETS:
+            raise InvalidInput(f"edit bar row {i}: target {target!r} is not 'true' or 'new'")
         probs = []
         for key in ("before", "after"):
             p = float(row[key])
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"edit bar row {i}: {key} = {p} is not a probability")
+                raise InvalidInput(f"edit bar row {i}: {key} = {p} is not a probability")
             probs.append(p)
         if (kind, target) in seen:
-            raise ValueError(f"edit bar row {i}: a second row for ({kind!r}, {target!r})")
+            raise InvalidInput(f"edit bar row {i}: a second row for ({kind!r}, {target!r})")
         seen.add((kind, target))
         out.append(EditBar(kind, target, probs[0], probs[1]))
     if not out:
-        raise ValueError("no edit bar rows to plot")
+        raise InvalidInput("no edit bar rows to plot")
     return out
 
 
@@ -199,14 +194,14 @@ def plot_edit_bars(
     paraphrase and neighbourhood prompts, before (hatched, pale) and after (solid) the edit.
 
     ``rows``: e.g. ``{"prompt_kind": "edit", "target": "new", "before": 0.01, "after": 0.93}``
-    (see :func:`edit_bar_rows`); each bar container is labelled ``"<target> target, <when>"``.
+    (see :func:`to_edit_bars`); each bar container is labelled ``"<target> target, <when>"``.
     """
-    bars = edit_bar_rows(rows)
+    bars = to_edit_bars(rows)
     kinds = [k for k in PROMPT_KINDS if any(b.prompt_kind == k for b in bars)]
     if ax is None:
         fig, (ax,) = _new_figure(1, width=max(5.5, 2.2 * len(kinds) + 1.5), height=3.6)
     else:
-        fig = ax.figure
+        fig = root_figure(ax)
     width = 0.2
     x = np.arange(len(kinds))
     for j, (target, when) in enumerate(BAR_SERIES):
@@ -248,16 +243,16 @@ def scaling_series(
     series: dict[str, dict[int, float]] = {}
     for i, p in enumerate(points):
         if "method" not in p or "n_edits" not in p:
-            raise ValueError(f"scaling point {i} lacks 'method' or 'n_edits': {dict(p)!r}")
+            raise InvalidInput(f"scaling point {i} lacks 'method' or 'n_edits': {dict(p)!r}")
         n = int(p["n_edits"])
         if n < 1:
-            raise ValueError(f"scaling point {i}: n_edits = {n} must be >= 1 (log axis)")
+            raise InvalidInput(f"scaling point {i}: n_edits = {n} must be >= 1 (log axis)")
         value = _metric_value(p, metric)
         per = series.setdefault(str(p["method"]), {})
         if value is None:
             continue
         if n in per:
-            raise ValueError(f"scaling point {i}: a second {metric!r} for {p['method']!r}, n={n}")
+            raise InvalidInput(f"scaling point {i}: a second {metric!r} for {p['method']!r}, n={n}")
         per[n] = value
     return {m: (sorted(v), [v[n] for n in sorted(v)]) for m, v in series.items() if v}
 
@@ -279,11 +274,11 @@ def plot_scaling(
     ("neighbourhood" is accepted for "neighborhood")."""
     points = list(points)
     if not points:
-        raise ValueError("no scaling points to plot")
+        raise InvalidInput("no scaling points to plot")
     if metrics is None:
         metrics = [m for m in SCALING_METRICS if scaling_series(points, m)]
         if not metrics:
-            raise ValueError(f"no point holds any of the metrics {SCALING_METRICS}")
+            raise InvalidInput(f"no point holds any of the metrics {SCALING_METRICS}")
     else:
         metrics = [_ALIASES.get(m, m) for m in metrics]
     methods = list(dict.fromkeys(str(p["method"]) for p in points if "method" in p))

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from editing.corpus import data_path
 from tracing.errors import InvalidInput
@@ -29,6 +30,20 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInput(f"{path}: not a readable JSON file ({exc})") from exc
+
+
+R = TypeVar("R")
+
+
+def _parse_all(src: Path, parse: Callable[[Any, int], R], what: str) -> list[R]:
+    """Every record of the JSON list in ``src``, parsed; errors name the file and record."""
+    raw = _read_json(src)
+    if not isinstance(raw, list) or not raw:
+        raise InvalidInput(f"{src}: expected a non-empty JSON list of {what} records")
+    try:
+        return [parse(r, i) for i, r in enumerate(raw)]
+    except InvalidInput as exc:
+        raise InvalidInput(f"{src}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -129,10 +144,7 @@ def load_counterfact(
         src = data_path(
             "counterfact_full_first5.json.gz" if full_sample else "counterfact_reduced.json.gz"
         )
-    raw = _read_json(src)
-    if not isinstance(raw, list) or not raw:
-        raise InvalidInput(f"{src}: expected a non-empty JSON list of CounterFact records")
-    return [parse_counterfact(r, i) for i, r in enumerate(raw)]
+    return _parse_all(src, parse_counterfact, "CounterFact")
 
 
 @dataclass(frozen=True)
@@ -176,7 +188,4 @@ def load_zsre(path: str | Path | None = None, *, eval_sample: bool = False) -> l
         src = data_path(
             "zsre_mend_eval_first5.json.gz" if eval_sample else "zsre_mend_train_1k.json.gz"
         )
-    raw = _read_json(src)
-    if not isinstance(raw, list) or not raw:
-        raise InvalidInput(f"{src}: expected a non-empty JSON list of zsRE records")
-    return [parse_zsre(r, i) for i, r in enumerate(raw)]
+    return _parse_all(src, parse_zsre, "zsRE")
