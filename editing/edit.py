@@ -26,7 +26,7 @@ from editing.requests import EditRequest
 from editing.weights import restore_weights, weights_snapshot
 from tracing.errors import EditFailed, InvalidInput
 from tracing.io import atomic_path, write_json_atomic
-from tracing.models import down_proj, fingerprint, model_name
+from tracing.models import HookedModel, down_proj, fingerprint, model_name
 
 FORMAT = "factscope-edit"
 VERSION = 1
@@ -162,7 +162,7 @@ class Edit:
 
     # ------------------------------------------------------------------ apply / undo
 
-    def _planned(self, model) -> list[tuple[int, torch.Tensor]]:
+    def _planned(self, model: HookedModel) -> list[tuple[int, torch.Tensor]]:
         found = fingerprint(model)
         if found != self.model_fingerprint:
             name = model_name(model)
@@ -191,7 +191,7 @@ class Edit:
             planned.append((d.layer, M))
         return planned
 
-    def apply(self, model) -> Edit:
+    def apply(self, model: HookedModel) -> Edit:
         """Add the deltas to ``model``'s weights; returns ``self``.
 
         Refused (InvalidInput, weights unchanged) for a model with another fingerprint, an
@@ -224,7 +224,7 @@ class Edit:
         stack.append(self)
         return self
 
-    def undo(self, model) -> None:
+    def undo(self, model: HookedModel) -> None:
         """Copy the weights saved by :meth:`apply` back: the touched layers become bit-for-bit
         what they were. Refused if not applied to ``model``, or if an edit applied later to an
         overlapping layer is still applied (undo that one first)."""
@@ -246,7 +246,7 @@ class Edit:
         self._originals, self._model = None, None
 
     @contextmanager
-    def applied(self, model) -> Iterator[Edit]:
+    def applied(self, model: HookedModel) -> Iterator[Edit]:
         """``with edit.applied(model): ...`` applies the edit and always undoes it."""
         self.apply(model)
         try:
@@ -330,7 +330,7 @@ class Edit:
     @classmethod
     def from_weights(
         cls,
-        model,
+        model: HookedModel,
         before: dict[int, torch.Tensor],
         method: str,
         requests: Sequence[EditRequest],

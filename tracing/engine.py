@@ -134,7 +134,7 @@ def fast_probs(
     return out
 
 
-def _run_chunk(model, prep, chunk: list[Sequence[State]], cut: int) -> np.ndarray:
+def _run_chunk(model: HookedModel, prep, chunk: list[Sequence[State]], cut: int) -> np.ndarray:
     """Staggered batch: interventions join at their start block; only positions >= cut."""
     S, n = prep.samples, n_layers(model)
     starts = [start_layer(states) for states in chunk]
@@ -177,7 +177,9 @@ def _run_chunk(model, prep, chunk: list[Sequence[State]], cut: int) -> np.ndarra
     return result
 
 
-def _restore_hooks(model, prep, chunk, active: list[int], layer: int, cut: int) -> list:
+def _restore_hooks(
+    model: HookedModel, prep, chunk, active: list[int], layer: int, cut: int
+) -> list:
     """Bridge hooks restoring, inside block ``layer``, the clean states of active rows."""
     S = prep.samples
     patches: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))

@@ -72,7 +72,9 @@ def find_subject(prompt: str, subject: str, occurrence: int = 0) -> tuple[int, i
     return start, start + len(subject)
 
 
-def tokenize_fact(model, prompt: str, subject: str, occurrence: int = 0) -> TokenizedFact:
+def tokenize_fact(
+    model: HookedModel, prompt: str, subject: str, occurrence: int = 0
+) -> TokenizedFact:
     """Tokenise ``prompt`` with the model's BOS rule and find the subject's token span.
 
     The span holds every token whose characters overlap the subject's characters (a leading

@@ -21,13 +21,13 @@ from tracing.errors import InvalidInput
 from tracing.facts import load_known_facts
 from tracing.io import write_json_atomic
 from tracing.loading import cache_dir
-from tracing.models import fingerprint, hook_name, tokenize
+from tracing.models import HookedModel, fingerprint, hook_name, tokenize
 
 DEFAULT_NOISE = "3s"
 SIGMA_FACTS = 100  # subjects of the first 100 known facts, as in the reference run
 
 
-def subject_embedding_std(model, subjects: list[str]) -> float:
+def subject_embedding_std(model: HookedModel, subjects: list[str]) -> float:
     """Unbiased std over all (token, dimension) entries of the embedding output of each
     subject tokenised alone (with the model's BOS rule)."""
     if not subjects:
@@ -42,7 +42,9 @@ def subject_embedding_std(model, subjects: list[str]) -> float:
     return float(torch.cat(rows).std())
 
 
-def embedding_sigma(model, n_facts: int = SIGMA_FACTS, *, use_cache: bool = True) -> float:
+def embedding_sigma(
+    model: HookedModel, n_facts: int = SIGMA_FACTS, *, use_cache: bool = True
+) -> float:
     """Sigma of subject embeddings over the first ``n_facts`` known_1000 subjects, cached on
     disk per model fingerprint (``$FACTSCOPE_CACHE/sigma``)."""
     path = cache_dir() / "sigma" / f"{fingerprint(model)}_{n_facts}.json"
@@ -68,7 +70,9 @@ class NoiseSpec:
 _MULTIPLE = re.compile(r"^(?:s(?P<a>[0-9.]+)|(?P<b>[0-9.]+)s)$")
 
 
-def resolve_noise(model, noise: str | float = DEFAULT_NOISE, uniform: bool = False) -> NoiseSpec:
+def resolve_noise(
+    model: HookedModel, noise: str | float = DEFAULT_NOISE, uniform: bool = False
+) -> NoiseSpec:
     """Turn a noise setting into a level: ``"3s"`` or ``"s3"`` (3 sigma, ROME's s3), a plain
     number (that standard deviation), optionally ``uniform`` (draws from U(-1, 1) times level,
     ROME's uniform option)."""

@@ -35,6 +35,7 @@ from tracing.errors import InvalidInput
 from tracing.facts import tokenize_fact
 from tracing.forward import capture_block_kwargs
 from tracing.models import (
+    HookedModel,
     HookKind,
     check_layer,
     context_length,
@@ -74,7 +75,7 @@ class PreparedFact:
 
 
 def prepare_fact(
-    model,
+    model: HookedModel,
     prompt: str,
     subject: str,
     answer: str | None,
@@ -138,7 +139,9 @@ def prepare_fact(
     return prepared, notes
 
 
-def _answer_prob(model, resid: Float[torch.Tensor, "rows pos d"], answer_id: int) -> torch.Tensor:
+def _answer_prob(
+    model: HookedModel, resid: Float[torch.Tensor, "rows pos d"], answer_id: int
+) -> torch.Tensor:
     logits = final_logits(model, resid[:, -1:])[:, 0].float()
     return torch.softmax(logits, -1)[:, answer_id]
 
@@ -178,7 +181,7 @@ def _reference_probs(
 
 
 def restored_probs(
-    model,
+    model: HookedModel,
     prep: PreparedFact,
     interventions: Sequence[Sequence[State]],
     method: str = "fast",
@@ -227,7 +230,7 @@ def grid_interventions(kind: HookKind, n_tokens: int, n: int, window: int) -> li
 
 
 def trace_fact(
-    model,
+    model: HookedModel,
     prompt: str,
     subject: str,
     answer: str | None = None,

@@ -22,7 +22,7 @@ import torch
 
 from editing.evaluation.datasets import CounterFactRecord, ZsreRecord
 from tracing.errors import InvalidInput
-from tracing.models import tokenize
+from tracing.models import HookedModel, tokenize
 
 #: Prompts built from the subject when a record has no generation prompts of its own.
 SUBJECT_TEMPLATES = ("{} is", "{} was")
@@ -93,7 +93,7 @@ def _generate_batch(
 
 
 def generate_texts(
-    model,
+    model: HookedModel,
     prompts: Sequence[str],
     settings: GenerationSettings | None = None,
     seeds: Sequence[int] | int = 0,

@@ -41,6 +41,7 @@ import torch
 from editing.evaluation.datasets import CounterFactRecord, ZsreRecord
 from tracing.errors import InvalidInput
 from tracing.models import (
+    HookedModel,
     context_length,
     final_logits,
     hook_name,
@@ -116,7 +117,7 @@ class ModelScorer:
     the vocabulary only at the target positions.
     """
 
-    def __init__(self, model, batch_size: int = 16) -> None:
+    def __init__(self, model: HookedModel, batch_size: int = 16) -> None:
         if batch_size < 1:
             raise InvalidInput("batch_size must be at least 1")
         self.model = model

@@ -106,7 +106,7 @@ class _Example:
     target: tuple[int, ...]
 
 
-def _encode(model, prompt: str, target: str, what: str) -> _Example:
+def _encode(model: HookedModel, prompt: str, target: str, what: str) -> _Example:
     try:
         prompt_ids, tgt = tokenize(model, prompt), target_ids(model, target)
     except InvalidInput as err:
@@ -195,7 +195,7 @@ def _states_before(
 
 
 def _mean_logprob(
-    model,
+    model: HookedModel,
     h0: Float[torch.Tensor, "batch pos d_model"],
     examples: Sequence[_Example],
     block_kwargs: list[dict],
@@ -218,7 +218,7 @@ def _mean_logprob(
     return (token_lp * torch.tensor(weights)).sum()
 
 
-def _parameter(model, layer: int) -> torch.nn.Parameter:
+def _parameter(model: HookedModel, layer: int) -> torch.nn.Parameter:
     """The parameter behind ``down_proj(model, layer)`` (itself, or the Linear weight)."""
     view = down_proj(model, layer)
     param = view if view._base is None else view._base
@@ -228,7 +228,7 @@ def _parameter(model, layer: int) -> torch.nn.Parameter:
 
 
 @contextmanager
-def _grad_only(model, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+def _grad_only(model: HookedModel, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
     """Within the block only ``params`` require gradients; afterwards every flag is restored
     and the gradients of ``params`` are dropped."""
     everything = {id(p): p for p in model.parameters()}
