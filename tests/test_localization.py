@@ -116,6 +116,42 @@ def test_trace_dataset_resumes_from_cache(toy_models, tmp_path, monkeypatch):
     assert len(D.load_traces(tmp_path)) == 3
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"noise": 0.7},
+        {"uniform_noise": True},
+        {"window": 3},
+        {"samples": 3},
+        {"seed": 2},
+        {"method": "reference"},
+        {"kinds": ["mlp", "attn"]},
+    ],
+)
+def test_trace_cache_is_keyed_by_every_setting_that_changes_a_score(
+    toy_models, tmp_path, monkeypatch, change
+):
+    """A stored trace is reused only for the settings it was made with: changing any of
+    them recomputes (and the unchanged settings reuse it)."""
+    model = toy_models["gpt2"]
+    facts = [Fact("Paris is the capital of", "Paris", None, known_id=0)]
+    kw = dict(out_dir=tmp_path, only_known=False, samples=2, noise=0.5, window=2, kinds=["mlp"])
+    kw["progress"] = False
+    D.trace_dataset(model, facts, **kw)
+    calls = []
+    real = D.trace_fact
+
+    def counting(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "trace_fact", counting)
+    D.trace_dataset(model, facts, **kw)
+    assert calls == []  # same settings: reused
+    D.trace_dataset(model, facts, **{**kw, **change})
+    assert len(calls) == 1  # any changed setting: recomputed
+
+
 def test_known_facts_filter_keeps_only_top1_answers(toy_models):
     model = toy_models["llama"]
     from tracing.forward import next_token_probs

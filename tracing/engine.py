@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from tracing.models import HookedModel, HookKind, cache_keyword, final_logits, hook_name, n_layers
+from tracing.models import HookedModel, HookKind, final_logits, hook_name, n_layers, run_block
 
 #: (kind, layer, token); kind "resid" at layer -1 is the input of block 0.
 State = tuple[HookKind, int, int]
@@ -76,12 +76,8 @@ def run_corrupted(
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = []
     with torch.no_grad():
         for layer in range(n_layers(model)):
-            kwargs = dict(block_kwargs[layer])
             rec = KVRecorder()
-            if kv is not None:
-                kwargs[cache_keyword(model)] = rec
-            out = model.blocks[layer](h, **kwargs)
-            h = out[0] if isinstance(out, tuple) else out
+            h = run_block(model, layer, h, block_kwargs[layer], rec if kv is not None else None)
             resid.append(h)
             if kv is not None:
                 kv = kv + [next(iter(rec.kv.values()))] if len(rec.kv) == 1 else None
@@ -157,18 +153,18 @@ def _run_chunk(model: HookedModel, prep, chunk: list[Sequence[State]], cut: int)
             if layer == n:
                 break
             kwargs = suffix_kwargs(prep.block_kwargs[layer], cut)
+            prefix = None
             if cut > 0:
                 k, v = prep.corrupt_kv[layer]
                 reps = len(active)
-                kwargs[cache_keyword(model)] = PrefixKV(
+                prefix = PrefixKV(
                     k[..., :cut, :].repeat(reps, *[1] * (k.ndim - 1)),
                     v[..., :cut, :].repeat(reps, *[1] * (v.ndim - 1)),
                 )
             hooks = _restore_hooks(model, prep, chunk, active, layer, cut)
             assert h is not None
             with model.hooks(fwd_hooks=hooks):
-                res = model.blocks[layer](h, **kwargs)
-            h = res[0] if isinstance(res, tuple) else res
+                h = run_block(model, layer, h, kwargs, prefix)
         assert h is not None
         logits = final_logits(model, h[:, -1:])[:, 0].float()
         probs = torch.softmax(logits, -1)[:, prep.answer_id].view(len(active), S).mean(1)

@@ -27,6 +27,7 @@ from tracing.models import (
     context_length,
     decode,
     n_layers,
+    run_block,
     tokenize,
 )
 
@@ -103,8 +104,7 @@ def run_blocks(
     stop = n_layers(model) if stop is None else stop
     h = resid
     for layer in range(start, stop):
-        out = model.blocks[layer](h, **block_kwargs[layer])
-        h = out[0] if isinstance(out, tuple) else out
+        h = run_block(model, layer, h, block_kwargs[layer])
     return h
 
 

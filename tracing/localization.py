@@ -13,11 +13,20 @@ from tqdm.auto import tqdm
 from tracing.errors import InvalidInput
 from tracing.facts import Fact, known_facts, load_known_facts
 from tracing.io import write_json_atomic
-from tracing.models import HookedModel, fingerprint
+from tracing.models import HookedModel, target_ids
+from tracing.noise import DEFAULT_NOISE
 from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, LayerSelection, TraceResult
-from tracing.trace import trace_fact
+from tracing.trace import trace_fact, trace_settings
 
 log = logging.getLogger(__name__)
+
+
+def _same_fact(model: HookedModel, trace: TraceResult, fact: Fact) -> bool:
+    """Whether a stored trace is of ``fact`` (same prompt and subject; same answer token,
+    unless the fact leaves the answer to the model)."""
+    if trace.prompt != fact.prompt or trace.subject != fact.subject:
+        return False
+    return fact.answer is None or target_ids(model, fact.answer)[0] == trace.answer_id
 
 
 def _fact_key(fact: Fact, index: int) -> str:
@@ -33,18 +42,33 @@ def trace_dataset(
     only_known: bool = True,
     kinds: Sequence[str] = KINDS,
     window: int | dict[str, int] | None = None,
-    noise: str | float = "3s",
+    noise: str | float = DEFAULT_NOISE,
+    uniform_noise: bool = False,
     samples: int = 10,
     seed: int = 1,
+    method: str = "fast",
     progress: bool = True,
 ) -> list[TraceResult]:
     """Trace many facts (default: the shipped known_1000), keeping only facts the model gets
     right (``only_known``), the first ``n`` of them.
 
     With ``out_dir``, each trace is written to ``out_dir/traces/<id>.json`` as soon as it is
-    done and traces already there (same model, same settings) are loaded instead of
-    recomputed, so an interrupted run resumes where it stopped.
+    done and traces already there are loaded instead of recomputed, so an interrupted run
+    resumes where it stopped; a stored trace is reused only when it is of the same fact
+    (prompt, subject, answer) and its settings cover every one that changes a score (model,
+    noise level and kind, samples, seed, engine, kinds and their windows: see
+    :meth:`~tracing.results.TraceSettings.covers`).
     """
+    wanted, _ = trace_settings(
+        model,
+        kinds=kinds,
+        window=window,
+        noise=noise,
+        uniform_noise=uniform_noise,
+        samples=samples,
+        seed=seed,
+        method=method,
+    )
     facts = list(load_known_facts() if facts is None else facts)
     if only_known:
         facts = known_facts(model, facts)
@@ -54,20 +78,12 @@ def trace_dataset(
     folder = Path(out_dir) / "traces" if out_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(model)
     results = []
     for i, fact in enumerate(tqdm(facts, desc="tracing facts", disable=not progress)):
         path = folder / f"{_fact_key(fact, i)}.json" if folder is not None else None
         if path is not None and path.is_file():
             cached = TraceResult.load(path)
-            s = cached.settings
-            if (
-                s.model_fingerprint == fp
-                and s.samples == samples
-                and s.seed == seed
-                and set(s.kinds) >= set(kinds)
-                and cached.prompt == fact.prompt
-            ):
+            if cached.settings.covers(wanted) and _same_fact(model, cached, fact):
                 results.append(cached)
                 continue
         r = trace_fact(
@@ -78,8 +94,10 @@ def trace_dataset(
             kinds=kinds,
             window=window,
             noise=noise,
+            uniform_noise=uniform_noise,
             samples=samples,
             seed=seed,
+            method=method,
         )
         if path is not None:
             r.save(path)

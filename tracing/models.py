@@ -27,7 +27,7 @@ import hashlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -228,6 +228,43 @@ def cache_keyword(model: HookedModel) -> str:
         if name in params:
             return name
     return "past_key_values"
+
+
+#: Names under which TransformerLens' attention bridges read a key/value cache.
+_BRIDGE_CACHE_NAMES = ("past_key_values", "layer_past")
+
+
+def run_block(
+    model: HookedModel,
+    layer: int,
+    resid: Float[torch.Tensor, "batch pos d_model"],
+    block_kwargs: dict[str, Any],
+    cache: object | None = None,
+) -> Float[torch.Tensor, "batch pos d_model"]:
+    """Run decoder block ``layer`` on a residual stream (bridge hooks fire).
+
+    ``cache``: an object with a Hugging Face ``Cache``-style ``update(keys, values,
+    layer_idx, ...)`` method, handed to the block's attention so that it records this block's
+    keys and values or supplies those of earlier positions. Current transformers blocks pass
+    the cache on to attention as ``cache=``, while TransformerLens 4.3's attention bridges read
+    ``past_key_values`` (GPT-J: ``layer_past``); for the call, a pre-hook on the attention
+    module passes it under those names too, so the cache is used whichever side reads it.
+    """
+    kwargs = dict(block_kwargs)
+    handle = None
+    if cache is not None:
+        kwargs[cache_keyword(model)] = cache
+
+        def route(_mod: object, args: tuple, kw: dict[str, Any]) -> tuple[tuple, dict]:
+            return args, {**kw, **{n: cache for n in _BRIDGE_CACHE_NAMES if kw.get(n) is None}}
+
+        handle = model.blocks[layer].attn.register_forward_pre_hook(route, with_kwargs=True)
+    try:
+        out = model.blocks[layer](resid, **kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out[0] if isinstance(out, tuple) else out
 
 
 def final_logits(

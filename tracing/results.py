@@ -15,7 +15,8 @@ import numpy as np
 from tracing.io import write_json_atomic
 
 #: The kinds of state a trace restores (hook kinds of :mod:`tracing.models`).
-KINDS: tuple[Literal["resid", "mlp", "attn"], ...] = ("resid", "mlp", "attn")
+TraceKind = Literal["resid", "mlp", "attn"]
+KINDS: tuple[TraceKind, ...] = ("resid", "mlp", "attn")
 TOKEN_CLASSES = (
     "first_subject",
     "middle_subject",
@@ -30,7 +31,7 @@ TOKEN_CLASSES = (
 class TraceSettings:
     """Every setting a trace was computed with (enough to reproduce it)."""
 
-    kinds: tuple[str, ...]
+    kinds: tuple[TraceKind, ...]
     window: dict[str, int]
     noise: float  # the standard deviation actually added (after any sigma multiple)
     noise_spec: str  # what the user asked for, e.g. "3s" or "0.5" or "u3s"
@@ -41,6 +42,22 @@ class TraceSettings:
     method: str  # "fast" or "reference"
     model: str = ""
     model_fingerprint: str = ""
+
+    def covers(self, wanted: TraceSettings) -> bool:
+        """Whether a trace made with these settings has every score a trace with ``wanted``
+        would have: the same model, noise (level and kind), samples, seed and engine, every
+        wanted kind, with the same window."""
+        same = (
+            self.model_fingerprint == wanted.model_fingerprint
+            and self.noise == wanted.noise
+            and self.uniform_noise == wanted.uniform_noise
+            and self.samples == wanted.samples
+            and self.seed == wanted.seed
+            and self.method == wanted.method
+        )
+        return same and all(
+            k in self.kinds and self.window.get(k) == wanted.window.get(k) for k in wanted.kinds
+        )
 
 
 @dataclass

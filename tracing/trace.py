@@ -51,6 +51,7 @@ from tracing.noise import DEFAULT_NOISE, NoiseSpec, add_noise, noise_draws, reso
 from tracing.results import KINDS, TraceResult, TraceSettings
 
 DEFAULT_WINDOW = {"resid": 1, "mlp": 10, "attn": 10}
+ENGINES = ("fast", "reference")
 
 
 @dataclass
@@ -209,7 +210,7 @@ def restored_probs(
             return fast_probs(model, prep, interventions, max_rows, bar)
         if method == "reference":
             return _reference_probs(model, prep, interventions, bar)
-        raise InvalidInput(f"unknown method {method!r}; expected 'fast' or 'reference'")
+        raise InvalidInput(f"unknown method {method!r}; expected one of {ENGINES}")
     finally:
         bar.close()
 
@@ -227,6 +228,54 @@ def grid_interventions(kind: HookKind, n_tokens: int, n: int, window: int) -> li
         for t in range(n_tokens)
         for layer in range(n)
     ]
+
+
+def trace_settings(
+    model: HookedModel,
+    *,
+    kinds: Sequence[str] = KINDS,
+    window: int | dict[str, int] | None = None,
+    noise: str | float = DEFAULT_NOISE,
+    uniform_noise: bool = False,
+    samples: int = 10,
+    seed: int = 1,
+    method: str = "fast",
+) -> tuple[TraceSettings, NoiseSpec]:
+    """The settings a trace with these arguments is made with (checked, noise resolved to a
+    level), and the noise specification; see :func:`trace_fact` for the arguments."""
+    if not kinds:
+        raise InvalidInput("no kinds to trace")
+    for k in kinds:
+        if k not in KINDS:
+            raise InvalidInput(f"unknown kind {k!r}; expected one of {KINDS}")
+    traced = tuple(next(x for x in KINDS if x == k) for k in dict.fromkeys(kinds))
+    windows = dict(DEFAULT_WINDOW)
+    if isinstance(window, int):
+        windows.update(mlp=window, attn=window)
+    elif window is not None:
+        windows.update(window)
+    for k, w in windows.items():
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise InvalidInput(f"window for {k} must be an integer >= 1, got {w!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InvalidInput(f"samples must be an integer >= 1, got {samples!r}")
+    if method not in ENGINES:
+        raise InvalidInput(f"unknown method {method!r}; expected one of {ENGINES}")
+    spec = resolve_noise(model, noise, uniform_noise)
+    settings = TraceSettings(
+        kinds=traced,
+        window={k: windows[k] for k in traced},
+        noise=spec.level,
+        noise_spec=spec.spec,
+        sigma=spec.sigma,
+        uniform_noise=uniform_noise,
+        samples=samples,
+        seed=seed,
+        method=method,
+        model=model_name(model),
+        model_fingerprint=fingerprint(model),
+    )
+    return settings, spec
 
 
 def trace_fact(
@@ -253,46 +302,26 @@ def trace_fact(
     number; ``window`` an int for mlp/attn or a per-kind dict (defaults: resid 1, mlp/attn 10).
     """
     t0 = time.perf_counter()
-    if not kinds:
-        raise InvalidInput("no kinds to trace")
-    for k in kinds:
-        if k not in KINDS:
-            raise InvalidInput(f"unknown kind {k!r}; expected one of {KINDS}")
-    traced = tuple(next(x for x in KINDS if x == k) for k in dict.fromkeys(kinds))
-    windows = dict(DEFAULT_WINDOW)
-    if isinstance(window, int):
-        windows.update(mlp=window, attn=window)
-    elif window is not None:
-        windows.update(window)
-    for k, w in windows.items():
-        if not isinstance(w, int) or w < 1:
-            raise InvalidInput(f"window for {k} must be an integer >= 1, got {w!r}")
-    if not isinstance(samples, int) or samples < 1:
-        raise InvalidInput(f"samples must be an integer >= 1, got {samples!r}")
-    spec = resolve_noise(model, noise, uniform_noise)
+    settings, spec = trace_settings(
+        model,
+        kinds=kinds,
+        window=window,
+        noise=noise,
+        uniform_noise=uniform_noise,
+        samples=samples,
+        seed=seed,
+        method=method,
+    )
     prep, notes = prepare_fact(model, prompt, subject, answer, spec, samples, seed, occurrence)
     n, T = n_layers(model), len(prep.tokens)
     scores: dict[str, np.ndarray] = {}
-    for k in traced:
-        grid = grid_interventions(k, T, n, windows[k])
+    for k in settings.kinds:
+        grid = grid_interventions(k, T, n, settings.window[k])
         probs = restored_probs(model, prep, grid, method=method, progress=progress)
         scores[k] = probs.reshape(T, n)
     p_corrupted = prep.p_corrupted
     if method == "reference":  # the reference engine's own corrupted run (batch numerics)
         p_corrupted = float(restored_probs(model, prep, [[]], method="reference")[0])
-    settings = TraceSettings(
-        kinds=traced,
-        window={k: windows[k] for k in traced},
-        noise=spec.level,
-        noise_spec=spec.spec,
-        sigma=spec.sigma,
-        uniform_noise=uniform_noise,
-        samples=samples,
-        seed=seed,
-        method=method,
-        model=model_name(model),
-        model_fingerprint=fingerprint(model),
-    )
     return TraceResult(
         prompt=prompt,
         subject=subject,

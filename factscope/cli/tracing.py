@@ -82,7 +82,8 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
         facts,
         out_dir=out,
         only_known=not args.all_facts,
-        **given(args, "n", "kinds", "noise", "samples", "seed"),
+        **given(args, "n", "kinds", "noise", "samples", "seed", "method"),
+        **given(args, uniform_noise="uniform"),
         **_windows(args),
         progress=not args.no_progress,
     )
@@ -126,6 +127,8 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--samples", type=int, default=UNSET, help="noisy runs (default 10)")
     p.add_argument("--seed", type=int, default=UNSET, help="noise seed (default 1)")
+    p.add_argument("--uniform", action="store_true", default=UNSET, help="uniform noise")
+    p.add_argument("--method", choices=["fast", "reference"], default=UNSET, help="default fast")
     add_progress(p)
 
 
@@ -137,8 +140,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answer", help="answer to trace (default: the model's top-1 token)")
     p.add_argument("--occurrence", type=int, default=UNSET, help="which occurrence of the subject")
     p.add_argument("--resid-window", type=int, default=UNSET, help="resid window (default 1)")
-    p.add_argument("--uniform", action="store_true", default=UNSET, help="uniform noise")
-    p.add_argument("--method", choices=["fast", "reference"], default=UNSET, help="default fast")
     p.add_argument("--formats", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"])
     p.add_argument("--out", default="out", help="output folder (default out/)")
     _trace_options(p)
