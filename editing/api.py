@@ -69,6 +69,8 @@ def resolve_hparams(
         )
     for L in hp.layers:
         check_layer(model, L)
+    if spec.check is not None:
+        spec.check(model, hp)
     return hp
 
 

@@ -44,7 +44,7 @@ from jaxtyping import Float
 
 from editing.hparams import TargetHparams
 from editing.prepared import PreparedRequest
-from tracing.errors import EditFailed, InvalidInput
+from tracing.errors import EditFailed, InvalidHparams, InvalidInput
 from tracing.forward import (
     capture_block_kwargs,
     capture_states,
@@ -94,6 +94,27 @@ def rewrite_prompts(prepared: Sequence[PreparedRequest]) -> list[RewritePrompt]:
 # --------------------------------------------------------------------------- the runner
 
 
+def check_edit_layer(model: HookedModel, layer: int, loss_layer: int = -1) -> int:
+    """Refuse an edit point with no path to the loss; return the block the loss reads after
+    (exclusive ``stop``).
+
+    The vector is added at the subject's last token, while the loss reads the positions that
+    predict the target, after the prompt. Only attention in a later block can carry the change
+    there, so the edit layer must lie below the loss layer: at the last layer (ROME's v* or
+    MEMIT's z there) the gradient would be zero and the update meaningless.
+    """
+    n = n_layers(model)
+    check_layer(model, layer)
+    stop = n if loss_layer in (-1, n - 1) else check_layer(model, loss_layer) + 1
+    if stop <= layer + 1:
+        raise InvalidHparams(
+            f"edit layer {layer} has no path to the loss read after layer {stop - 1}: no "
+            f"attention lies between the subject and the target positions. Choose a layer "
+            f"in 0..{stop - 2}"
+        )
+    return stop
+
+
 @dataclass
 class _Chunk:
     prompts: list[int]
@@ -135,10 +156,7 @@ class DeltaRunner:
         check_layer(model, layer)
         if hook not in ("mlp_raw", "resid"):
             raise InvalidInput(f"unknown target hook {hook!r}; expected 'mlp_raw' or 'resid'")
-        n = n_layers(model)
-        self.stop = n if loss_layer in (-1, n - 1) else check_layer(model, loss_layer) + 1
-        if self.stop <= layer:
-            raise InvalidInput(f"loss_layer {loss_layer} lies below the edit layer {layer}")
+        self.stop = check_edit_layer(model, layer, loss_layer)
         self.model, self.prompts, self.layer, self.hook = model, list(prompts), layer, hook
         self.start = layer if hook == "mlp_raw" else layer + 1
         if hook == "mlp_raw":

@@ -3,6 +3,7 @@ weights bit-identical, and the ``factscope edit`` command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -131,6 +132,25 @@ def test_bad_input_raises_and_keeps_weights(toy_models, tmp_path, monkeypatch, m
             progress=False,
         )
     assert _unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_edit_layer_without_a_path_to_the_loss_is_refused(toy_models, monkeypatch, method):
+    """At the last layer no attention carries v*/z to the target positions (the gradient is
+    zero): refused before statistics or any weight is touched, naming the layers that work."""
+    import editing.keys as keys
+
+    model = toy_models["gpt2"]
+    last = model.cfg.n_layers - 1
+    monkeypatch.setattr(keys, "layer_second_moments", lambda *a, **k: pytest.fail("stats ran"))
+    before = _weights(model)
+    with pytest.raises(ValueError, match=rf"no path to the loss.*0\.\.{last - 1}"):
+        make_edit(model, [GOOD], method, _hparams(method), layers=[last], progress=False)
+    assert _unchanged(model, before)
+    hp = _hparams(method)  # an earlier loss layer moves the limit down with it
+    hp = dataclasses.replace(hp, target=dataclasses.replace(hp.target, loss_layer=1))
+    with pytest.raises(ValueError, match="no path to the loss"):
+        make_edit(model, [GOOD], method, hp, layers=[1], progress=False)
 
 
 def test_edit_for_another_model_is_refused(toy_models):

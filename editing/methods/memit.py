@@ -41,7 +41,7 @@ from editing.hparams import KeyValueHparams, check_layers
 from editing.keys import DEFAULT_BATCH_TOKENS, layer_stats, subject_keys
 from editing.methods.registry import EditInputs, EditMethod
 from editing.prepared import PreparedRequest
-from editing.targets import compute_targets
+from editing.targets import check_edit_layer, compute_targets
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.forward import capture_states, length_chunks, padded
 from tracing.models import (
@@ -211,6 +211,12 @@ def edit_memit(
     )
 
 
+def check_memit(model: HookedModel, hp: MemitHparams) -> None:
+    """z is optimised after the last edit layer: it needs a path to the loss."""
+    if hp.layers:
+        check_edit_layer(model, max(hp.layers), hp.target.loss_layer)
+
+
 METHOD = EditMethod(
     name="memit",
     hparams=MemitHparams,
@@ -218,4 +224,5 @@ METHOD = EditMethod(
     batched=True,
     uses_templates=True,
     summary="least-squares updates spread over a range of MLP layers, many facts at once",
+    check=check_memit,
 )

@@ -52,7 +52,8 @@ class EditMethod:
     (``hp.context_templates``); otherwise only the bare prompt is used. ``fixed``: fields
     of ``hparams`` this name forces (``ft-l``: ``mode="constrained"``); ``file_defaults``:
     fields it implies when reading a default file (``ft``: no bound). Neither applies when a
-    caller overrides ``mode`` explicitly.
+    caller overrides ``mode`` explicitly. ``check``: refuses hyper-parameters that cannot
+    work on a model (e.g. an edit layer with no path to the loss), before any work.
     """
 
     name: str
@@ -63,6 +64,7 @@ class EditMethod:
     summary: str
     fixed: Mapping[str, Any] = field(default_factory=dict)
     file_defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[HookedModel, Any], None] | None = None
 
     def load_hparams(
         self, model_name: str | None = None, path: str | Path | None = None, **overrides: Any

@@ -34,7 +34,7 @@ from editing.hparams import KeyValueHparams, check_layers
 from editing.keys import layer_stats, subject_keys
 from editing.methods.registry import EditInputs, EditMethod
 from editing.prepared import PreparedRequest
-from editing.targets import compute_targets
+from editing.targets import check_edit_layer, compute_targets
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.models import (
     HookedModel,
@@ -186,6 +186,12 @@ def edit_rome(
     return edits[0] if len(edits) == 1 else Edit.combine(edits, "rome")
 
 
+def check_rome(model: HookedModel, hp: RomeHparams) -> None:
+    """v* is optimised at ``hp.layer``: it needs a path to the loss."""
+    if hp.layer is not None:
+        check_edit_layer(model, hp.layer, hp.target.loss_layer)
+
+
 METHOD = EditMethod(
     name="rome",
     hparams=RomeHparams,
@@ -193,4 +199,5 @@ METHOD = EditMethod(
     batched=False,
     uses_templates=True,
     summary="rank-one update of one MLP down-projection (r-ROME's consistent key by default)",
+    check=check_rome,
 )
