@@ -215,6 +215,14 @@ def load_hf(name_or_path: str) -> tuple[PreTrainedModel, object, str]:
 
     local = Path(name_or_path).expanduser()
     source = str(local) if local.is_dir() else name_or_path
+    if not local.is_dir():
+        here = [row["name"] for row in available_models() if row["status"] != "not installed"]
+        if name_or_path not in here:
+            raise ModelLoadError(
+                f"unknown model {name_or_path!r}: it is neither an embedded model, a local "
+                f"Hugging Face folder, nor a hub id in the local Hugging Face cache (no network "
+                f"is used). Available here: {', '.join(here)} (see `factscope models`)"
+            )
     try:
         with _hub_offline():
             tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
@@ -222,11 +230,9 @@ def load_hf(name_or_path: str) -> tuple[PreTrainedModel, object, str]:
                 source, local_files_only=True, dtype=torch.float32
             )
     except (OSError, ValueError) as exc:
-        known = ", ".join(EMBEDDED_MODELS)
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"cannot load {name_or_path!r} from local files (no network is used): it is neither "
-            f"an embedded model ({known}), a local Hugging Face folder, nor a hub id already in "
-            f"the local Hugging Face cache. Cause: {exc}"
+            f"cannot load {name_or_path!r} from local files (no network is used): {cause}"
         ) from exc
     return model, tok, _official_name(model.config, name_or_path)
 

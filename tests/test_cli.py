@@ -1,0 +1,102 @@
+"""The command line's bad-input table: every case exits 2 with one ``error:`` line naming
+what is wrong, and the cases that can be checked without a model never load one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tracing.models
+from factscope.cli import main
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: these errors must come before any model is loaded."""
+
+    def refuse(*_a, **_k):
+        pytest.fail("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(tracing.models, "load_model", refuse)
+
+
+@pytest.fixture
+def files(tmp_path):
+    existing = tmp_path / "a_file.txt"
+    existing.write_text("not a folder")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    bad_records = tmp_path / "records.json"
+    bad_records.write_text(json.dumps([{"case_id": 0, "prompt": "x"}]))
+    return {"file": str(existing), "bad_json": str(bad_json), "bad_records": str(bad_records)}
+
+
+CASES = {
+    "trace onto an existing file": (
+        ["trace", "The Space Needle is in", "--subject", "The Space Needle", "--out", "{file}"],
+        "is an existing file",
+    ),
+    "eval with an unknown method": (["eval", "--method", "mend"], "unknown editing method"),
+    "eval with a missing dataset": (
+        ["eval", "--dataset", "{file}.missing.json"],
+        "unknown dataset",
+    ),
+    "eval with a malformed dataset names the file": (
+        ["eval", "--dataset", "{bad_json}", "--method", "none"],
+        "bad.json",
+    ),
+    "eval with malformed records names the file": (
+        ["eval", "--dataset", "{bad_records}", "--method", "none"],
+        "records.json",
+    ),
+    "eval with bad layers": (["eval", "--layers", "five"], "bad layer spec"),
+    "eval with n < 1": (["eval", "--n", "0"], "n and batch must be at least 1"),
+    "edit with an unknown method": (
+        ["edit", "--requests", "{bad_json}", "--method", "mend", "--out", "x"],
+        "unknown editing method",
+    ),
+    "edit with a missing requests file": (
+        ["edit", "--requests", "{file}.nope", "--method", "rome", "--out", "x"],
+        "does not exist",
+    ),
+    "edit with malformed requests": (
+        ["edit", "--requests", "{bad_json}", "--method", "rome", "--out", "x"],
+        "not valid JSON",
+    ),
+    "stats with bad layers": (["stats", "--layers", "1-x"], "bad layer spec"),
+    "trace-dataset with a missing facts file": (
+        ["trace-dataset", "--facts", "{file}.nope"],
+        "does not exist",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_needs_no_model(case, files, no_model_load, capsys):
+    argv, message = CASES[case]
+    code = main([a.format(**files) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_unknown_model_lists_what_can_be_loaded(capsys):
+    assert main(["predict", "x", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model 'no-such-model'") and err.count("\n") == 1
+    assert "internet" not in err and "Available here:" in err
+
+
+def test_a_bug_is_not_hidden_as_bad_input(monkeypatch):
+    """Only factscope's own errors become one-line messages; anything else keeps its
+    traceback (here: a KeyError raised by a broken command)."""
+    import factscope.cli.models as cli_models
+
+    def broken(_args):
+        raise KeyError("x")
+
+    monkeypatch.setattr(cli_models, "cmd_models", broken)
+    with pytest.raises(KeyError):
+        main(["models"])
