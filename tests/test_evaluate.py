@@ -334,13 +334,13 @@ def test_zsre_cases(toy_models, tmp_path):
     )
     assert s.n == 2 and fake.calls == [[0], [1]] and not s.only_known
     assert set(s.edited) == {"efficacy_acc", "paraphrase_acc", "specificity_acc"}
-    label, task, cases = load_cases("zsre")  # the shipped sample: two records lack a target
-    assert (
-        label == "zsre"
-        and task.kind == "zsre"
-        and len(cases) == 998
-        and {534, 723}.isdisjoint(c.case_id for c in cases)
-    )
+    # ROME and MEMIT edit toward the first gold answer; MEND's "alt" is a named option
+    label, task, cases = load_cases("zsre")
+    assert label == "zsre" and task.kind == "zsre" and len(cases) == 1000
+    assert all(c.record.target_new == c.record.answers[0] for c in cases)
+    label, task, alt = load_cases("zsre-alt")  # records 534 and 723 have an empty alt
+    assert len(alt) == 998 and {534, 723}.isdisjoint(c.case_id for c in alt)
+    assert sum(c.record.target_new != c.record.answers[0] for c in alt) > 900
 
 
 def test_plot_data_and_scaling_points(toy_models, cf_path, tmp_path):

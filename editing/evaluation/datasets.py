@@ -161,16 +161,27 @@ class ZsreRecord:
     extra: dict = field(default_factory=dict, compare=False)
 
 
-def parse_zsre(rec: Any, index: int = 0) -> ZsreRecord:
-    """Parse one zsRE record; errors name the record."""
+#: What a zsRE edit writes: ``answers`` (ROME's and MEMIT's zsRE: the first gold answer) or
+#: ``alt`` (MEND's and EasyEdit's alternative answer).
+ZSRE_TARGETS = ("answers", "alt")
+
+
+def parse_zsre(rec: Any, index: int = 0, target: str = "answers") -> ZsreRecord:
+    """Parse one zsRE record; ``target_new`` is ``answers[0]`` (ROME and MEMIT) or, with
+    ``target="alt"``, MEND's ``alt``. Errors name the record."""
     where = f"zsRE record {index}"
+    if target not in ZSRE_TARGETS:
+        raise InvalidInput(f"unknown zsRE target {target!r}; expected one of {ZSRE_TARGETS}")
     _require(rec, ("subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans"), where)
-    if not str(rec["alt"]).strip():
-        raise InvalidInput(f"{where}: empty target 'alt'")
+    if not rec["answers"] or not str(rec["answers"][0]).strip():
+        raise InvalidInput(f"{where}: no answer")
+    new = rec["answers"][0] if target == "answers" else rec["alt"]
+    if not str(new).strip():
+        raise InvalidInput(f"{where}: empty target {target!r}")
     return ZsreRecord(
         subject=rec["subject"],
         question=rec["src"],
-        target_new=rec["alt"],
+        target_new=new,
         answers=tuple(rec["answers"]),
         rephrase=rec["rephrase"],
         loc_question=rec["loc"],
@@ -179,13 +190,16 @@ def parse_zsre(rec: Any, index: int = 0) -> ZsreRecord:
     )
 
 
-def load_zsre(path: str | Path | None = None, *, eval_sample: bool = False) -> list[ZsreRecord]:
-    """Load zsRE. Default: the 1,000 shipped records (MEND train split sample);
-    ``eval_sample=True``: the 5 shipped eval records; ``path``: any JSON list of that shape."""
+def load_zsre(
+    path: str | Path | None = None, *, eval_sample: bool = False, target: str = "answers"
+) -> list[ZsreRecord]:
+    """Load zsRE. Default: the 1,000 shipped records (a sample of MEND's *train* split; ROME
+    and MEMIT report MEND's *eval* split, of which 5 records ship as ``eval_sample=True``);
+    ``path``: any JSON list of that shape. ``target``: see :data:`ZSRE_TARGETS`."""
     if path is not None:
         src = Path(path)
     else:
         src = data_path(
             "zsre_mend_eval_first5.json.gz" if eval_sample else "zsre_mend_train_1k.json.gz"
         )
-    return _parse_all(src, parse_zsre, "zsRE")
+    return _parse_all(src, lambda r, i: parse_zsre(r, i, target), "zsRE")

@@ -44,7 +44,7 @@ from tracing.models import HookedModel, target_ids
 log = logging.getLogger(__name__)
 
 KNOWN_RULES = ("prefers", "top1")
-DATASETS = ("counterfact", "counterfact-full", "zsre")
+DATASETS = ("counterfact", "counterfact-full", "zsre", "zsre-alt")
 
 
 @dataclass(frozen=True)
@@ -200,21 +200,24 @@ class ZsreTask:
 TASKS: dict[str, Task] = {"counterfact": CounterFactTask(), "zsre": ZsreTask()}
 
 
-def _shipped_zsre() -> list[Case]:
-    """The shipped zsRE sample, leaving out its records with an empty new target (records
-    534 and 723 of the MEND file have ``alt == ""``); case ids are file indices."""
+def _shipped_zsre(target: str) -> list[Case]:
+    """The shipped zsRE sample (case ids are file indices) editing toward ``target``
+    (``answers``: ROME's and MEMIT's; ``alt``: MEND's, where records 534 and 723 have an empty
+    ``alt`` and are left out)."""
     with gzip.open(data_path("zsre_mend_train_1k.json.gz"), "rt", encoding="utf-8") as f:
         raw = json.load(f)
-    empty = [i for i, r in enumerate(raw) if isinstance(r, dict) and not str(r.get("alt")).strip()]
+    key = "alt" if target == "alt" else None
+    empty = [i for i, r in enumerate(raw) if key and not str(r.get(key)).strip()]
     if empty:
-        log.info("shipped zsRE: records %s have an empty target and are left out", empty)
-    return [Case(i, parse_zsre(r, i)) for i, r in enumerate(raw) if i not in empty]
+        log.info("shipped zsRE: records %s have an empty %s and are left out", empty, key)
+    return [Case(i, parse_zsre(r, i, target)) for i, r in enumerate(raw) if i not in empty]
 
 
 def load_cases(dataset: str | Path) -> tuple[str, Task, list[Case]]:
     """(label, task, cases) for ``"counterfact"`` (21,919 shipped cases), ``"counterfact-full"``
-    (5 full-form records), ``"zsre"`` (the 998 usable of 1,000 shipped records) or a JSON
-    path (a list of CounterFact-shaped records, full or reduced; zsRE-shaped lists work too).
+    (5 full-form records), ``"zsre"`` (1,000 shipped records, editing toward ``answers[0]``
+    as ROME and MEMIT do), ``"zsre-alt"`` (the 998 with a non-empty ``alt``, editing toward
+    it as MEND and EasyEdit do) or a JSON path (a list of CounterFact-shaped records, full or reduced; zsRE-shaped lists work too).
     Empty or malformed data raise an :class:`~tracing.errors.InvalidInput` naming the file
     and record."""
     name = str(dataset)
@@ -223,8 +226,8 @@ def load_cases(dataset: str | Path) -> tuple[str, Task, list[Case]]:
         return name, cf, [Case(r.case_id, r) for r in load_counterfact()]
     if name == "counterfact-full":
         return name, cf, [Case(r.case_id, r) for r in load_counterfact(full_sample=True)]
-    if name == "zsre":
-        return name, TASKS["zsre"], _shipped_zsre()
+    if name in ("zsre", "zsre-alt"):
+        return name, TASKS["zsre"], _shipped_zsre("alt" if name == "zsre-alt" else "answers")
     path = Path(dataset)
     if not path.is_file():
         raise InvalidInput(f"unknown dataset {name!r}: expected one of {list(DATASETS)} or a file")
