@@ -217,7 +217,8 @@ def load_cases(dataset: str | Path) -> tuple[str, Task, list[Case]]:
     """(label, task, cases) for ``"counterfact"`` (21,919 shipped cases), ``"counterfact-full"``
     (5 full-form records), ``"zsre"`` (1,000 shipped records, editing toward ``answers[0]``
     as ROME and MEMIT do), ``"zsre-alt"`` (the 998 with a non-empty ``alt``, editing toward
-    it as MEND and EasyEdit do) or a JSON path (a list of CounterFact-shaped records, full or reduced; zsRE-shaped lists work too).
+    it as MEND and EasyEdit do) or a JSON path (a list of CounterFact-shaped records, full or
+    reduced; zsRE-shaped lists work too).
     Empty or malformed data raise an :class:`~tracing.errors.InvalidInput` naming the file
     and record."""
     name = str(dataset)
