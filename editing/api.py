@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from editing.context import context_templates as model_templates
+from editing.context import context_template_groups
 from editing.edit import Edit
 from editing.hparams import Hparams, KeyValueHparams
 from editing.keys import Stats
@@ -82,7 +82,7 @@ def make_edit(
     *,
     layers: Sequence[int] | None = None,
     stats: Stats | None = None,
-    context_templates: Sequence[str] | None = None,
+    context_templates: Sequence[str] | Sequence[Sequence[str]] | None = None,
     progress: bool = True,
 ) -> Edit:
     """Compute an edit of ``requests`` with ``method`` and return it; the model is unchanged.
@@ -91,20 +91,21 @@ def make_edit(
     with the previous ones applied, as sequential ROME does) and returns one combined Edit;
     ``memit`` edits all requests at once; ``ft-l`` / ``ft`` / ``mixed`` fine-tune.
     ``hparams``: see :func:`resolve_hparams`; ``stats`` (ROME/MEMIT): precomputed E[k k^T] by
-    layer; ``context_templates`` (ROME/MEMIT): your own templates instead of the
-    model-generated ones. Bad input raises a :class:`~tracing.errors.FactscopeError` before
-    any weight changes; any failure part-way restores the weights exactly.
+    layer; ``context_templates`` (ROME/MEMIT): your own templates (a list, or a list of
+    groups) instead of the model-generated ones. Bad input raises a
+    :class:`~tracing.errors.FactscopeError` before any weight changes; any failure part-way
+    restores the weights exactly.
     """
     spec = get_method(method)
     batch = [requests] if isinstance(requests, EditRequest) else list(requests)
     hp = resolve_hparams(model, spec.name, hparams, layers)
-    templates: Sequence[str] = ("{}",)
+    templates: Sequence[str] | Sequence[Sequence[str]] = ("{}",)
     if spec.uses_templates:
         if context_templates is not None:
             templates = context_templates
         else:
             assert isinstance(hp, KeyValueHparams), "template methods use KeyValueHparams"
-            templates = model_templates(model, hp.context_templates)
+            templates = context_template_groups(model, hp.context_templates)
     prepared = prepare_requests(model, batch, templates)
     touched = hp.layers
     before = {L: down_proj(model, L).detach().clone() for L in touched}

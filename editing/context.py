@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ from tracing.models import HookedModel, fingerprint, tokenize
 log = logging.getLogger(__name__)
 
 PREFIXES: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: templates stored by group
 
 
 def check_templates(templates: Sequence[str]) -> list[str]:
@@ -108,7 +109,7 @@ def generate_texts(
     return [model.tokenizer.decode(row[bos:].tolist(), skip_special_tokens=True) for row in toks]
 
 
-def context_templates(
+def context_template_groups(
     model: HookedModel,
     length_params: Sequence[tuple[int, int]] | Sequence[Sequence[int]] = ((5, 10), (10, 10)),
     *,
@@ -116,14 +117,15 @@ def context_templates(
     top_k: int = 5,
     cache: bool = True,
     cache_dir: Path | None = None,
-) -> list[str]:
-    """The model's own context templates: ``["{}", "<text>. {}", ...]``.
-
-    ``length_params`` lists ``(length, count)`` pairs as in ROME's hyper-parameters: ``count``
-    texts of ``length`` tokens each, spread over the prefixes The / Therefore / Because / I /
-    You. Generation is seeded (``seed``) and the result is cached on disk (``cache_dir``,
-    default ``tracing.loading.cache_dir()/context``) per model fingerprint and settings, so the
-    same model always gets the same templates. Braces in generated text become spaces.
+) -> list[list[str]]:
+    """The model's own context templates by group: ``[["{}"], [<texts of the first length>.
+    {}, ...], ...]``, one group per ``(length, count)`` pair of ``length_params`` (as in ROME's
+    and MEMIT's hyper-parameters): ``count`` texts of ``length`` tokens each, spread over the
+    prefixes The / Therefore / Because / I / You. MEMIT averages keys per group first
+    (:func:`editing.keys.subject_keys`). Generation is seeded (``seed``) and the result is
+    cached on disk (``cache_dir``, default ``tracing.loading.cache_dir()/context``) per model
+    fingerprint and settings, so the same model always gets the same templates. Braces in
+    generated text become spaces; a template repeated in a later group is dropped there.
     """
     params = [(int(a), int(b)) for a, b in length_params]
     for length, count in params:
@@ -133,22 +135,40 @@ def context_templates(
     path = folder / f"{_settings_key(model, params, seed, top_k)}.json"
     if cache and path.is_file():
         try:
-            return check_templates(json.loads(path.read_text())["templates"])
-        except (OSError, ValueError, KeyError):
+            stored = json.loads(path.read_text())["groups"]
+            check_templates([t for g in stored for t in g])
+            return [list(g) for g in stored]
+        except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring unreadable context-template cache %s", path)
     gen = torch.Generator().manual_seed(seed)
-    texts: list[str] = []
+    groups: list[list[str]] = [["{}"]]
+    seen = {"{}"}
     for length, count in params:
+        texts: list[str] = []
         for i, prefix in enumerate(PREFIXES):
             n = count // len(PREFIXES) + (1 if i < count % len(PREFIXES) else 0)
             texts += generate_texts(model, prefix, n, length, generator=gen, top_k=top_k)
-    templates = check_templates(
-        [t.replace("{", " ").replace("}", " ").replace("\n", " ") + ". {}" for t in texts]
-    )
+        group = []
+        for t in texts:
+            template = t.replace("{", " ").replace("}", " ").replace("\n", " ") + ". {}"
+            if template not in seen:
+                seen.add(template)
+                group.append(template)
+        if group:
+            groups.append(group)
+    check_templates([t for g in groups for t in g])
     if cache:
-        payload = {
-            "settings": {"lengths": params, "seed": seed, "top_k": top_k},
-            "templates": templates,
-        }
+        payload = {"settings": {"lengths": params, "seed": seed, "top_k": top_k}, "groups": groups}
         write_json_atomic(path, payload)
-    return templates
+    return groups
+
+
+def context_templates(
+    model: HookedModel,
+    length_params: Sequence[tuple[int, int]] | Sequence[Sequence[int]] = ((5, 10), (10, 10)),
+    **kwargs: Any,
+) -> list[str]:
+    """The model's own context templates as one list, ``["{}", "<text>. {}", ...]`` (see
+    :func:`context_template_groups`, which takes the same keyword arguments)."""
+    groups = context_template_groups(model, length_params, **kwargs)
+    return [t for g in groups for t in g]

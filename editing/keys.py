@@ -12,7 +12,9 @@ they are weighed by.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -29,6 +31,9 @@ Stats = Mapping[int, SecondMoment | torch.Tensor] | SecondMoment | torch.Tensor
 
 DEFAULT_BATCH_TOKENS = 4096
 
+#: How a request's key averages its prompts (see :func:`subject_keys`).
+KeyWeighting = Literal["uniform", "group_mean"]
+
 
 def subject_keys(
     model: HookedModel,
@@ -36,30 +41,47 @@ def subject_keys(
     layer: int,
     *,
     templated: bool = True,
+    weighting: KeyWeighting = "uniform",
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
 ) -> Float[torch.Tensor, "n d_mlp"]:
     """Per request, the mean over its prepared prompts of the MLP key at the subject's last
-    token (``templated=False``: the bare prompt's key only). Forward passes stop right after
-    ``layer``; the model's current weights are used. The mean is taken in float64."""
+    token (``templated=False``: the bare prompt's key only). ``weighting="uniform"``: every
+    prompt weighs the same (ROME's ``compute_u``); ``"group_mean"``: the mean of each
+    context-template group first, then the mean of the groups (MEMIT's ``compute_ks``: the bare
+    prompt, a group of its own, weighs 1/groups). Forward passes stop right after ``layer``;
+    the model's current weights are used. Means are taken in float64."""
     name = hook_name(model, "mlp_key", layer)
     items = [
         (r, t.ids, t.subject_last)
         for r, p in enumerate(prepared)
         for t in (p.prompts if templated else p.prompts[:1])
     ]
+    weights = [
+        w
+        for p in prepared
+        for w in _prompt_weights(p, weighting if templated else "uniform", templated)
+    ]
     sums = torch.zeros(len(prepared), mlp_width(model), dtype=torch.float64)
-    counts = torch.zeros(len(prepared), dtype=torch.float64)
     for chunk in length_chunks([len(ids) for _, ids, _ in items], max_batch_tokens):
         batch = [items[i] for i in chunk]
         keys = capture_states(model, padded([ids for _, ids, _ in batch]), [name], name)[name]
         rows = keys[torch.arange(len(batch)), torch.tensor([lk for _, _, lk in batch])]
         owners = torch.tensor([r for r, _, _ in batch])
-        sums.index_add_(0, owners, rows.double())
-        counts.index_add_(0, owners, torch.ones(len(batch), dtype=torch.float64))
-    keys = (sums / counts[:, None]).to(down_proj(model, layer).dtype)
+        w = torch.tensor([weights[i] for i in chunk], dtype=torch.float64)
+        sums.index_add_(0, owners, rows.double() * w[:, None])
+    keys = sums.to(down_proj(model, layer).dtype)
     if not torch.isfinite(keys).all():
         raise EditFailed(f"layer {layer}: non-finite MLP keys for the edit prompts")
     return keys
+
+
+def _prompt_weights(p: PreparedRequest, weighting: KeyWeighting, templated: bool) -> list[float]:
+    """The weight of each of a request's prompts in its key (they sum to 1)."""
+    prompts = p.prompts if templated else p.prompts[:1]
+    if weighting == "uniform":
+        return [1.0 / len(prompts)] * len(prompts)
+    sizes = Counter(t.group for t in prompts)
+    return [1.0 / (len(sizes) * sizes[t.group]) for t in prompts]
 
 
 def second_moment(stats: Stats | None, layer: int) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from editing.context import check_templates, fill_template
 from editing.requests import EditRequest, validate_requests
+from tracing.errors import InvalidInput
 from tracing.facts import tokenize_fact
 from tracing.models import HookedModel, target_ids
 
@@ -30,6 +31,7 @@ class TemplatedPrompt:
     template: str
     ids: tuple[int, ...]
     subject_last: int
+    group: int = 0  # context-template group (0: the bare prompt)
 
 
 @dataclass(frozen=True)
@@ -57,26 +59,50 @@ def _subject_ids(
     return tuple(fact.ids), fact.subject_last
 
 
-def templated_prompt(model: HookedModel, request: EditRequest, template: str) -> TemplatedPrompt:
+def templated_prompt(
+    model: HookedModel, request: EditRequest, template: str, group: int = 0
+) -> TemplatedPrompt:
     """``template`` filled with ``request``'s prompt, tokenised, with the subject-last index
     of the subject occurrence that the request's ``{}`` stands for."""
     text = fill_template(template, request.prompt)
     char_start = template.find("{}") + request.template.find("{}")
     ids, last = _subject_ids(model, text, request.subject, char_start)
-    return TemplatedPrompt(template, ids, last)
+    return TemplatedPrompt(template, ids, last, group)
+
+
+def template_groups(templates: Sequence[str] | Sequence[Sequence[str]]) -> list[list[str]]:
+    """Context templates as groups, the bare ``"{}"`` alone first: a flat list of templates
+    is one group after it (what a user passes); a list of lists is taken as the groups (what
+    :func:`editing.context.context_template_groups` makes). Repeats are dropped."""
+    if isinstance(templates, str):
+        raise InvalidInput("context templates must be a list of strings, not one string")
+    items = list(templates)
+    nested: list[list[str]]
+    if items and not isinstance(items[0], str):
+        nested = [[str(t) for t in g] for g in items]
+    else:
+        nested = [[str(t) for t in items]]
+    seen = {"{}"}
+    groups: list[list[str]] = [["{}"]]
+    for group in nested:
+        kept = [t for t in check_templates(group) if t not in seen]
+        seen.update(kept)
+        if kept:
+            groups.append(kept)
+    return groups
 
 
 def prepare_requests(
     model: HookedModel,
     requests: Sequence[EditRequest],
-    templates: Sequence[str] = ("{}",),
+    templates: Sequence[str] | Sequence[Sequence[str]] = ("{}",),
 ) -> list[PreparedRequest]:
     """Validate ``requests`` against ``model`` (an :class:`~tracing.errors.InvalidRequest`
     names the first bad one) and tokenise each in every context template (the bare ``"{}"``
-    is always first; see :func:`editing.context.check_templates`)."""
+    is always first; ``templates`` flat or by group, see :func:`template_groups`)."""
     requests = list(requests)
     validate_requests(model, requests)
-    checked = check_templates([t for t in templates if t != "{}"])
+    groups = template_groups(templates)
     out = []
     for req in requests:
         kl_ids, kl_last = _subject_ids(model, KL_TEMPLATE.format(req.subject), req.subject, 0)
@@ -84,7 +110,11 @@ def prepare_requests(
             PreparedRequest(
                 request=req,
                 target=tuple(target_ids(model, req.target_new)),
-                prompts=tuple(templated_prompt(model, req, t) for t in checked),
+                prompts=tuple(
+                    templated_prompt(model, req, t, g)
+                    for g, group in enumerate(groups)
+                    for t in group
+                ),
                 kl=TemplatedPrompt(KL_TEMPLATE, kl_ids, kl_last),
             )
         )

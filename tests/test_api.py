@@ -175,8 +175,8 @@ def test_resolve_hparams(toy_models):
     model = toy_models["gpt2"]
     hp = resolve_hparams(model, "rome", {"layer": 2, "num_steps": 3})
     assert isinstance(hp, RomeHparams) and hp.layer == 2 and hp.target.num_steps == 3
-    hp = resolve_hparams(model, "memit", _hparams("memit"), layers=[0, 3])
-    assert hp.layers == [0, 3]
+    hp = resolve_hparams(model, "memit", _hparams("memit"), layers=[0, 2])
+    assert hp.layers == [0, 2]
     hp = resolve_hparams(model, "ft", _hparams("ft-l"))
     assert hp.mode == "unconstrained"
     with pytest.raises(ValueError, match="exactly one layer"):

@@ -10,10 +10,10 @@ import editing.methods.memit as memit_mod
 from editing.api import make_edit
 from editing.hparams import TargetHparams
 from editing.methods.memit import MemitHparams, norm_aware_targets
+from editing.objective import compute_targets
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
 from editing.stats import layer_second_moments
-from editing.targets import compute_targets
 from tracing.facts import tokenize_fact
 from tracing.models import down_proj, hook_name, post_mlp_norm
 
@@ -79,7 +79,10 @@ def test_one_request_one_layer_matches_closed_form(toy_model, stats):
     )
     req = REQS[0]
     key_name = hook_name(toy_model, "mlp_key", L)
-    k = torch.stack([_state(toy_model, req, [key_name], t)[0] for t in TEMPLATES]).mean(0)
+    # MEMIT's compute_ks: the mean of each context-template group, then of the groups (the
+    # bare prompt is a group of its own)
+    keys = [_state(toy_model, req, [key_name], t)[0] for t in TEMPLATES]
+    k = (keys[0] + torch.stack(keys[1:]).mean(0)) / 2
     y, m, h = _state(
         toy_model,
         req,

@@ -137,7 +137,7 @@ def test_network_guard_blocks_connections():
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
-    with pytest.raises(M.ModelLoadError, match="local files"):
+    with pytest.raises(M.ModelLoadError, match="unknown model .*no-such-model.*Available here"):
         M.load_model(str(tmp_path / "no-such-model"))
 
 

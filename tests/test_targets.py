@@ -7,9 +7,10 @@ import torch
 
 from editing.context import check_templates, context_templates
 from editing.hparams import TargetHparams
+from editing.objective import compute_targets
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from editing.targets import DeltaRunner, compute_targets, rewrite_prompts
+from editing.targets import DeltaRunner, rewrite_prompts
 from tracing.facts import tokenize_fact
 from tracing.models import down_proj, final_logits, hook_name, target_ids
 

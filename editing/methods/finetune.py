@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import no_type_check
 
 import torch
 from jaxtyping import Float
@@ -60,6 +61,8 @@ METHOD_NAMES = {"constrained": "ft-l", "unconstrained": "ft", "mixed": "mixed"}
 NEUTRAL_SEED = 0
 
 
+# Checked by its own __post_init__ (messages name the field), not by run-time type hooks.
+@no_type_check
 @dataclass
 class FTHparams(Hparams):
     """Fine-tuning of the down-projections of ``layers`` (Zhu et al. 2020).

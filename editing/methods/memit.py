@@ -32,16 +32,18 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import no_type_check
 
 import torch
 from jaxtyping import Float
 
 from editing.edit import Edit, LayerDelta
 from editing.hparams import KeyValueHparams, check_layers
-from editing.keys import DEFAULT_BATCH_TOKENS, layer_stats, subject_keys
+from editing.keys import DEFAULT_BATCH_TOKENS, KeyWeighting, layer_stats, subject_keys
 from editing.methods.registry import EditInputs, EditMethod
+from editing.objective import compute_targets
 from editing.prepared import PreparedRequest
-from editing.targets import check_edit_layer, compute_targets
+from editing.targets import check_edit_layer
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.forward import capture_states, length_chunks, padded
 from tracing.models import (
@@ -57,22 +59,32 @@ from tracing.models import (
 log = logging.getLogger(__name__)
 
 
+# Checked by its own __post_init__ (messages name the field), not by run-time type hooks.
+@no_type_check
 @dataclass
 class MemitHparams(KeyValueHparams):
     """MEMIT: least-squares updates of the down-projections of ``layers`` (lambda =
     ``mom2_update_weight`` times the per-token second moment). ``norm_aware``: account for a
     norm between the down-projection and the residual add (Gemma) when spreading the residual.
-    ``layers`` None (only in ``_default`` files): the caller must choose the layers."""
+    ``layers`` None (only in ``_default`` files): the caller must choose the layers.
+    ``key_weighting``: ``"group_mean"`` averages each context-template group's keys first and
+    then the groups (MEMIT's code: the bare prompt weighs 1/groups); ``"uniform"`` weighs every
+    prompt the same (factscope's earlier form)."""
 
     family = "memit"
 
     layers: list[int] | None = None  # type: ignore[assignment]
     mom2_update_weight: float = 15000.0
     norm_aware: bool = True
+    key_weighting: KeyWeighting = "group_mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.layers = check_layers("layers", self.layers)
+        if self.key_weighting not in ("group_mean", "uniform"):
+            raise InvalidHparams(
+                f"key_weighting must be 'group_mean' or 'uniform', got {self.key_weighting!r}"
+            )
 
 
 def norm_gain(norm, d_model: int) -> Float[torch.Tensor, " d_model"]:
@@ -142,7 +154,7 @@ def edit_memit(
     diag: list[dict] = []
     resid_name = hook_name(model, "resid", last)
     for i, L in enumerate(layers):
-        keys = subject_keys(model, prepared, L).double()
+        keys = subject_keys(model, prepared, L, weighting=hp.key_weighting).double()
         norm = post_mlp_norm(model, L) if hp.norm_aware else None
         names = [resid_name]
         if norm is not None:

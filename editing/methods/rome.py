@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import no_type_check
 
 import torch
 from jaxtyping import Float
@@ -33,8 +34,9 @@ from editing.edit import Edit, LayerDelta
 from editing.hparams import KeyValueHparams, check_layers
 from editing.keys import layer_stats, subject_keys
 from editing.methods.registry import EditInputs, EditMethod
+from editing.objective import compute_targets
 from editing.prepared import PreparedRequest
-from editing.targets import check_edit_layer, compute_targets
+from editing.targets import check_edit_layer
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.models import (
     HookedModel,
@@ -48,6 +50,8 @@ from tracing.models import (
 log = logging.getLogger(__name__)
 
 
+# Checked by its own __post_init__ (messages name the field), not by run-time type hooks.
+@no_type_check
 @dataclass
 class RomeHparams(KeyValueHparams):
     """ROME: one rank-one update of the down-projection of ``layer``.
