@@ -73,6 +73,12 @@ def toy_models(toy_dirs):
 
 
 @pytest.fixture(params=ARCHS)
+def toy_arch(request) -> str:
+    """Each tiny architecture's name in turn (for tests that need its folder and bridge)."""
+    return request.param
+
+
+@pytest.fixture(params=ARCHS)
 def toy_model(request, toy_models):
     """Each tiny architecture in turn."""
     return toy_models[request.param]

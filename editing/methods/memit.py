@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import no_type_check
 
@@ -130,26 +130,19 @@ def _plain_states(
     return {n: torch.cat(rows[n])[inverse] for n in names}
 
 
-def edit_memit(
+def layer_updates(
     model: HookedModel,
     prepared: Sequence[PreparedRequest],
     hp: MemitHparams,
-    inputs: EditInputs,
-) -> Edit:
-    """A MEMIT edit of all ``prepared`` requests over ``hp.layers`` (see the module
-    docstring). The weights change while the layers are processed; the caller restores
-    them (:func:`editing.api.make_edit` does)."""
-    if not hp.layers:
-        raise InvalidHparams("MEMIT needs layers: set hp.layers (or pass layers=[...])")
-    layers = sorted(check_layer(model, int(L)) for L in hp.layers)
-    moms = layer_stats(model, layers, hp, given=inputs.stats, progress=inputs.progress)
+    z: Float[torch.Tensor, "n d_model"],
+    moms: Mapping[int, torch.Tensor],
+) -> tuple[list[LayerDelta], list[dict]]:
+    """MEMIT's step 2 for targets ``z`` at the residual after the last of ``hp.layers``:
+    each layer's least-squares update in ascending order, added to the weights as it is made
+    (the caller restores them); returns the deltas and per-layer diagnostics."""
+    layers = sorted(check_layer(model, int(L)) for L in hp.layers or [])
     last = layers[-1]
-    t0 = time.perf_counter()
-    res = compute_targets(
-        model, prepared, layer=last, hook="resid", hp=hp.target, progress=inputs.progress
-    )
-    z = res.targets.double()
-    t1 = time.perf_counter()
+    z = z.double()
     deltas: list[LayerDelta] = []
     diag: list[dict] = []
     resid_name = hook_name(model, "resid", last)
@@ -202,6 +195,28 @@ def edit_memit(
         with torch.no_grad():
             weight.add_(upd)
         deltas.append(delta)
+    return deltas, diag
+
+
+def edit_memit(
+    model: HookedModel,
+    prepared: Sequence[PreparedRequest],
+    hp: MemitHparams,
+    inputs: EditInputs,
+) -> Edit:
+    """A MEMIT edit of all ``prepared`` requests over ``hp.layers`` (see the module
+    docstring). The weights change while the layers are processed; the caller restores
+    them (:func:`editing.api.make_edit` does)."""
+    if not hp.layers:
+        raise InvalidHparams("MEMIT needs layers: set hp.layers (or pass layers=[...])")
+    layers = sorted(check_layer(model, int(L)) for L in hp.layers)
+    moms = layer_stats(model, layers, hp, given=inputs.stats, progress=inputs.progress)
+    t0 = time.perf_counter()
+    res = compute_targets(
+        model, prepared, layer=layers[-1], hook="resid", hp=hp.target, progress=inputs.progress
+    )
+    t1 = time.perf_counter()
+    deltas, diag = layer_updates(model, prepared, hp, res.targets, moms)
     meta = {
         "layers": diag,
         "nll_before": res.nll_before,
