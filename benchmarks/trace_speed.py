@@ -1,9 +1,12 @@
 """Benchmark: a full three-kind causal trace of one fact, fast engine vs the reference
 algorithm (same noise), on the embedded model and on a GPT-2-small-sized random model.
 
-Prints seconds for each engine, the speed-up and the largest probability difference.
+Prints seconds for each engine, the speed-up and the largest probability difference. With
+``--fast-only`` the reference engine is not run: the embedded model's trace is compared with
+the papers' own code instead (417 s here and its arrays: tests/anchors, docs/ANCHORS.md).
 
     .venv/bin/python benchmarks/trace_speed.py [--skip-gemma] [--skip-gpt2] [--samples 10]
+    .venv/bin/python benchmarks/trace_speed.py --fast-only --skip-gpt2
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +25,29 @@ from tracing.trace import trace_fact
 
 PROMPT = "The Space Needle is located in the city of"
 SUBJECT = "The Space Needle"
+ANCHORS = Path(__file__).resolve().parents[1] / "tests" / "anchors"
+PAPERS_CODE_SECONDS = 417.0  # the papers' causal_trace.py, same trace, this machine (anchors)
+
+
+def bench_against_anchors(model, samples: int) -> dict:
+    """The fast engine's trace of the anchor fact, timed, against the papers' code's arrays."""
+    t0 = time.perf_counter()
+    result = trace_fact(model, PROMPT, SUBJECT, " Seattle", samples=samples, seed=1)
+    seconds = time.perf_counter() - t0
+    names = {"resid": "hidden", "mlp": "mlp", "attn": "attn"}
+    max_dp = max(
+        float(np.abs(result.scores[k] - np.load(ANCHORS / f"gemma_scores_{n}.npy")).max())
+        for k, n in names.items()
+    )
+    print(f"gemma-3-270m: fast engine {seconds:.1f} s", flush=True)
+    return {
+        "model": "gemma-3-270m",
+        "tokens": len(result.tokens),
+        "fast": seconds,
+        "reference": PAPERS_CODE_SECONDS,
+        "speedup": PAPERS_CODE_SECONDS / seconds,
+        "max_dp": max_dp,
+    }
 
 
 def bench(model, label: str, samples: int, noise) -> dict:
@@ -48,13 +75,22 @@ def main() -> None:
     ap.add_argument("--skip-gpt2", action="store_true")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--fast-only",
+        action="store_true",
+        help="embedded model: compare with the papers' code (anchors) instead of running the "
+        "reference engine",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     if not args.skip_gemma:
         model = load_model("gemma-3-270m")
         trace_fact(model, PROMPT, SUBJECT, samples=1, kinds=("resid",))  # warm up, sigma cache
-        rows.append(bench(model, "gemma-3-270m", args.samples, "3s"))
+        if args.fast_only:
+            rows.append(bench_against_anchors(model, args.samples))
+        else:
+            rows.append(bench(model, "gemma-3-270m", args.samples, "3s"))
         del model
     if not args.skip_gpt2:
         with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +102,8 @@ def main() -> None:
         f"\nfull trace (resid + mlp + attn), {args.samples} noise samples, "
         f"{torch.get_num_threads()} threads"
     )
-    print("| model | tokens | fast s | reference s | speed-up | max abs dp |")
+    reference = "papers' code s (anchor)" if args.fast_only else "reference s"
+    print(f"| model | tokens | fast s | {reference} | speed-up | max abs dp |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
