@@ -432,3 +432,21 @@ def test_rome_edit_raises_efficacy_on_a_known_case(gemma, tmp_path):
     assert s.edited["efficacy_success"] == 1.0
     assert s.layers == [load_hparams("rome", "gemma-3-270m").layer]  # the layer edited
     assert all(torch.equal(down_proj(gemma, L), before[L]) for L in range(18))  # restored
+
+
+def test_tuning_split_is_left_out_of_evaluation_and_used_alone_for_tuning():
+    from editing.evaluation.tasks import split_cases, tuning_case_ids
+
+    label, _, cases = load_cases("counterfact")
+    tuning = tuning_case_ids()
+    assert {0, 1, 4, 5, 6, 7, 13, 14, 16, 21} <= tuning  # what the first Gemma defaults saw
+    assert all(i % 20 == 0 for i in tuning - {0, 1, 4, 5, 6, 7, 13, 14, 16, 21})
+    ev = split_cases(label, cases, "eval")
+    tu = split_cases(label, cases, "tuning")
+    assert len(ev) + len(tu) == len(cases) == 21919 and len(tu) == len(tuning)
+    assert not {c.case_id for c in ev} & tuning and {c.case_id for c in tu} == tuning
+    assert split_cases("zsre", cases[:3], "eval") == cases[:3]  # no split outside CounterFact
+    with pytest.raises(ValueError, match="no tuning split"):
+        split_cases("zsre", cases[:3], "tuning")
+    with pytest.raises(ValueError, match="unknown split"):
+        split_cases(label, cases, "test")

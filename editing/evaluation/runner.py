@@ -49,7 +49,7 @@ from editing.evaluation.results import (
     split_prefixed,
     write_csv,
 )
-from editing.evaluation.tasks import KNOWN_RULES, Case, Task, load_cases
+from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.methods import get_method
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.io import write_json_atomic, write_text_atomic
@@ -70,7 +70,8 @@ class EvalConfig:
     ``layers`` overrides the edited layers. ``only_known`` keeps CounterFact cases the
     unedited model knows (``known_rule``: ``prefers`` or ``top1``). ``generation``: fluency
     settings (None: no fluency). ``name``: the run folder inside ``out_dir`` (default
-    ``<dataset>_<method>``).
+    ``<dataset>_<method>``). ``split``: ``eval`` (default) leaves CounterFact's tuning split
+    out, ``tuning`` uses only it, ``all`` every case (see :data:`editing.evaluation.tasks.SPLITS`).
     """
 
     dataset: str | Path = "counterfact"
@@ -87,6 +88,7 @@ class EvalConfig:
     joint: bool | None = None
     generation: GenerationSettings | None = field(default_factory=GenerationSettings)
     name: str | None = None
+    split: str = "eval"
 
     def check(self) -> None:
         """Refuse settings that cannot work, before any model is touched."""
@@ -96,6 +98,8 @@ class EvalConfig:
             raise InvalidInput(
                 f"n and batch must be at least 1 (got n={self.n}, batch={self.batch})"
             )
+        if self.split not in SPLITS:
+            raise InvalidInput(f"unknown split {self.split!r}; expected one of {SPLITS}")
         if self.known_rule not in KNOWN_RULES:
             raise InvalidInput(
                 f"unknown known_rule {self.known_rule!r}; expected one of {KNOWN_RULES}"
@@ -226,6 +230,7 @@ def evaluate(
     cfg.check()
     t_start = time.perf_counter()
     label, task, cases = load_cases(cfg.dataset)
+    cases = split_cases(label, cases, cfg.split)
     unit_size = cfg.batch if cfg.is_joint and cfg.method != NO_EDIT else 1
     hp: Any = None
     if cfg.method != NO_EDIT:
@@ -250,6 +255,7 @@ def evaluate(
         "only_known": filtered,
         "known_rule": cfg.known_rule,
         "seed": cfg.seed,
+        "split": cfg.split,
         "unit_size": unit_size,
         "joint": cfg.is_joint,
         "generation": asdict(cfg.generation) if cfg.generation else None,
@@ -314,7 +320,7 @@ def _summary(
     if layers is None and hp is not None:
         chosen = hp.get("layers") if isinstance(hp, dict) else hp.layers
         layers = list(chosen) if chosen else None
-    notes = []
+    notes = [f"split {cfg.split!r}"]
     if cfg.only_known and task.kind == "counterfact":
         notes.append(f"only cases the unedited model knows (rule {cfg.known_rule!r})")
     if task.kind == "counterfact":

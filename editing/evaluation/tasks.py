@@ -44,6 +44,9 @@ from tracing.models import HookedModel, target_ids
 log = logging.getLogger(__name__)
 
 KNOWN_RULES = ("prefers", "top1")
+#: Which shipped CounterFact cases a run uses: ``eval`` leaves out the tuning split (the
+#: default: reported results), ``tuning`` uses only it (choosing hyper-parameters), ``all``.
+SPLITS = ("eval", "tuning", "all")
 DATASETS = ("counterfact", "counterfact-full", "zsre", "zsre-alt")
 
 
@@ -211,6 +214,29 @@ def _shipped_zsre(target: str) -> list[Case]:
     if empty:
         log.info("shipped zsRE: records %s have an empty %s and are left out", empty, key)
     return [Case(i, parse_zsre(r, i, target)) for i, r in enumerate(raw) if i not in empty]
+
+
+def tuning_case_ids() -> frozenset[int]:
+    """The CounterFact case ids of the tuning split (``editing/data``; every case id divisible
+    by 20, plus the ten cases the first Gemma defaults were tuned on)."""
+    with gzip.open(data_path("counterfact_tuning_split.json.gz"), "rt", encoding="utf-8") as f:
+        return frozenset(int(i) for i in json.load(f)["case_ids"])
+
+
+def split_cases(label: str, cases: Sequence[Case], split: str) -> list[Case]:
+    """The cases of ``split`` (see :data:`SPLITS`): the tuning split is defined on the
+    shipped CounterFact cases; other datasets have only ``all`` (``eval`` keeps them all)."""
+    if split not in SPLITS:
+        raise InvalidInput(f"unknown split {split!r}; expected one of {SPLITS}")
+    if label not in ("counterfact", "counterfact-full"):
+        if split == "tuning":
+            raise InvalidInput(f"dataset {label!r} has no tuning split (only counterfact has)")
+        return list(cases)
+    if split == "all":
+        return list(cases)
+    tuning = tuning_case_ids()
+    keep = split == "tuning"
+    return [c for c in cases if (c.case_id in tuning) == keep]
 
 
 def load_cases(dataset: str | Path) -> tuple[str, Task, list[Case]]:

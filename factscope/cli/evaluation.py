@@ -16,7 +16,7 @@ def _config(args: argparse.Namespace, method: str | None) -> EvalConfig:
     from editing.evaluation import EvalConfig, GenerationSettings
     from tracing.layers import parse_layers
 
-    settings = given(args, "dataset", "n", "batch", "seed", "known_rule", "name")
+    settings = given(args, "dataset", "n", "batch", "seed", "known_rule", "name", "split")
     if args.layers:
         settings["layers"] = parse_layers(args.layers)
     if args.hparams:
@@ -112,6 +112,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="'known': P(true) > P(new) (prefers, default) or true target top-1 (top1)",
     )
     p.add_argument("--seed", type=int, default=UNSET, help="default 0")
+    p.add_argument(
+        "--split",
+        default=UNSET,
+        choices=("eval", "tuning", "all"),
+        help="CounterFact cases: eval (default: the tuning split left out), tuning, or all",
+    )
     p.add_argument(
         "--gen-tokens",
         type=int,
