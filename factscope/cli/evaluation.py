@@ -6,7 +6,15 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from factscope.cli.common import UNSET, add_model, given, input_file, load, output_folder
+from factscope.cli.common import (
+    UNSET,
+    add_model,
+    add_progress,
+    given,
+    input_file,
+    load,
+    output_folder,
+)
 
 if TYPE_CHECKING:
     from editing.evaluation import EvalConfig
@@ -33,6 +41,7 @@ def _config(args: argparse.Namespace, method: str | None) -> EvalConfig:
         settings["method"] = method
     config = EvalConfig(
         out_dir=output_folder(args.out),
+        progress=not args.no_progress,
         only_known=not args.all_cases,
         joint=True if args.joint else None,
         **settings,
@@ -126,6 +135,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--greedy", action="store_true", help="greedy generation (default: top-5)")
     p.add_argument("--scaling", help="sizes, e.g. 1,10,100: metric vs number of edits")
+    add_progress(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("eval-table", help="one Markdown table from several eval summaries")
