@@ -253,21 +253,13 @@ def bridge_from_hf(
     return bridge
 
 
-def load_model(name: str = DEFAULT_MODEL) -> TransformerBridge:
-    """Load a hooked model by name, from local files only.
-
-    ``name`` is an embedded model (``gemma-3-270m``, the default, or ``smollm2-135m``), a local
-    Hugging Face folder, or a hub id already in the local Hugging Face cache (GPT-2 family,
-    GPT-J, Llama family, Gemma 3). Returns a ``TransformerBridge`` in eval mode whose parameters
-    do not require gradients; its weights are the HF model's own tensors.
-    """
+def load_bridge(name: str = DEFAULT_MODEL) -> tuple[TransformerBridge, bool]:
+    """A hooked model by name, from local files only, and whether its own tokenizer starts
+    prompts with BOS (read before the bridge adjusts the tokenizer). Use
+    :func:`tracing.models.load_model`, which also records the model's identity."""
     model, tok, official = load_hf(name)
-    prepend_bos = _raw_tokenizer_adds_bos(tok)  # read before the bridge adjusts the tokenizer
-    bridge = bridge_from_hf(model, tok, official)
-    from tracing.models import attach_info  # the surface records name, BOS rule, fingerprint
-
-    attach_info(bridge, name, prepend_bos)
-    return bridge
+    prepend_bos = _raw_tokenizer_adds_bos(tok)
+    return bridge_from_hf(model, tok, official), prepend_bos
 
 
 def available_models() -> list[dict[str, str]]:

@@ -39,7 +39,7 @@ from tracing.loading import (  # noqa: F401  (re-exported: the public entry poin
     EMBEDDED_MODELS,
     ModelLoadError,
     available_models,
-    load_model,
+    load_bridge,
 )
 
 #: The hooked model every factscope function takes.
@@ -72,6 +72,20 @@ def _fingerprint(model: HookedModel) -> str:
     step = max(1, emb.shape[0] // 4096)
     h.update(emb[::step].contiguous().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def load_model(name: str = DEFAULT_MODEL) -> HookedModel:
+    """Load a hooked model by name, from local files only.
+
+    ``name`` is an embedded model (``gemma-3-270m``, the default, or ``smollm2-135m``), a local
+    Hugging Face folder, or a hub id already in the local Hugging Face cache (GPT-2 family,
+    GPT-J, Llama family, Gemma 3). Returns a ``TransformerBridge`` in eval mode whose parameters
+    do not require gradients; its weights are the HF model's own tensors. Its
+    :class:`ModelInfo` (name, BOS rule, fingerprint) is recorded once here.
+    """
+    bridge, prepend_bos = load_bridge(name)
+    attach_info(bridge, name, prepend_bos)
+    return bridge
 
 
 def attach_info(model: HookedModel, name: str, prepend_bos: bool) -> ModelInfo:

@@ -15,9 +15,7 @@ The three modes of the paper:
 
 The model's weights are left exactly as they were: the result is an
 :class:`editing.edit.Edit` holding the dense weight change of every tuned layer (apply it
-yourself). Extending the method to the whole MLP (up/gate projections too) would mean adding
-those parameters to the optimiser and the clamp and storing their deltas; :class:`Edit` only
-represents down-projection deltas, so this module keeps to them.
+yourself). Only down-projections are tuned, the form ROME's papers call FT-L.
 """
 
 from __future__ import annotations
