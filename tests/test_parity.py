@@ -138,7 +138,7 @@ def test_target_loss_and_gradient_match_the_reference(toy_dirs, toy_models, toy_
     torch.testing.assert_close(obj.init[0].double(), init, rtol=1e-5, atol=1e-5 * init.norm())
     delta = delta64.detach().float()[None].requires_grad_()
     parts = obj.evaluate(delta)
-    assert float(parts.total[0]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(parts.total[0]) == pytest.approx(float(expected.detach()), rel=1e-5)
     grad, ref = delta.grad[0].double(), delta64.grad
     assert float((grad - ref).norm() / ref.norm()) < 1e-5
 
