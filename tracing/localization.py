@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -59,8 +60,7 @@ def trace_dataset(
     noise level and kind, samples, seed, engine, kinds and their windows: see
     :meth:`~tracing.results.TraceSettings.covers`).
     """
-    wanted, _ = trace_settings(
-        model,
+    options: dict[str, Any] = dict(
         kinds=kinds,
         window=window,
         noise=noise,
@@ -69,6 +69,7 @@ def trace_dataset(
         seed=seed,
         method=method,
     )
+    wanted, _ = trace_settings(model, **options)
     facts = list(load_known_facts() if facts is None else facts)
     if only_known:
         facts = known_facts(model, facts)
@@ -86,19 +87,7 @@ def trace_dataset(
             if cached.settings.covers(wanted) and _same_fact(model, cached, fact):
                 results.append(cached)
                 continue
-        r = trace_fact(
-            model,
-            fact.prompt,
-            fact.subject,
-            fact.answer,
-            kinds=kinds,
-            window=window,
-            noise=noise,
-            uniform_noise=uniform_noise,
-            samples=samples,
-            seed=seed,
-            method=method,
-        )
+        r = trace_fact(model, fact.prompt, fact.subject, fact.answer, **options)
         if path is not None:
             r.save(path)
         results.append(r)
