@@ -31,8 +31,8 @@ State = tuple[HookKind, int, int]
 
 
 class KVRecorder:
-    """Passed as ``past_key_values`` to a block: keeps each layer's keys and values (after any
-    rotary embedding) and hands them back unchanged."""
+    """The key/value cache given to a block (:func:`tracing.models.run_block`): keeps each
+    layer's keys and values (after any rotary embedding) and hands them back unchanged."""
 
     def __init__(self) -> None:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -43,7 +43,7 @@ class KVRecorder:
 
 
 class PrefixKV:
-    """Passed as ``past_key_values`` to a block that computes only a suffix of the prompt:
+    """The key/value cache given to a block that computes only a suffix of the prompt:
     prepends the cached keys and values of the prefix positions."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
