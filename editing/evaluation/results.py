@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tracing.errors import InvalidInput
+from tracing.io import atomic_path
 
 #: (key, label, is a rate shown in percent) in table order, CounterFact then zsRE.
 METRIC_LABELS: tuple[tuple[str, str, bool], ...] = (
@@ -209,7 +210,7 @@ def write_csv(path: Path, rows: Sequence[Mapping]) -> None:
     cols = list(
         dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, (list, dict)))
     )
-    with open(path, "w", encoding="utf-8", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
