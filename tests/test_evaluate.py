@@ -450,3 +450,30 @@ def test_tuning_split_is_left_out_of_evaluation_and_used_alone_for_tuning():
         split_cases("zsre", cases[:3], "tuning")
     with pytest.raises(ValueError, match="unknown split"):
         split_cases(label, cases, "test")
+
+
+def test_weights_key_sees_one_ulp_and_not_the_thread_count(toy_models):
+    """The unedited cache and the leak check key on the exact weights: one ulp in one layer
+    changes the key, restoring it gives the same key back, and so does another thread count
+    (float sums would change with the reduction order)."""
+    from editing.evaluation.cases import weights_key
+    from tracing.models import down_proj
+
+    model = toy_models["llama"]
+    key = weights_key(model)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert weights_key(model) == key
+    finally:
+        torch.set_num_threads(threads)
+    W = down_proj(model, 2)
+    old = W[3, 5].clone()
+    with torch.no_grad():
+        W[3, 5] = torch.nextafter(old, old + 1)
+    try:
+        assert weights_key(model) != key
+    finally:
+        with torch.no_grad():
+            W[3, 5] = old
+    assert weights_key(model) == key

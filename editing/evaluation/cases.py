@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from editing.evaluation.generation import GenerationSettings, generate_texts, generation_prompts
 from editing.evaluation.metrics import Scorer
 from editing.evaluation.results import append_rows
@@ -31,20 +33,24 @@ def case_seed(seed: int, case_id: int) -> int:
     return (int(seed) * 1_000_003 + int(case_id)) % (2**31 - 1)
 
 
-def weights_checksums(model: HookedModel) -> list[tuple[float, float]]:
-    """Per layer, the sum and sum of squares of the down-projection (a cheap change check)."""
+def weights_checksums(model: HookedModel) -> list[str]:
+    """Per layer, a digest of the down-projection's exact bytes: equal digests mean
+    bit-identical weights, whatever the thread count (float sums are not: their reduction
+    order, and so their last bits, depend on it)."""
     out = []
     for layer in range(n_layers(model)):
-        w = down_proj(model, layer).detach().double()
-        out.append((float(w.sum()), float((w * w).sum())))
+        w = down_proj(model, layer).detach().contiguous().cpu()
+        out.append(
+            hashlib.blake2b(w.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+        )
     return out
 
 
 def weights_key(model: HookedModel) -> str:
     """Short key of the model's identity and current down-projection weights."""
     h = hashlib.sha256(fingerprint(model).encode())
-    for total, squares in weights_checksums(model):
-        h.update(f"{total:.17g},{squares:.17g};".encode())
+    for digest in weights_checksums(model):
+        h.update(digest.encode())
     return h.hexdigest()[:16]
 
 
