@@ -42,13 +42,13 @@ def _peak_mib() -> float:
 def counterfact_requests(model, n: int) -> list:
     """The first ``n`` CounterFact cases that pass validation together (no duplicates or
     conflicts)."""
-    from editing.evaluation.datasets import load_counterfact
-    from editing.evaluation.tasks import request_from_counterfact
+    from editing.evaluation.tasks import load_cases
     from editing.requests import validate_requests
 
     out, seen = [], set()
-    for rec in load_counterfact():
-        req = request_from_counterfact(rec)
+    _, task, cases = load_cases("counterfact")
+    for case in cases:
+        req = task.request(case)
         if (req.subject, req.template) in seen:
             continue
         try:
@@ -88,12 +88,14 @@ def bench_stats(model, layers: list[int], n_tokens: int) -> None:
 def bench_rome(model, n_edits: int) -> None:
     from editing.api import make_edit
     from editing.context import context_templates
-    from editing.keys import load_layer_stats
+    from editing.keys import layer_stats
     from editing.methods import load_hparams
+    from editing.methods.rome import RomeHparams
 
     hp = load_hparams("rome", "gemma-3-270m")
+    assert isinstance(hp, RomeHparams) and hp.layer is not None
     t = time.perf_counter()
-    stats = load_layer_stats(model, [hp.layer], hp)
+    stats = layer_stats(model, [hp.layer], hp)
     templates = context_templates(model, hp.context_templates)
     setup = time.perf_counter() - t
     print(f"\n## ROME (layer {hp.layer}, {len(templates)} templates, {hp.target.num_steps} steps)")
@@ -117,13 +119,15 @@ def memit_child(n: int) -> dict:
     """One MEMIT batch of ``n`` requests in this process; returns its measurements."""
     from editing.api import make_edit
     from editing.context import context_templates
-    from editing.keys import load_layer_stats
+    from editing.keys import layer_stats
     from editing.methods import load_hparams
+    from editing.methods.memit import MemitHparams
     from tracing.models import load_model
 
     model = load_model("gemma-3-270m")
     hp = load_hparams("memit", "gemma-3-270m")
-    stats = load_layer_stats(model, hp.layers, hp)
+    assert isinstance(hp, MemitHparams)
+    stats = layer_stats(model, hp.layers or [], hp)
     context_templates(model, hp.context_templates)
     requests = counterfact_requests(model, n)
     base = _rss_mib()

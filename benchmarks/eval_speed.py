@@ -1,6 +1,6 @@
 """Seconds per evaluated case for each editing method on the embedded model.
 
-Runs :func:`editing.evaluate.evaluate` on the first ``--n`` known CounterFact cases per method
+Runs :func:`editing.evaluation.evaluate` on the first ``--n`` known CounterFact cases per method
 (MEMIT: one batch of all ``--n``) in a fresh temporary folder and prints a table: seconds per
 edit (the method's own computation), seconds of scoring + generation on the edited model per
 case, seconds per case overall, and the unedited-model costs measured separately (scoring
@@ -37,10 +37,10 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="eval_speed_"))
 
     # the unedited model's costs, measured on their own
-    _, cases = load_cases("counterfact")
-    cache = UneditedCache(out / "bench_unedited.jsonl", ModelScorer(model), model)
+    _, task, cases = load_cases("counterfact")
+    cache = UneditedCache(out / "bench_unedited.jsonl", task, ModelScorer(model), model)
     t = time.perf_counter()
-    selected, _, _ = select_cases(model, cases, args.n, True, "prefers", cache)
+    selected, _, _ = select_cases(model, task, cases, args.n, True, "prefers", cache)
     t_score = (time.perf_counter() - t) / len(selected)
     t = time.perf_counter()
     if gen:
@@ -57,8 +57,8 @@ def main() -> None:
         t = time.perf_counter()
         s = evaluate(
             model,
-            "counterfact",
-            method,
+            dataset="counterfact",
+            method=method,
             n=args.n,
             batch=args.n,
             out_dir=out,

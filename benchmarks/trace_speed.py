@@ -15,6 +15,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def bench_against_anchors(model, samples: int) -> dict:
 
 
 def bench(model, label: str, samples: int, noise) -> dict:
-    row = {"model": label}
+    row: dict[str, Any] = {"model": label}
     results = {}
     for method in ("fast", "reference"):
         t0 = time.perf_counter()
