@@ -108,8 +108,7 @@ def make_edit(
             templates = context_template_groups(model, hp.context_templates)
     prepared = prepare_requests(model, batch, templates)
     touched = hp.layers
-    before = {L: down_proj(model, L).detach().clone() for L in touched}
-    with restoring_weights(model, touched, always=True):
+    with restoring_weights(model, touched, always=True) as before:
         edit = spec.edit(model, prepared, hp, EditInputs(stats=stats, progress=progress))
     for L, W in before.items():
         if not torch.equal(down_proj(model, L), W):  # pragma: no cover - a guard, not a path
