@@ -23,7 +23,12 @@ import torch
 from tracing.errors import InvalidInput
 from tracing.io import write_json_atomic
 from tracing.loading import cache_dir as _cache_root
-from tracing.models import HookedModel, fingerprint, tokenize
+from tracing.models import (
+    HookedModel,
+    fingerprint,
+    model_device,
+    tokenize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,7 @@ def generate_texts(
         return []
     start = tokenize(model, prefix)
     bos = len(start) - len(model.tokenizer(prefix, add_special_tokens=False)["input_ids"])
-    toks = torch.tensor([start] * n, dtype=torch.long)
+    toks = torch.tensor([start] * n, dtype=torch.long, device=model_device(model))
     banned = _special_ids(model)
     with torch.no_grad():
         while toks.shape[1] - bos < length:
@@ -104,7 +109,10 @@ def generate_texts(
             if banned:
                 logits[:, banned] = float("-inf")
             vals, idx = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-            choice = torch.multinomial(torch.softmax(vals, dim=-1), 1, generator=generator)
+            # Sampled on the CPU with the CPU generator: the same seed gives the same
+            # templates whatever device the model runs on.
+            probs = torch.softmax(vals, dim=-1).cpu()
+            choice = torch.multinomial(probs, 1, generator=generator).to(idx.device)
             toks = torch.cat([toks, idx.gather(1, choice)], dim=1)
     return [model.tokenizer.decode(row[bos:].tolist(), skip_special_tokens=True) for row in toks]
 

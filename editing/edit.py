@@ -23,7 +23,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
 from editing.requests import EditRequest
-from editing.weights import restore_weights, weights_snapshot
+from editing.weights import add_to_weight, restore_weights, weights_snapshot
 from tracing.errors import EditFailed, InvalidInput
 from tracing.io import atomic_path, write_json_atomic
 from tracing.models import HookedModel, down_proj, fingerprint, model_name
@@ -182,7 +182,7 @@ class Edit:
                     f"delta {i} (layer {d.layer}) has shape {d.shape}, but the down-projection "
                     f"is {tuple(W.shape)} [d_mlp, d_model] (weights unchanged)"
                 )
-            M = d.matrix(W.dtype)
+            M = d.matrix(torch.float32).to(W.device)
             if not torch.isfinite(M).all():
                 raise InvalidInput(
                     f"delta {i} (layer {d.layer}) contains NaN or inf: refusing to apply it "
@@ -207,7 +207,7 @@ class Edit:
             with torch.no_grad():
                 for L, M in planned:
                     W = down_proj(model, L)
-                    W.add_(M)
+                    add_to_weight(W, M)
                     if not torch.isfinite(W).all():
                         raise EditFailed(
                             f"layer {L}: adding the delta made weights NaN or inf (overflow); "

@@ -24,7 +24,12 @@ from editing.prepared import PreparedRequest
 from editing.stats import SecondMoment, layer_second_moments
 from tracing.errors import EditFailed, InvalidInput
 from tracing.forward import capture_states, length_chunks, padded
-from tracing.models import HookedModel, down_proj, hook_name, mlp_width
+from tracing.models import (
+    HookedModel,
+    hook_name,
+    layer_device,
+    mlp_width,
+)
 
 #: Statistics as callers may pass them: per layer, or one layer's matrix.
 Stats = Mapping[int, SecondMoment | torch.Tensor] | SecondMoment | torch.Tensor
@@ -61,15 +66,21 @@ def subject_keys(
         for p in prepared
         for w in _prompt_weights(p, weighting if templated else "uniform", templated)
     ]
-    sums = torch.zeros(len(prepared), mlp_width(model), dtype=torch.float64)
+    # Accumulated in float64 on the layer's device, returned in float32 whatever the model's
+    # dtype (the ROME and MEMIT solves use them in float64).
+    dev = layer_device(model, layer)
+    sums = torch.zeros(len(prepared), mlp_width(model), dtype=torch.float64, device=dev)
     for chunk in length_chunks([len(ids) for _, ids, _ in items], max_batch_tokens):
         batch = [items[i] for i in chunk]
         keys = capture_states(model, padded([ids for _, ids, _ in batch]), [name], name)[name]
-        rows = keys[torch.arange(len(batch)), torch.tensor([lk for _, _, lk in batch])]
-        owners = torch.tensor([r for r, _, _ in batch])
-        w = torch.tensor([weights[i] for i in chunk], dtype=torch.float64)
-        sums.index_add_(0, owners, rows.double() * w[:, None])
-    keys = sums.to(down_proj(model, layer).dtype)
+        at = keys.device
+        rows = keys[
+            torch.arange(len(batch), device=at), torch.tensor([lk for _, _, lk in batch], device=at)
+        ]
+        owners = torch.tensor([r for r, _, _ in batch], device=dev)
+        w = torch.tensor([weights[i] for i in chunk], dtype=torch.float64, device=dev)
+        sums.index_add_(0, owners, rows.to(dev, torch.float64) * w[:, None])
+    keys = sums.float()
     if not torch.isfinite(keys).all():
         raise EditFailed(f"layer {layer}: non-finite MLP keys for the edit prompts")
     return keys

@@ -77,7 +77,10 @@ class TargetObjective:
         self.runner = DeltaRunner(
             model, prompts, layer, hook, loss_layer=hp.loss_layer, max_tokens=max_batch_tokens
         )
-        self.init = self.runner.init_values(self.n).detach()
+        # The deltas and everything they are measured against are float32 whatever the
+        # model's dtype, on the edit layer's device.
+        self.init = self.runner.init_values(self.n).detach().float()
+        self.device = self.init.device
         if not torch.isfinite(self.init).all():
             raise EditFailed(f"non-finite activations at layer {layer} for the edit prompts")
         self.init_norm2 = self.init.pow(2).sum(-1)
@@ -85,8 +88,9 @@ class TargetObjective:
         self.kl_ref: list[torch.Tensor] = []  # per chunk: log p_orig at its KL reads
         with torch.no_grad():
             for c in self.runner.chunks:
-                logp, _ = self.runner.chunk_logprobs(c, zero, torch.arange(len(c.prompts)))
-                self.kl_ref.append(logp[c.read_target < 0])
+                every = torch.arange(len(c.prompts), device=self.device)
+                logp, _ = self.runner.chunk_logprobs(c, zero, every)
+                self.kl_ref.append(logp[(c.read_target < 0).to(logp.device)])
 
     def evaluate(
         self,
@@ -97,27 +101,31 @@ class TargetObjective:
         requires a gradient, that of the active requests' summed total loss is accumulated
         into ``delta.grad`` chunk by chunk (the graph of one chunk at a time is kept)."""
         hp = self.hp
-        active = torch.ones(self.n, dtype=torch.bool) if active is None else active
-        nll = torch.zeros(self.n)
-        kl = torch.zeros(self.n)
+        dev = self.device
+        active = torch.ones(self.n, dtype=torch.bool, device=dev) if active is None else active
+        nll = torch.zeros(self.n, device=dev)
+        kl = torch.zeros(self.n, device=dev)
         for ci, c in enumerate(self.runner.chunks):
             rows = torch.nonzero(active[c.owner]).flatten()
             if len(rows) == 0:
                 continue
             logp, keep = self.runner.chunk_logprobs(c, delta, rows)
-            tgt, w, own = c.read_target[keep], c.read_weight[keep], c.read_owner[keep]
+            at = logp.device  # the unembedding's device (another one under a device map)
+            tgt, w = c.read_target[keep].to(at), c.read_weight[keep].to(at)
+            own = c.read_owner[keep]
             is_kl = tgt < 0
             per = -logp[~is_kl].gather(1, tgt[~is_kl][:, None])[:, 0] * w[~is_kl]
             loss = per.sum()
-            nll.index_add_(0, own[~is_kl], per.detach())
+            nll.index_add_(0, own[~is_kl.to(dev)], per.detach().to(dev))
             if is_kl.any() and hp.kl_factor > 0:
-                ref, cur = self.kl_ref[ci][keep[c.read_target < 0]], logp[is_kl]
+                ref = self.kl_ref[ci][keep[c.read_target < 0].to(at)]
+                cur = logp[is_kl]
                 if hp.kl_direction == "new_orig":
                     div = (cur.exp() * (cur - ref)).sum(-1)
                 else:
                     div = (ref.exp() * (ref - cur)).sum(-1)
                 loss = loss + hp.kl_factor * div.sum()
-                kl.index_add_(0, own[is_kl], div.detach())
+                kl.index_add_(0, own[is_kl.to(dev)], div.detach().to(dev))
             if loss.requires_grad:
                 loss.backward()
         norm = delta.norm(dim=-1)
@@ -183,14 +191,14 @@ def compute_targets(
     if hp.parametrization == "scaled":
         scale = _robust_scale(init)[:, None]
     else:
-        scale = torch.ones(n, 1)
+        scale = torch.ones(n, 1, device=obj.device)
     max_theta = hp.clamp_norm_factor * init.norm(dim=-1, keepdim=True) / scale
     theta = torch.zeros_like(init, requires_grad=True)
     opt = torch.optim.Adam([theta], lr=hp.lr)
-    active = torch.ones(n, dtype=torch.bool)
-    nll_first = torch.zeros(n)
-    nll_last = torch.zeros(n)
-    steps = [0] * n
+    active = torch.ones(n, dtype=torch.bool, device=obj.device)
+    nll_first = torch.zeros(n, device=obj.device)
+    nll_last = torch.zeros(n, device=obj.device)
+    steps = torch.zeros(n, dtype=torch.long, device=obj.device)
     history: list[list[float]] = []
     bar = None
     if progress:
@@ -210,10 +218,8 @@ def compute_targets(
         nll_last = torch.where(active, parts.nll, nll_last)
         history.append(parts.nll.tolist())
         watched = parts.total if hp.early_stop_on == "total" else parts.nll
-        for r in torch.nonzero(active).flatten().tolist():
-            steps[r] = step
-            if watched[r] < hp.early_stop_loss:
-                active[r] = False
+        steps[active] = step
+        active &= watched >= hp.early_stop_loss
         if bar is not None:
             bar.update(1)
             bar.set_postfix(nll=f"{float(nll_last.mean()):.3f}", active=int(active.sum()))
@@ -239,6 +245,6 @@ def compute_targets(
         delta=delta,
         nll_before=nll_first.tolist(),
         nll_after=nll_last.tolist(),
-        steps=steps,
+        steps=steps.tolist(),
         history=history,
     )

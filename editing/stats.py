@@ -43,7 +43,9 @@ from tracing.models import (
     check_layer,
     fingerprint,
     hook_name,
+    layer_device,
     mlp_width,
+    model_device,
     model_name,
     prepends_bos,
 )
@@ -173,7 +175,7 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, stem: Path) -> None:
     """Write ``stem.safetensors`` then ``stem.json`` (the json marks completion)."""
     with atomic_path(stem.with_suffix(".safetensors")) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     write_json_atomic(stem.with_suffix(".json"), meta)
 
 
@@ -263,11 +265,18 @@ def layer_second_moments(
     }
     resumed = _load_partial(folder, meta)
     if resumed is None:
-        sums = {L: torch.zeros(d_mlp, d_mlp, dtype=acc_dtype) for L in todo}
+        # Accumulated in float32 or float64 (``dtype``) on each layer's own device, whatever
+        # the model's dtype.
+        sums = {
+            L: torch.zeros(d_mlp, d_mlp, dtype=acc_dtype, device=layer_device(model, L))
+            for L in todo
+        }
         start, count = 0, 0
     else:
         sums, start, count = resumed
+        sums = {L: s.to(layer_device(model, L)) for L, s in sums.items()}
     current = {"batch": start}
+    device = model_device(model)
 
     def collect(layer: int):
         def hook(act: torch.Tensor, hook) -> None:
@@ -277,7 +286,7 @@ def layer_second_moments(
                     f"layer {layer}: NaN or inf in the MLP keys (down-projection input) "
                     f"on corpus batch {current['batch']}"
                 )
-            k = k.to(acc_dtype)
+            k = k.to(sums[layer].device, acc_dtype)
             sums[layer].addmm_(k.T, k)
 
         return hook
@@ -295,7 +304,7 @@ def layer_second_moments(
         with torch.no_grad():
             for b in range(start, len(batches)):
                 current["batch"] = b
-                run_until(model, batches[b], hooks, stop_after=hooks[-1][0])
+                run_until(model, batches[b].to(device), hooks, stop_after=hooks[-1][0])
                 count += batches[b].numel()
                 bar.update(batches[b].numel())
                 if (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):

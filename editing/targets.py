@@ -36,7 +36,14 @@ from tracing.forward import (
     padded,
     run_blocks,
 )
-from tracing.models import HookedModel, check_layer, final_logits, hook_name, n_layers
+from tracing.models import (
+    HookedModel,
+    check_layer,
+    final_logits,
+    hook_name,
+    model_device,
+    n_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +170,12 @@ class DeltaRunner:
         self.chunks: list[_Chunk] = []
         for idx in length_chunks([len(p.ids) for p in self.prompts], max_tokens):
             ps = [self.prompts[i] for i in idx]
-            tokens = padded([p.ids for p in ps])
+            tokens = padded([p.ids for p in ps], device=model_device(model))
             got = capture_states(model, tokens, names, stop_after=names[-1])
             kwargs = capture_block_kwargs(model, tokens[:1])[1] if self.start < self.stop else []
-            lookup = torch.tensor([p.lookup for p in ps], dtype=torch.long)
+            # Index tensors live with the states they index (the edit layer's device).
+            dev = got[state].device
+            lookup = torch.tensor([p.lookup for p in ps], dtype=torch.long, device=dev)
             reads = []
             for r, (g, p) in enumerate(zip(idx, ps, strict=True)):
                 for j, pos in enumerate(p.read):
@@ -180,17 +189,17 @@ class DeltaRunner:
                 _Chunk(
                     prompts=list(idx),
                     tokens=tokens,
-                    owner=torch.tensor([p.request for p in ps], dtype=torch.long),
+                    owner=torch.tensor([p.request for p in ps], dtype=torch.long, device=dev),
                     lookup=lookup,
                     start_state=got[state],
-                    init_rows=got[names[-1]][torch.arange(len(ps)), lookup],
+                    init_rows=got[names[-1]][torch.arange(len(ps), device=dev), lookup],
                     kwargs=kwargs,
-                    read_row=torch.tensor(cols[0], dtype=torch.long),
-                    read_pos=torch.tensor(cols[1], dtype=torch.long),
-                    read_prompt=torch.tensor(cols[2], dtype=torch.long),
-                    read_owner=torch.tensor(cols[3], dtype=torch.long),
-                    read_target=torch.tensor(cols[4], dtype=torch.long),
-                    read_weight=torch.tensor(cols[5], dtype=torch.float32),
+                    read_row=torch.tensor(cols[0], dtype=torch.long, device=dev),
+                    read_pos=torch.tensor(cols[1], dtype=torch.long, device=dev),
+                    read_prompt=torch.tensor(cols[2], dtype=torch.long, device=dev),
+                    read_owner=torch.tensor(cols[3], dtype=torch.long, device=dev),
+                    read_target=torch.tensor(cols[4], dtype=torch.long, device=dev),
+                    read_weight=torch.tensor(cols[5], dtype=torch.float32, device=dev),
                 )
             )
 
@@ -218,24 +227,26 @@ class DeltaRunner:
         of a subset of its rows) with ``delta[request]`` added at each subject-last token;
         also returns the boolean mask of the chunk's reads that were computed."""
         owner, lookup = c.owner[rows], c.lookup[rows]
+        # delta stays float32 (the optimised parameter); the sum is rounded once to the
+        # model's dtype where it enters the model, and the gradient flows back through it.
         add = delta[owner]
-        ar = torch.arange(len(rows))
+        ar = torch.arange(len(rows), device=rows.device)
         h = c.start_state[rows]
         hooks: list[tuple[str, Callable]] = []
         if self.hook == "resid":
-            h = h.index_put((ar, lookup), h[ar, lookup] + add)
+            h = h.index_put((ar, lookup), (h[ar, lookup] + add).to(h.dtype))
         else:
 
             def add_delta(x: torch.Tensor, hook) -> torch.Tensor:
-                return x.index_put((ar, lookup), x[ar, lookup] + add)
+                return x.index_put((ar, lookup), (x[ar, lookup] + add).to(x.dtype))
 
             hooks = [(self.edit_hook, add_delta)]
         if self.start < self.stop:
             with self.model.hooks(fwd_hooks=hooks):
                 h = run_blocks(self.model, h, c.kwargs, self.start, self.stop)
-        remap = torch.full((len(c.prompts),), -1, dtype=torch.long)
+        remap = torch.full((len(c.prompts),), -1, dtype=torch.long, device=rows.device)
         remap[rows] = ar
         keep = remap[c.read_row] >= 0
-        sel = h[remap[c.read_row[keep]], c.read_pos[keep]]
+        sel = h[remap[c.read_row[keep]].to(h.device), c.read_pos[keep].to(h.device)]
         logits = final_logits(self.model, sel[None])[0].float()
         return torch.log_softmax(logits, dim=-1), keep

@@ -16,6 +16,15 @@ from jaxtyping import Float
 from tracing.models import HookedModel, check_layer, down_proj
 
 
+def add_to_weight(weight: torch.Tensor, delta: torch.Tensor) -> None:
+    """``weight += delta`` in place, on the weight's own device: the sum is formed in float32
+    (or ``delta``'s wider dtype) and rounded once to the weight's dtype, so a bfloat16 weight
+    is not rounded twice (delta to bfloat16, then the sum)."""
+    work = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
+    with torch.no_grad():
+        weight.copy_((weight.to(work) + delta.to(weight.device, work)).to(weight.dtype))
+
+
 def weights_snapshot(
     model: HookedModel, layers: Iterable[int]
 ) -> dict[int, Float[torch.Tensor, "m d"]]:

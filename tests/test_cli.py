@@ -65,6 +65,17 @@ CASES = {
         "not valid JSON",
     ),
     "stats with bad layers": (["stats", "--layers", "1-x"], "bad layer spec"),
+    "a device that is not here": (["predict", "Paris is in", "--device", "cuda:99"], "cuda:99"),
+    "an unknown dtype": (["stats", "--layers", "1", "--dtype", "float8"], "unknown dtype"),
+    "a device map naming a missing device": (
+        ["trace-dataset", "--device-map", '{{"model.layers.0": "cuda:99"}}'],
+        "cuda:99",
+    ),
+    "a device and a device map": (
+        ["predict", "x", "--device", "cpu", "--device-map", '{{"model": "cpu"}}'],
+        "not both",
+    ),
+    "a malformed device map": (["predict", "x", "--device-map", "{{nope"], "device map"),
     "trace-dataset with a missing facts file": (
         ["trace-dataset", "--facts", "{file}.nope"],
         "does not exist",

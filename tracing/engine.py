@@ -169,7 +169,7 @@ def _run_chunk(model: HookedModel, prep, chunk: list[Sequence[State]], cut: int)
         logits = final_logits(model, h[:, -1:])[:, 0].float()
         probs = torch.softmax(logits, -1)[:, prep.answer_id].view(len(active), S).mean(1)
     result = np.empty(len(chunk))
-    result[active] = probs.double().numpy()
+    result[active] = probs.double().cpu().numpy()
     return result
 
 
@@ -188,7 +188,8 @@ def _restore_hooks(
             toks.extend([tok] * S)
     hooks = []
     for name, (rows, toks) in patches.items():
-        rows_t, toks_t = torch.tensor(rows), torch.tensor(toks)
+        at = prep.clean[name].device
+        rows_t, toks_t = torch.tensor(rows, device=at), torch.tensor(toks, device=at)
         src = prep.clean[name][0, toks_t]
 
         def patch(x, hook, rows_t=rows_t, toks_t=toks_t - cut, src=src):

@@ -26,6 +26,7 @@ from tracing.models import (
     cache_keyword,
     context_length,
     decode,
+    model_device,
     n_layers,
     run_block,
     tokenize,
@@ -152,11 +153,15 @@ def capture_block_kwargs(
 # --------------------------------------------------------------------------- batching
 
 
-def padded(seqs: Sequence[Sequence[int]]) -> Int[torch.Tensor, "batch pos"]:
+def padded(
+    seqs: Sequence[Sequence[int]], device: torch.device | str | None = None
+) -> Int[torch.Tensor, "batch pos"]:
     """Right-pad token sequences to a common length by repeating each one's last token
-    (never a pad id, so no attention-mask logic is triggered; only real positions are read)."""
+    (never a pad id, so no attention-mask logic is triggered; only real positions are read),
+    as a tensor on ``device`` (the model's: :func:`~tracing.models.model_device`)."""
     width = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [s[-1]] * (width - len(s)) for s in seqs], dtype=torch.long)
+    rows = [list(s) + [s[-1]] * (width - len(s)) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def length_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -189,6 +194,7 @@ def last_token_logits(
     for s in seqs:
         if len(s) > limit:
             raise InvalidInput(f"prompt of {len(s)} tokens is longer than the context ({limit})")
+    device = model_device(model)
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(seqs):
         groups.setdefault(len(s), []).append(i)
@@ -196,7 +202,7 @@ def last_token_logits(
     for idx in groups.values():
         for i in range(0, len(idx), batch_size):
             chunk = idx[i : i + batch_size]
-            toks = torch.tensor([seqs[j] for j in chunk], dtype=torch.long)
+            toks = torch.tensor([seqs[j] for j in chunk], dtype=torch.long, device=device)
             with torch.no_grad():
                 logits = model(toks, logits_to_keep=1, use_cache=False)[:, -1]
             for row, j in enumerate(chunk):

@@ -21,7 +21,14 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel
 
-from tracing.errors import ModelLoadError
+from tracing.devices import (
+    DeviceMap,
+    check_dtype,
+    parse_device_map,
+    resolve_device,
+    resolve_dtype,
+)
+from tracing.errors import InvalidInput, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -188,47 +195,103 @@ def _official_name(config: object, fallback: str) -> str:
     return str(getattr(config, "_name_or_path", "") or fallback)
 
 
-def load_hf(name_or_path: str) -> tuple[PreTrainedModel, object, str]:
-    """Load a Hugging Face causal LM and tokenizer from local files only.
+def _n_params(source: str) -> int:
+    """Parameter count of the model a local folder holds, from its config alone (built on the
+    meta device: no weights are read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _hub_offline():
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _from_pretrained(source: str, placement: Placement, **kwargs: object) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    extra: dict[str, object] = {}
+    if placement.device_map is not None:
+        extra["device_map"] = placement.device_map
+        if placement.offload_folder is not None:
+            extra["offload_folder"] = str(placement.offload_folder)
+    elif placement.device.type != "cpu":
+        extra["device_map"] = {"": str(placement.device)}  # straight onto the device
+    with _hub_offline():
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=placement.dtype, **extra, **kwargs
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which precision a model is loaded: one device, or a device map for a
+    model split over several devices (accelerate places the blocks; ``offload_folder`` holds
+    any blocks mapped to ``disk``)."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    device_map: DeviceMap | None = None
+    offload_folder: Path | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        source: str | None,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype = "auto",
+        device_map: str | dict[str, str | int] | None = None,
+        offload_folder: str | Path | None = None,
+    ) -> Placement:
+        """Check every choice before any weights are read and settle ``auto``
+        (:mod:`tracing.devices`); ``source`` is the local model folder, whose config gives the
+        parameter count that ``dtype="auto"`` needs on CUDA."""
+        check_dtype(dtype)
+        dmap = parse_device_map(device_map)
+        if dmap is not None and device not in (None, "auto"):
+            raise InvalidInput("give either --device or --device-map, not both")
+        dev = resolve_device(device)
+        n = _n_params(source) if dtype == "auto" and dev.type == "cuda" and source else None
+        folder = Path(offload_folder) if offload_folder else None
+        return cls(dev, resolve_dtype(dtype, dev, n), dmap, folder)
+
+
+def load_hf(
+    name_or_path: str, placement: Placement | None = None
+) -> tuple[PreTrainedModel, object, str]:
+    """Load a Hugging Face causal LM and tokenizer from local files only, placed and cast as
+    ``placement`` says (default: float32 on the CPU).
 
     Returns ``(model, tokenizer, official_name)``; ``official_name`` is what TransformerLens
     uses to pick its architecture adapter.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if name_or_path in EMBEDDED_MODELS:
         spec = EMBEDDED_MODELS[name_or_path]
         folder = embedded_cache_path(name_or_path)
         if not _cache_is_complete(folder):
             folder = build_embedded_cache(name_or_path)
+        place = placement or Placement.resolve(str(folder))
         try:
             with _hub_offline():
                 tok = AutoTokenizer.from_pretrained(str(folder))
-                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+            model = _from_pretrained(str(folder), place)
         except Exception as exc:  # damaged cache: rebuild once, then give up loudly
             log.warning("cached copy of %s is damaged (%s); rebuilding", name_or_path, exc)
             folder = build_embedded_cache(name_or_path, force=True)
             with _hub_offline():
                 tok = AutoTokenizer.from_pretrained(str(folder))
-                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+            model = _from_pretrained(str(folder), place)
         return model, tok, spec.official_name
 
-    local = Path(name_or_path).expanduser()
-    source = str(local) if local.is_dir() else name_or_path
-    if not local.is_dir():
-        here = [row["name"] for row in available_models() if row["status"] != "not installed"]
-        if name_or_path not in here:
-            raise ModelLoadError(
-                f"unknown model {name_or_path!r}: it is neither an embedded model, a local "
-                f"Hugging Face folder, nor a hub id in the local Hugging Face cache (no network "
-                f"is used). Available here: {', '.join(here)} (see `factscope models`)"
-            )
+    source = resolve_source(name_or_path)
+    place = placement or Placement()
     try:
         with _hub_offline():
             tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(
-                source, local_files_only=True, dtype=torch.float32
-            )
+        model = _from_pretrained(source, place, local_files_only=True)
     except (OSError, ValueError) as exc:
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
@@ -237,15 +300,38 @@ def load_hf(name_or_path: str) -> tuple[PreTrainedModel, object, str]:
     return model, tok, _official_name(model.config, name_or_path)
 
 
+def resolve_source(name_or_path: str) -> str:
+    """What ``from_pretrained`` reads for ``name_or_path``: the embedded model's cache folder,
+    a local folder, or a hub id present in the local cache; anything else is refused (with
+    the list of what can be loaded here) before any loading starts."""
+    if name_or_path in EMBEDDED_MODELS:
+        folder = embedded_cache_path(name_or_path)
+        return str(folder if _cache_is_complete(folder) else build_embedded_cache(name_or_path))
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return str(local)
+    here = [row["name"] for row in available_models() if row["status"] != "not installed"]
+    if name_or_path not in here:
+        raise ModelLoadError(
+            f"unknown model {name_or_path!r}: it is neither an embedded model, a local "
+            f"Hugging Face folder, nor a hub id in the local Hugging Face cache (no network "
+            f"is used). Available here: {', '.join(here)} (see `factscope models`)"
+        )
+    return name_or_path
+
+
 def bridge_from_hf(
     model: PreTrainedModel, tokenizer: object, official_name: str
 ) -> TransformerBridge:
-    """Wrap a loaded HF causal LM in a TransformerBridge (no weight processing, CPU, float32)."""
+    """Wrap a loaded (placed, cast) HF causal LM in a TransformerBridge, with no weight
+    processing: the bridge's weights are the HF model's own tensors."""
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
+    first = next(model.parameters())
+    device = None if getattr(model, "hf_device_map", None) else str(first.device)
     with _hub_offline():
         bridge = TransformerBridge.boot_transformers(
-            official_name, hf_model=model, tokenizer=tokenizer, device="cpu", dtype=torch.float32
+            official_name, hf_model=model, tokenizer=tokenizer, device=device, dtype=first.dtype
         )
     bridge.eval()
     for p in bridge.parameters():
@@ -253,11 +339,13 @@ def bridge_from_hf(
     return bridge
 
 
-def load_bridge(name: str = DEFAULT_MODEL) -> tuple[TransformerBridge, bool]:
+def load_bridge(
+    name: str = DEFAULT_MODEL, placement: Placement | None = None
+) -> tuple[TransformerBridge, bool]:
     """A hooked model by name, from local files only, and whether its own tokenizer starts
     prompts with BOS (read before the bridge adjusts the tokenizer). Use
     :func:`tracing.models.load_model`, which also records the model's identity."""
-    model, tok, official = load_hf(name)
+    model, tok, official = load_hf(name, placement)
     prepend_bos = _raw_tokenizer_adds_bos(tok)
     return bridge_from_hf(model, tok, official), prepend_bos
 

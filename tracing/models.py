@@ -74,7 +74,14 @@ def _fingerprint(model: HookedModel) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(name: str = DEFAULT_MODEL) -> HookedModel:
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype = "auto",
+    device_map: str | dict[str, str | int] | None = None,
+    offload_folder: str | None = None,
+) -> HookedModel:
     """Load a hooked model by name, from local files only.
 
     ``name`` is an embedded model (``gemma-3-270m``, the default, or ``smollm2-135m``), a local
@@ -82,8 +89,19 @@ def load_model(name: str = DEFAULT_MODEL) -> HookedModel:
     GPT-J, Llama family, Gemma 3). Returns a ``TransformerBridge`` in eval mode whose parameters
     do not require gradients; its weights are the HF model's own tensors. Its
     :class:`ModelInfo` (name, BOS rule, fingerprint) is recorded once here.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``: CUDA when present), ``dtype``
+    (``float32``, ``bfloat16``, ``float16``, ``auto``: float32 on the CPU, half precision on
+    CUDA above ~1B parameters) or, for a model larger than one device, ``device_map``
+    (accelerate's ``auto``/``balanced``/``sequential`` or ``{module: device}``; blocks mapped
+    to ``disk`` go to ``offload_folder``) say where it runs: see :mod:`tracing.devices`. All
+    are checked before any weights are read. The weights load straight onto their device in
+    their dtype (a bfloat16 GPT-J never exists in float32 in host memory).
     """
-    bridge, prepend_bos = load_bridge(name)
+    from tracing.loading import Placement, resolve_source
+
+    placement = Placement.resolve(resolve_source(name), device, dtype, device_map, offload_folder)
+    bridge, prepend_bos = load_bridge(name, placement)
     attach_info(bridge, name, prepend_bos)
     return bridge
 
@@ -129,6 +147,24 @@ def prepends_bos(model: HookedModel) -> bool:
 
 
 # --------------------------------------------------------------------------- shape and hooks
+
+
+def model_device(model: HookedModel) -> torch.device:
+    """The device of the token embedding: where inputs go and where factscope creates the
+    tensors it feeds the model. (With a device map, blocks may live elsewhere; per-layer
+    work uses :func:`layer_device`.)"""
+    return model.embed.original_component.weight.device
+
+
+def layer_device(model: HookedModel, layer: int) -> torch.device:
+    """The device block ``layer``'s MLP down-projection lives on (its own device under a
+    device map)."""
+    return down_proj(model, layer).device
+
+
+def model_dtype(model: HookedModel) -> torch.dtype:
+    """The floating dtype the model computes in (its embedding's)."""
+    return model.embed.original_component.weight.dtype
 
 
 def n_layers(model: HookedModel) -> int:
@@ -211,6 +247,11 @@ def down_proj(model: HookedModel, layer: int) -> Float[torch.Tensor, "d_mlp d_mo
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     d_mlp, d_model = mlp_width(model), int(model.cfg.d_model)
+    if weight.device.type == "meta":
+        raise InvalidInput(
+            f"layer {layer}: the down-projection is offloaded (device map: disk), so it cannot "
+            "be edited in place; map that block to a device (cpu or cuda:N) to edit it"
+        )
     view = weight if type(module).__name__ == "Conv1D" else weight.T  # Conv1D: [in, out]
     if tuple(view.shape) != (d_mlp, d_model):
         raise InvalidInput(

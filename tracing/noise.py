@@ -21,7 +21,13 @@ from tracing.errors import InvalidInput
 from tracing.facts import load_known_facts
 from tracing.io import write_json_atomic
 from tracing.loading import cache_dir
-from tracing.models import HookedModel, fingerprint, hook_name, tokenize
+from tracing.models import (
+    HookedModel,
+    fingerprint,
+    hook_name,
+    model_device,
+    tokenize,
+)
 
 DEFAULT_NOISE = "3s"
 SIGMA_FACTS = 100  # subjects of the first 100 known facts, as in the reference run
@@ -36,7 +42,7 @@ def subject_embedding_std(model: HookedModel, subjects: list[str]) -> float:
     rows = []
     with torch.no_grad():
         for s in subjects:
-            ids = torch.tensor([tokenize(model, s)])
+            ids = torch.tensor([tokenize(model, s)], device=model_device(model))
             _, cache = model.run_with_cache(ids, names_filter=name, use_cache=False)
             rows.append(cache[name][0].double())
     return float(torch.cat(rows).std())
@@ -120,8 +126,8 @@ def add_noise(
     span: tuple[int, int],
 ) -> Float[torch.Tensor, "samples pos d_model"]:
     """Corrupted embeddings: ``clean`` repeated per sample with ``noise`` added (in float64,
-    rounded once to the model dtype) on the subject token span."""
+    rounded once to the model dtype, on ``clean``'s device) on the subject token span."""
     start, end = span
     out = clean.expand(noise.shape[0], -1, -1).clone()
-    out[:, start:end] = (out[:, start:end].double() + noise).to(clean.dtype)
+    out[:, start:end] = (out[:, start:end].double() + noise.to(out.device)).to(clean.dtype)
     return out

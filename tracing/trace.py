@@ -43,6 +43,7 @@ from tracing.models import (
     final_logits,
     fingerprint,
     hook_name,
+    model_device,
     model_name,
     n_layers,
     target_ids,
@@ -96,7 +97,7 @@ def prepare_fact(
         raise InvalidInput(
             f"prompt has {len(fact.ids)} tokens, longer than the context ({context_length(model)})"
         )
-    ids = torch.tensor([fact.ids])
+    ids = torch.tensor([fact.ids], device=model_device(model))
     n = n_layers(model)
     names = {hook_name(model, "resid_pre", 0)}
     for layer in range(n):
@@ -157,7 +158,7 @@ def _reference_probs(
 
     def corrupt(x, hook):
         x = x.clone()
-        x[1:, start:end] = (x[1:, start:end].double() + prep.noise).to(x.dtype)
+        x[1:, start:end] = (x[1:, start:end].double() + prep.noise.to(x.device)).to(x.dtype)
         return x
 
     out = np.empty(len(interventions))

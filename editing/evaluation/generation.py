@@ -22,7 +22,11 @@ import torch
 
 from editing.evaluation.datasets import CounterFactRecord, ZsreRecord
 from tracing.errors import InvalidInput
-from tracing.models import HookedModel, tokenize
+from tracing.models import (
+    HookedModel,
+    model_device,
+    tokenize,
+)
 
 #: Prompts built from the subject when a record has no generation prompts of its own.
 SUBJECT_TEMPLATES = ("{} is", "{} was")
@@ -58,9 +62,11 @@ def _next_tokens(
     if not cfg.sample:
         return logits.argmax(dim=-1)
     vals, idx = logits.float().topk(min(cfg.top_k, logits.shape[-1]), dim=-1)
-    probs = torch.softmax(vals, dim=-1)
+    # Sampled on the CPU with per-prompt CPU generators: the same seed gives the same
+    # text whatever device the model runs on.
+    probs = torch.softmax(vals, dim=-1).cpu()
     picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)]
-    return idx.gather(1, torch.stack(picks))[:, 0]
+    return idx.gather(1, torch.stack(picks).to(idx.device))[:, 0]
 
 
 def _generate_batch(
@@ -68,8 +74,11 @@ def _generate_batch(
 ) -> list[list[int]]:
     hf = model.original_model
     width = max(map(len, seqs))
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
+    dev = model_device(model)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], dtype=torch.long, device=dev)
+    mask = torch.tensor(
+        [[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=dev
+    )
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     out: list[torch.Tensor] = []

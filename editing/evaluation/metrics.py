@@ -45,6 +45,7 @@ from tracing.models import (
     context_length,
     final_logits,
     hook_name,
+    model_device,
     n_layers,
     target_ids,
     tokenize,
@@ -152,7 +153,8 @@ class ModelScorer:
     def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[TokenScores]:
         seqs = [p + t for p, t in batch]
         width = max(map(len, seqs))
-        toks = torch.tensor([s + [self._pad] * (width - len(s)) for s in seqs], dtype=torch.long)
+        rows_ = [s + [self._pad] * (width - len(s)) for s in seqs]
+        toks = torch.tensor(rows_, dtype=torch.long, device=model_device(self.model))
         saved: list[torch.Tensor] = []
 
         def keep(resid, hook):
@@ -169,9 +171,10 @@ class ModelScorer:
             for b, (p, t) in enumerate(batch):
                 rows += [b] * len(t)
                 cols += range(len(p) - 1, len(p) + len(t) - 1)
-            picked = resid[torch.tensor(rows), torch.tensor(cols)]
+            at = resid.device
+            picked = resid[torch.tensor(rows, device=at), torch.tensor(cols, device=at)]
             logp = torch.log_softmax(final_logits(self.model, picked[None])[0].float(), dim=-1)
-        target_all = torch.tensor([tok for _, t in batch for tok in t])
+        target_all = torch.tensor([tok for _, t in batch for tok in t], device=logp.device)
         lp = logp.gather(1, target_all[:, None])[:, 0].tolist()
         am = logp.argmax(dim=-1).tolist()
         out, k = [], 0

@@ -48,6 +48,7 @@ from tracing.models import (
     down_proj,
     final_logits,
     hook_name,
+    model_device,
     target_ids,
     tokenize,
 )
@@ -176,10 +177,10 @@ def mixed_schedule(
     return schedule
 
 
-def _pad(examples: Sequence[_Example], pad_id: int) -> torch.Tensor:
+def _pad(examples: Sequence[_Example], pad_id: int, device: torch.device) -> torch.Tensor:
     width = max(len(e.inputs) for e in examples)
     rows = [list(e.inputs) + [pad_id] * (width - len(e.inputs)) for e in examples]
-    return torch.tensor(rows, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long, device=device)
 
 
 def _states_before(
@@ -213,10 +214,11 @@ def _mean_logprob(
             cols.append(e.n_prompt - 1 + j)
             tgts.append(t)
             weights.append(1.0 / (len(e.target) * len(examples)))
-    picked = out[torch.tensor(rows), torch.tensor(cols)].unsqueeze(0)
+    at = out.device
+    picked = out[torch.tensor(rows, device=at), torch.tensor(cols, device=at)].unsqueeze(0)
     logp = torch.log_softmax(final_logits(model, picked)[0].float(), dim=-1)
-    token_lp = logp.gather(1, torch.tensor(tgts).unsqueeze(1))[:, 0]
-    return (token_lp * torch.tensor(weights)).sum()
+    token_lp = logp.gather(1, torch.tensor(tgts, device=logp.device).unsqueeze(1))[:, 0]
+    return (token_lp * torch.tensor(weights, device=logp.device)).sum()
 
 
 def _parameter(model: HookedModel, layer: int) -> torch.nn.Parameter:
@@ -321,17 +323,21 @@ def finetune_edit(
     start = layers[0]
     all_ex = examples + neutral_ex
     pad_id = model.tokenizer.pad_token_id
-    tokens = _pad(all_ex, 0 if pad_id is None else int(pad_id))
+    tokens = _pad(all_ex, 0 if pad_id is None else int(pad_id), model_device(model))
     t0 = time.perf_counter()
 
     with restoring_weights(model, layers, always=True) as before:
         _, block_kwargs = capture_block_kwargs(model, tokens[:1])
         h0 = _states_before(model, tokens, start)
         params = [_parameter(model, layer) for layer in layers]
-        lo_hi = [(p.detach() - eps, p.detach() + eps) for p in params] if eps else []
+        # Adam and the l-infinity projection act on float32 master copies whatever the
+        # model's dtype (a bfloat16 step of ~1e-4 on weights of ~0.05 would round away);
+        # the model's weights receive them, rounded once, before every forward.
+        masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+        lo_hi = [(m.detach() - eps, m.detach() + eps) for m in masters] if eps else []
         losses: list[float] = []
         with _grad_only(model, params):
-            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.Adam(masters, lr=hp.lr, weight_decay=hp.weight_decay)
             bar = tqdm(schedule, desc=f"{METHOD_NAMES[hp.mode]} fine-tuning", disable=not progress)
             for step, batches in enumerate(bar):
                 step_loss = 0.0
@@ -347,11 +353,14 @@ def finetune_edit(
                             "restored (lower the learning rate?)"
                         )
                     loss.backward()
+                    for p, m in zip(params, masters, strict=True):
+                        m.grad, p.grad = p.grad.float(), None  # type: ignore[union-attr]
                     opt.step()
-                    if eps:
-                        with torch.no_grad():
-                            for p, (lo, hi) in zip(params, lo_hi, strict=True):
-                                p.copy_(torch.clamp(p, lo, hi))
+                    with torch.no_grad():
+                        for i, (p, m) in enumerate(zip(params, masters, strict=True)):
+                            if eps:
+                                m.copy_(torch.clamp(m, *lo_hi[i]))
+                            p.copy_(m.to(p.dtype))
                     step_loss += loss.item() / len(batches)
                 losses.append(step_loss)
                 bar.set_postfix(loss=f"{step_loss:.3f}")

@@ -44,6 +44,8 @@ from editing.methods.registry import EditInputs, EditMethod
 from editing.objective import compute_targets
 from editing.prepared import PreparedRequest
 from editing.targets import check_edit_layer
+from editing.weights import add_to_weight
+from tracing.devices import module_device
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.forward import capture_states, length_chunks, padded
 from tracing.models import (
@@ -91,7 +93,8 @@ def norm_gain(norm, d_model: int) -> Float[torch.Tensor, " d_model"]:
     """The per-coordinate gain ``g`` of an RMSNorm (``N(y) = g * y / rms(y)``), read off the
     module itself: ``N(c * ones)`` for a large ``c`` (so the epsilon does not matter)."""
     with torch.no_grad():
-        return norm(torch.full((1, 1, d_model), 1e3)).reshape(-1).double()
+        probe = torch.full((1, 1, d_model), 1e3, device=module_device(norm), dtype=torch.float32)
+        return norm(probe.to(next(norm.parameters()).dtype)).reshape(-1).double()
 
 
 def norm_aware_targets(
@@ -122,12 +125,13 @@ def _plain_states(
     order: list[int] = []
     for chunk in length_chunks([len(ids) for ids, _ in items], DEFAULT_BATCH_TOKENS):
         got = capture_states(model, padded([items[i][0] for i in chunk]), names, stop_after)
-        look = torch.tensor([items[i][1] for i in chunk])
         for n in names:
-            rows[n].append(got[n][torch.arange(len(chunk)), look])
+            dev = got[n].device
+            look = torch.tensor([items[i][1] for i in chunk], device=dev)
+            rows[n].append(got[n][torch.arange(len(chunk), device=dev), look])
         order.extend(chunk)
     inverse = torch.argsort(torch.tensor(order))
-    return {n: torch.cat(rows[n])[inverse] for n in names}
+    return {n: torch.cat(rows[n])[inverse.to(rows[n][0].device)] for n in names}
 
 
 def layer_updates(
@@ -153,20 +157,24 @@ def layer_updates(
         if norm is not None:
             names += [hook_name(model, "mlp_raw", L), hook_name(model, "mlp", L)]
         cur = _plain_states(model, prepared, names, resid_name)
-        resid = (z - cur[resid_name].double()) / (len(layers) - i)
+        resid = (z.to(cur[resid_name].device) - cur[resid_name].double()) / (len(layers) - i)
         want = resid
         if norm is not None:
             gain = norm_gain(norm, resid.shape[-1])
             y, m = cur[names[1]].double(), cur[names[2]].double()
             check = gain * y / y.pow(2).mean(-1, keepdim=True).sqrt()
-            if (check - m).norm() > 1e-3 * m.norm():
+            # 1e-3 relative at float32; half precision rounds m itself (4 ulps of bfloat16).
+            tol = max(1e-3, 4 * torch.finfo(cur[names[2]].dtype).eps)
+            if (check - m).norm() > tol * m.norm():
                 raise InvalidHparams(
                     f"layer {L}: the post-MLP norm is not an RMSNorm (m != g*y/rms(y)); "
                     "set norm_aware=False for this model"
                 )
             want = norm_aware_targets(y, m, resid, gain)
         weight = down_proj(model, L)
-        lhs = hp.mom2_update_weight * moms[L].double() + keys.T @ keys
+        # The solve runs in float64 on the layer's own device, whatever the model's dtype.
+        keys, want = keys.to(weight.device), want.to(weight.device)
+        lhs = hp.mom2_update_weight * moms[L].to(weight.device, torch.float64) + keys.T @ keys
         try:
             left = torch.linalg.solve(lhs, keys.T)  # [d_mlp, n]
         except torch.linalg.LinAlgError as exc:
@@ -192,8 +200,7 @@ def layer_updates(
             }
         )
         log.info("MEMIT layer %d: %s", L, diag[-1])
-        with torch.no_grad():
-            weight.add_(upd)
+        add_to_weight(weight, upd)
         deltas.append(delta)
     return deltas, diag
 

@@ -37,6 +37,7 @@ from editing.methods.registry import EditInputs, EditMethod
 from editing.objective import compute_targets
 from editing.prepared import PreparedRequest
 from editing.targets import check_edit_layer
+from editing.weights import add_to_weight
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.models import (
     HookedModel,
@@ -95,7 +96,10 @@ def rank_one_update(
     result is not finite.
     """
     k_res = key_u if key_res is None else key_res
-    w, c = weight.double(), mom2.double()
+    # float64 on the weight's device whatever the model's dtype: C is ill-conditioned.
+    dev = weight.device
+    w, c = weight.double(), mom2.to(dev, torch.float64)
+    key_u, k_res, value = key_u.to(dev), k_res.to(dev), value.to(dev)
     try:
         u = torch.linalg.solve(c, key_u.double())
     except torch.linalg.LinAlgError as exc:
@@ -183,10 +187,8 @@ def edit_rome(
         edit = rome_edit(model, p, hp, mom2[hp.layer], progress=inputs.progress)
         edits.append(edit)
         if i + 1 < len(prepared):  # later requests see the earlier edits
-            with torch.no_grad():
-                for d in edit.deltas:
-                    W = down_proj(model, d.layer)
-                    W.add_(d.matrix(W.dtype))
+            for d in edit.deltas:
+                add_to_weight(down_proj(model, d.layer), d.matrix())
     return edits[0] if len(edits) == 1 else Edit.combine(edits, "rome")
 
 

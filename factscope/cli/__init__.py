@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from factscope import __version__
 from factscope.cli import editing, evaluation, models, tracing
+from factscope.cli.common import check_placement
 from tracing.errors import FactscopeError
 
 SECTIONS = (models, tracing, editing, evaluation)
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
     try:
+        check_placement(args)
         args.func(args)
     except FactscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,11 +18,32 @@ UNSET = argparse.SUPPRESS
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
-    """``--model``: an embedded model name, a local Hugging Face folder or a cached hub id."""
+    """``--model`` (an embedded model name, a local Hugging Face folder or a cached hub id) and
+    where it runs: ``--device``, ``--dtype``, ``--device-map``, ``--offload-folder``."""
     p.add_argument(
         "--model",
         default=UNSET,
         help="model name or local folder (default: the embedded gemma-3-270m)",
+    )
+    p.add_argument(
+        "--device",
+        default=UNSET,
+        help="cpu, cuda, cuda:N or auto (default auto: CUDA when present, else the CPU)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=UNSET,
+        help="float32, bfloat16, float16 or auto (default auto: float32 on the CPU; on CUDA "
+        "bfloat16 above ~1B parameters)",
+    )
+    p.add_argument(
+        "--device-map",
+        default=UNSET,
+        help="a model split over devices: auto, balanced, sequential, a JSON object "
+        '{"module": "cuda:0" | "cpu" | "disk"} or a .json file of one (accelerate places it)',
+    )
+    p.add_argument(
+        "--offload-folder", default=UNSET, help="folder for blocks mapped to 'disk'"
     )
 
 
@@ -39,11 +60,27 @@ def given(args: argparse.Namespace, *names: str, **renamed: str) -> dict[str, An
     return out
 
 
+def check_placement(args: argparse.Namespace) -> None:
+    """``--device``, ``--dtype`` and ``--device-map`` name things that exist here: checked
+    right after parsing, before any file is read or model loaded."""
+    from tracing.devices import check_dtype, parse_device_map, resolve_device
+
+    if hasattr(args, "dtype"):
+        check_dtype(args.dtype)
+    if hasattr(args, "device"):
+        resolve_device(args.device)
+    if hasattr(args, "device_map"):
+        parse_device_map(args.device_map)
+        if getattr(args, "device", "auto") != "auto":
+            raise InvalidInput("give either --device or --device-map, not both")
+
+
 def load(args: argparse.Namespace) -> Any:
-    """Load the model the user named (or the library's default)."""
+    """Load the model the user named (or the library's default), where they said."""
     from tracing.models import load_model
 
-    return load_model(args.model) if hasattr(args, "model") else load_model()
+    where = given(args, "device", "dtype", "device_map", "offload_folder")
+    return load_model(args.model, **where) if hasattr(args, "model") else load_model(**where)
 
 
 def output_folder(path: str) -> Path:

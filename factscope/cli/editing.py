@@ -18,7 +18,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
 
     layers = parse_layers(args.layers)
     model = load(args)
-    settings = given(args, "corpus", "dtype", "seq_len", n_tokens="tokens")
+    settings = given(args, "corpus", "seq_len", n_tokens="tokens", dtype="mom2_dtype")
     if args.cache_dir:
         settings["cache_dir"] = Path(args.cache_dir)
     stats = layer_second_moments(
@@ -70,7 +70,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", required=True, help="layers: 3-8, 3,5,7, 4 or a layers JSON")
     p.add_argument("--tokens", type=int, default=UNSET, help="corpus tokens (default 100000)")
     add_model(p)
-    p.add_argument("--dtype", choices=("float32", "float64"), default=UNSET, help="default float32")
+    p.add_argument(
+        "--mom2-dtype",
+        choices=("float32", "float64"),
+        default=UNSET,
+        help="accumulation dtype of the statistics (default float32, whatever the model's)",
+    )
     p.add_argument(
         "--corpus",
         default=UNSET,

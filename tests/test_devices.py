@@ -1,0 +1,99 @@
+"""Devices and device maps: choices are checked before any weights are read, and a model
+split by an explicit per-block device map (accelerate's dispatch, one block offloaded to
+disk) traces, collects statistics and edits exactly as the same model on one device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from editing.api import make_edit
+from editing.hparams import TargetHparams
+from editing.methods.finetune import FTHparams
+from editing.methods.memit import MemitHparams
+from editing.methods.rome import RomeHparams
+from editing.requests import EditRequest
+from editing.stats import layer_second_moments
+from tracing.devices import check_dtype, parse_device_map, resolve_device, resolve_dtype
+from tracing.errors import InvalidInput
+from tracing.models import down_proj, load_model
+from tracing.trace import trace_fact
+
+REQ = EditRequest("{} is located in the city of", "The Space Needle", "Paris")
+TEMPLATES = ["{}", "Because of this. {}"]
+TOP = {
+    "gpt2": ("transformer.h", ["transformer.wte", "transformer.wpe", "transformer.ln_f"]),
+    "llama": ("model.layers", ["model.embed_tokens", "model.norm", "model.rotary_emb"]),
+}
+OFFLOADED = 2  # a middle block: the last one has no path to the loss
+
+
+def _map(arch: str) -> dict[str, str]:
+    blocks, rest = TOP[arch]
+    out = dict.fromkeys([*rest, "lm_head"], "cpu")
+    out.update({f"{blocks}.{i}": "disk" if i == OFFLOADED else "cpu" for i in range(4)})
+    return out
+
+
+def test_auto_choices_on_this_machine():
+    dev = resolve_device("auto")
+    assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu"), 8_000_000_000) == torch.float32
+    assert check_dtype("bfloat16") == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: resolve_device("cuda:99"), "cuda:99"),
+        (lambda: resolve_device("tpu"), "unknown device 'tpu'"),
+        (lambda: check_dtype("int8"), "unknown dtype 'int8'"),
+        (lambda: parse_device_map('{"model.layers.0": "cuda:99"}'), "model.layers.0"),
+        (lambda: parse_device_map("[1, 2]"), "non-empty JSON object"),
+    ],
+)
+def test_bad_choices_are_one_line_errors(call, message):
+    with pytest.raises(InvalidInput, match=message):
+        call()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_device_mapped_model_works_as_one_device(toy_dirs, toy_models, arch, tmp_path):
+    one = toy_models[arch]
+    split = load_model(toy_dirs[arch], device_map=_map(arch), offload_folder=str(tmp_path / "off"))
+    assert split.original_model.hf_device_map[f"{TOP[arch][0]}.{OFFLOADED}"] == "disk"
+    a, b = (
+        trace_fact(m, "The Space Needle is in", "The Space Needle", samples=3, noise=0.5)
+        for m in (one, split)
+    )
+    for kind in a.scores:
+        np.testing.assert_allclose(b.scores[kind], a.scores[kind], rtol=0, atol=1e-6)
+    stats = [
+        layer_second_moments(m, [0, 1], n_tokens=1000, seq_len=64, cache_dir=tmp_path / n)
+        for m, n in ((one, "one"), (split, "split"))
+    ]
+    torch.testing.assert_close(stats[1][1].mom2, stats[0][1].mom2, rtol=1e-6, atol=1e-7)
+    rome = RomeHparams(layer=1, target=TargetHparams(num_steps=3, lr=0.5))
+    memit = MemitHparams(
+        layers=[0, 1], target=TargetHparams(num_steps=3, lr=0.5), mom2_update_weight=10.0
+    )
+    for method, hp, st in (("rome", rome, True), ("memit", memit, True), ("ft-l", None, False)):
+        hp = hp or FTHparams(layers=[1], lr=1e-2, num_steps=3, norm_constraint=1e-3)
+        edits = [
+            make_edit(m, REQ, method, hp, stats=s if st else None, context_templates=TEMPLATES)
+            for m, s in zip((one, split), stats, strict=True)
+        ]
+        for x, y in zip(edits[0].deltas, edits[1].deltas, strict=True):
+            torch.testing.assert_close(y.matrix(), x.matrix(), rtol=1e-4, atol=1e-6)
+        before = down_proj(split, 1).clone()
+        with edits[1].applied(split):
+            assert not torch.equal(down_proj(split, 1), before)
+        assert torch.equal(down_proj(split, 1), before)
+
+
+def test_an_offloaded_layer_is_refused_for_editing(toy_dirs, tmp_path):
+    split = load_model(toy_dirs["gpt2"], device_map=_map("gpt2"), offload_folder=str(tmp_path))
+    hp = RomeHparams(layer=OFFLOADED, target=TargetHparams(num_steps=2, lr=0.5))
+    with pytest.raises(InvalidInput, match=f"layer {OFFLOADED}: the down-projection is offloaded"):
+        make_edit(split, REQ, "rome", hp, stats={OFFLOADED: torch.eye(256)})
