@@ -254,6 +254,21 @@ class Edit:
         finally:
             self.undo(model)
 
+    def export(self, model: HookedModel, folder: str | Path) -> Path:
+        """Write ``model`` with this edit applied as a Hugging Face folder that
+        ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads without factscope
+        (see :mod:`editing.export`); the model is left as it was. Returns the folder."""
+        from editing.export import check_export_folder, export_model
+
+        check_export_folder(folder)
+        origin = {
+            "method": self.method,
+            "layers": self.layers,
+            "requests": [r.to_dict() for r in self.requests],
+        }
+        with self.applied(model):
+            return export_model(model, folder, origin)
+
     # ------------------------------------------------------------------ save / load
 
     def save(self, folder: str | Path) -> Path:

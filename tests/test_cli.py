@@ -29,7 +29,12 @@ def files(tmp_path):
     bad_json.write_text("{not json")
     bad_records = tmp_path / "records.json"
     bad_records.write_text(json.dumps([{"case_id": 0, "prompt": "x"}]))
-    return {"file": str(existing), "bad_json": str(bad_json), "bad_records": str(bad_records)}
+    return {
+        "file": str(existing),
+        "bad_json": str(bad_json),
+        "bad_records": str(bad_records),
+        "folder": str(tmp_path),
+    }
 
 
 CASES = {
@@ -76,6 +81,14 @@ CASES = {
         "not both",
     ),
     "a malformed device map": (["predict", "x", "--device-map", "{{nope"], "device map"),
+    "export onto a non-empty folder": (
+        ["export", "--edit", "{bad_json}", "--out", "{folder}"],
+        "exists and is not empty",
+    ),
+    "export of a folder that is not an edit": (
+        ["export", "--edit", "{folder}", "--out", "{folder}/new"],
+        "is not a saved edit",
+    ),
     "trace-dataset with a missing facts file": (
         ["trace-dataset", "--facts", "{file}.nope"],
         "does not exist",

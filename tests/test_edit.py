@@ -250,3 +250,34 @@ def test_edit_validation_and_load_errors(tmp_path):
         Edit([LayerDelta(0, dense=torch.ones(2, 2))], "rome", [], {"x": object()}, "fp", "m")
     with pytest.raises(InvalidInput, match="not a saved edit"):
         Edit.load(tmp_path)
+
+
+def test_export_loads_without_factscope_and_keeps_the_edit(toy_dirs, toy_models, tmp_path):
+    """An exported folder is a plain Hugging Face model: transformers alone loads it, its
+    down-projection is the edited one and its next-token logits are the edited bridge's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editing.api import make_edit
+    from editing.hparams import TargetHparams
+    from editing.methods.rome import RomeHparams
+    from tracing.forward import last_token_logits
+
+    model = toy_models["llama"]
+    req = EditRequest("{} is located in the city of", "The Space Needle", "Paris")
+    hp = RomeHparams(layer=1, target=TargetHparams(num_steps=3, lr=0.5))
+    d = model.cfg.d_mlp
+    edit = make_edit(model, req, "rome", hp, stats={1: torch.eye(d)}, context_templates=["{}"])
+    before = down_proj(model, 1).clone()
+    folder = edit.export(model, tmp_path / "exported")
+    assert torch.equal(down_proj(model, 1), before)  # the model is left as it was
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert torch.equal(hf.model.layers[1].mlp.down_proj.weight.T, before + edit.deltas[0].matrix())
+    prompt = req.prompt.format(req.subject)
+    with torch.no_grad():
+        mine = hf(torch.tensor([tok(prompt)["input_ids"]])).logits[0, -1]
+    with edit.applied(model):
+        theirs = last_token_logits(model, [prompt])[0]
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInput, match="exists and is not empty"):
+        edit.export(model, folder)

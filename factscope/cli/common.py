@@ -42,9 +42,7 @@ def add_model(p: argparse.ArgumentParser) -> None:
         help="a model split over devices: auto, balanced, sequential, a JSON object "
         '{"module": "cuda:0" | "cpu" | "disk"} or a .json file of one (accelerate places it)',
     )
-    p.add_argument(
-        "--offload-folder", default=UNSET, help="folder for blocks mapped to 'disk'"
-    )
+    p.add_argument("--offload-folder", default=UNSET, help="folder for blocks mapped to 'disk'")
 
 
 def add_progress(p: argparse.ArgumentParser) -> None:

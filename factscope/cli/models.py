@@ -34,8 +34,25 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(f"  {p:8.4f}  {token!r}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write the model with a saved edit applied as a Hugging Face folder."""
+    from editing.edit import Edit
+    from editing.export import check_export_folder
+
+    out = check_export_folder(args.out)
+    edit = Edit.load(args.edit)
+    if not hasattr(args, "model"):
+        args.model = edit.model_name
+    model = load(args)
+    folder = edit.export(model, out)
+    print(
+        f"exported {edit.method} edit ({len(edit.requests)} request(s)) of {args.model} to {folder}"
+    )
+    print("load it without factscope: transformers.AutoModelForCausalLM.from_pretrained(FOLDER)")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``models`` and ``predict``."""
+    """Register ``models``, ``predict`` and ``export``."""
     p = sub.add_parser("models", help="list the models that can be loaded here (no network)")
     p.set_defaults(func=cmd_models)
 
@@ -45,3 +62,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model(p)
     p.add_argument("--edit", help="folder of a saved edit to apply first")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write the edited model as a Hugging Face folder")
+    p.add_argument("--edit", required=True, help="folder of a saved edit")
+    p.add_argument("--out", required=True, help="new (or empty) folder to write")
+    add_model(p)
+    p.set_defaults(func=cmd_export)
