@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ def check_export_folder(folder: str | Path) -> Path:
     return out
 
 
-def _plain_hf_model(hf: torch.nn.Module) -> torch.nn.Module:
+def _plain_hf_model(hf: Any) -> Any:
     """The Hugging Face model under a bridge, as its own class with its own parameter names.
 
     The bridge wraps the HF modules in place (``..._original_component...`` paths and alias
@@ -68,8 +69,8 @@ def export_model(model: HookedModel, folder: str | Path, origin: dict | None = N
     from tracing.loading import _hub_offline, resolve_source
 
     out = check_export_folder(folder)
-    hf = model.original_model
-    if getattr(hf, "hf_device_map", None) and any(v == "disk" for v in hf.hf_device_map.values()):
+    hf: Any = model.original_model
+    if any(v == "disk" for v in (getattr(hf, "hf_device_map", None) or {}).values()):
         raise InvalidInput("cannot export a model with blocks offloaded to disk: load it whole")
     name = model_info(model).name
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from editing.prepared import PreparedRequest
 from editing.stats import SecondMoment, layer_second_moments
 from tracing.errors import EditFailed, InvalidInput
 from tracing.forward import capture_states, length_chunks, padded
+from tracing.memory import batch_tokens
 from tracing.models import (
     HookedModel,
     hook_name,
@@ -47,7 +48,7 @@ def subject_keys(
     *,
     templated: bool = True,
     weighting: KeyWeighting = "uniform",
-    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_batch_tokens: int | None = None,
 ) -> Float[torch.Tensor, "n d_mlp"]:
     """Per request, the mean over its prepared prompts of the MLP key at the subject's last
     token (``templated=False``: the bare prompt's key only). ``weighting="uniform"``: every
@@ -70,7 +71,8 @@ def subject_keys(
     # dtype (the ROME and MEMIT solves use them in float64).
     dev = layer_device(model, layer)
     sums = torch.zeros(len(prepared), mlp_width(model), dtype=torch.float64, device=dev)
-    for chunk in length_chunks([len(ids) for _, ids, _ in items], max_batch_tokens):
+    budget = max_batch_tokens or batch_tokens(model, cpu_default=DEFAULT_BATCH_TOKENS)
+    for chunk in length_chunks([len(ids) for _, ids, _ in items], budget):
         batch = [items[i] for i in chunk]
         keys = capture_states(model, padded([ids for _, ids, _ in batch]), [name], name)[name]
         at = keys.device

@@ -36,6 +36,7 @@ from editing.hparams import TargetHparams
 from editing.prepared import PreparedRequest
 from editing.targets import DEFAULT_BATCH_TOKENS, DeltaRunner, TargetHook, rewrite_prompts
 from tracing.errors import EditFailed, InvalidInput
+from tracing.memory import batch_tokens, is_out_of_memory
 from tracing.models import HookedModel
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class TargetObjective:
         hook: TargetHook,
         hp: TargetHparams,
         *,
-        max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        max_batch_tokens: int | None = None,
     ) -> None:
         if not prepared:
             raise InvalidInput("no requests to compute targets for")
@@ -176,7 +177,7 @@ def compute_targets(
     layer: int,
     hook: TargetHook,
     hp: TargetHparams,
-    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    max_batch_tokens: int | None = None,
     progress: bool = False,
 ) -> TargetResult:
     """Optimise one vector per prepared request so the model predicts its ``target_new`` in
@@ -185,7 +186,33 @@ def compute_targets(
     All requests are optimised together in every step; each stops on its own (``hp.early_stop_on``
     below ``hp.early_stop_loss``). Raises :class:`~tracing.errors.EditFailed` on non-finite
     losses or targets. The model's weights are never changed.
+
+    Prompts go through the model in chunks of ``max_batch_tokens`` (default: the model's
+    budget, :func:`tracing.memory.batch_tokens`); if the device runs out of memory the
+    optimisation starts again with half the chunk (said in the log).
     """
+    budget = max_batch_tokens or batch_tokens(model, grad=True, cpu_default=DEFAULT_BATCH_TOKENS)
+    while True:
+        try:
+            return _optimise(model, prepared, layer, hook, hp, budget, progress)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc) or budget <= 1:
+                raise
+            budget //= 2
+            log.warning(
+                "targets at layer %d: out of memory; restarting with %d-token chunks", layer, budget
+            )
+
+
+def _optimise(
+    model: HookedModel,
+    prepared: Sequence[PreparedRequest],
+    layer: int,
+    hook: TargetHook,
+    hp: TargetHparams,
+    max_batch_tokens: int,
+    progress: bool,
+) -> TargetResult:
     obj = TargetObjective(model, prepared, layer, hook, hp, max_batch_tokens=max_batch_tokens)
     init, n = obj.init, obj.n
     if hp.parametrization == "scaled":

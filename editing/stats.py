@@ -38,6 +38,7 @@ from tracing.errors import InvalidInput
 from tracing.forward import run_until
 from tracing.io import atomic_path, write_json_atomic
 from tracing.loading import cache_dir as user_cache_dir
+from tracing.memory import batch_tokens, halving
 from tracing.models import (
     HookedModel,
     check_layer,
@@ -219,7 +220,7 @@ def layer_second_moments(
     corpus: str = "wikitext",
     dtype: torch.dtype | str = torch.float32,
     seq_len: int = 128,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
     checkpoint_every: int = 25,
@@ -228,14 +229,19 @@ def layer_second_moments(
 
     Layers already in the cache are read from it without running the model; the others are
     collected together in one forward pass per batch of ``batch_size`` sequences that stops
-    after the deepest of them. ``dtype`` (float32 or float64) is the accumulation and result
-    type. Partial sums are checkpointed every ``checkpoint_every`` batches, so a killed run
-    resumes where it stopped. ``cache_dir`` defaults to ``tracing.loading.cache_dir()/stats``.
-    Raises InvalidInput naming the layer if a key or the result holds NaN/inf.
+    after the deepest of them (``batch_size`` default: 8 on the CPU, the model's token budget
+    over ``seq_len`` on CUDA, :mod:`tracing.memory`; a batch that runs out of memory is split
+    in halves). ``dtype`` (float32 or float64) is the accumulation and result type, whatever
+    the model's dtype. Partial sums are checkpointed every ``checkpoint_every`` batches, so a
+    killed run resumes where it stopped. ``cache_dir`` defaults to
+    ``tracing.loading.cache_dir()/stats``. Raises InvalidInput naming the layer if a key or the
+    result holds NaN/inf.
     """
     layers = sorted({check_layer(model, int(L)) for L in layers})
     if not layers:
         raise InvalidInput("no layers given for the second-moment statistics")
+    if batch_size is None:
+        batch_size = max(8, batch_tokens(model, cpu_default=8 * seq_len) // seq_len)
     if batch_size < 1 or checkpoint_every < 1:
         raise InvalidInput("batch_size and checkpoint_every must be at least 1")
     acc_dtype = _DTYPES[_dtype_name(dtype)]
@@ -277,6 +283,7 @@ def layer_second_moments(
         sums = {L: s.to(layer_device(model, L)) for L, s in sums.items()}
     current = {"batch": start}
     device = model_device(model)
+    pending: dict[int, torch.Tensor] = {}  # keys of the rows in flight, added once they all ran
 
     def collect(layer: int):
         def hook(act: torch.Tensor, hook) -> None:
@@ -286,10 +293,17 @@ def layer_second_moments(
                     f"layer {layer}: NaN or inf in the MLP keys (down-projection input) "
                     f"on corpus batch {current['batch']}"
                 )
-            k = k.to(sums[layer].device, acc_dtype)
-            sums[layer].addmm_(k.T, k)
+            pending[layer] = k
 
         return hook
+
+    def run_rows(rows: Sequence[torch.Tensor]) -> None:
+        pending.clear()
+        run_until(model, torch.stack(list(rows)).to(device), hooks, stop_after=hooks[-1][0])
+        for layer, k in pending.items():
+            k = k.to(sums[layer].device, acc_dtype)
+            sums[layer].addmm_(k.T, k)
+        pending.clear()
 
     hooks = [(hook_name(model, "mlp_key", L), collect(L)) for L in todo]
     t0 = time.perf_counter()
@@ -304,7 +318,7 @@ def layer_second_moments(
         with torch.no_grad():
             for b in range(start, len(batches)):
                 current["batch"] = b
-                run_until(model, batches[b].to(device), hooks, stop_after=hooks[-1][0])
+                halving(list(batches[b]), len(batches[b]), run_rows, "statistics")
                 count += batches[b].numel()
                 bar.update(batches[b].numel())
                 if (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):

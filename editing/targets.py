@@ -36,6 +36,7 @@ from tracing.forward import (
     padded,
     run_blocks,
 )
+from tracing.memory import batch_tokens
 from tracing.models import (
     HookedModel,
     check_layer,
@@ -148,7 +149,7 @@ class DeltaRunner:
         hook: TargetHook,
         *,
         loss_layer: int = -1,
-        max_tokens: int = DEFAULT_BATCH_TOKENS,
+        max_tokens: int | None = None,
     ) -> None:
         check_layer(model, layer)
         if hook not in ("mlp_raw", "resid"):
@@ -168,7 +169,8 @@ class DeltaRunner:
             if p.kind == "rewrite":
                 n_rewrite[p.request] = n_rewrite.get(p.request, 0) + 1
         self.chunks: list[_Chunk] = []
-        for idx in length_chunks([len(p.ids) for p in self.prompts], max_tokens):
+        budget = max_tokens or batch_tokens(model, grad=True, cpu_default=DEFAULT_BATCH_TOKENS)
+        for idx in length_chunks([len(p.ids) for p in self.prompts], budget):
             ps = [self.prompts[i] for i in idx]
             tokens = padded([p.ids for p in ps], device=model_device(model))
             got = capture_states(model, tokens, names, stop_after=names[-1])

@@ -80,6 +80,7 @@ CASES = {
         ["predict", "x", "--device", "cpu", "--device-map", '{{"model": "cpu"}}'],
         "not both",
     ),
+    "a zero token budget": (["predict", "x", "--max-batch-tokens", "0"], "max-batch-tokens"),
     "a malformed device map": (["predict", "x", "--device-map", "{{nope"], "device map"),
     "export onto a non-empty folder": (
         ["export", "--edit", "{bad_json}", "--out", "{folder}"],

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from tracing.memory import halving
 from tracing.models import HookedModel, HookKind, final_logits, hook_name, n_layers, run_block
 
 #: (kind, layer, token); kind "resid" at layer -1 is the input of block 0.
@@ -120,13 +121,15 @@ def fast_probs(
     if prep.corrupt_kv is None:  # no key/value cache: recompute whole sequences
         groups = {0: [i for members in groups.values() for i in members]}
     per_chunk = max(1, max_rows // S)
+
     for cut, members in sorted(groups.items()):
         members.sort(key=lambda i: start_layer(interventions[i]))
-        for c in range(0, len(members), per_chunk):
-            chunk = members[c : c + per_chunk]
-            p = _run_chunk(model, prep, [interventions[i] for i in chunk], cut)
-            out[chunk] = p
+
+        def run(chunk: Sequence[int], cut: int = cut) -> None:
+            out[list(chunk)] = _run_chunk(model, prep, [interventions[i] for i in chunk], cut)
             bar.update(len(chunk))
+
+        per_chunk = halving(members, per_chunk, run, "trace")
     return out
 
 

@@ -34,6 +34,7 @@ from tracing.engine import State, fast_probs, run_corrupted, state_hook
 from tracing.errors import InvalidInput
 from tracing.facts import tokenize_fact
 from tracing.forward import capture_block_kwargs
+from tracing.memory import batch_tokens
 from tracing.models import (
     HookedModel,
     HookKind,
@@ -187,14 +188,18 @@ def restored_probs(
     prep: PreparedFact,
     interventions: Sequence[Sequence[State]],
     method: str = "fast",
-    max_rows: int = 256,
+    max_rows: int | None = None,
     progress: bool = False,
 ) -> np.ndarray:
     """The answer's mean probability over the noisy runs for each intervention.
 
     Each intervention is a set of :data:`State` restored together from the clean run. This
-    is the one generic routine behind every trace; ``method`` picks the engine.
+    is the one generic routine behind every trace; ``method`` picks the engine. ``max_rows``
+    (noisy runs per forward pass) defaults to the model's token budget
+    (:func:`tracing.memory.batch_tokens`; 256 rows on the CPU).
     """
+    n_pos = len(prep.tokens)
+    rows = max_rows or max(1, batch_tokens(model, cpu_default=256 * n_pos) // n_pos)
     for states in interventions:
         for kind, layer, tok in states:
             if kind not in KINDS:
@@ -208,7 +213,7 @@ def restored_probs(
     bar = tqdm(total=len(interventions), disable=not progress, desc=f"trace ({method})")
     try:
         if method == "fast":
-            return fast_probs(model, prep, interventions, max_rows, bar)
+            return fast_probs(model, prep, interventions, rows, bar)
         if method == "reference":
             return _reference_probs(model, prep, interventions, bar)
         raise InvalidInput(f"unknown method {method!r}; expected one of {ENGINES}")

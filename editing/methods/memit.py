@@ -48,6 +48,7 @@ from editing.weights import add_to_weight
 from tracing.devices import module_device
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.forward import capture_states, length_chunks, padded
+from tracing.memory import batch_tokens
 from tracing.models import (
     HookedModel,
     check_layer,
@@ -123,7 +124,8 @@ def _plain_states(
     items = [(p.plain.ids, p.plain.subject_last) for p in prepared]
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     order: list[int] = []
-    for chunk in length_chunks([len(ids) for ids, _ in items], DEFAULT_BATCH_TOKENS):
+    budget = batch_tokens(model, cpu_default=DEFAULT_BATCH_TOKENS)
+    for chunk in length_chunks([len(ids) for ids, _ in items], budget):
         got = capture_states(model, padded([items[i][0] for i in chunk]), names, stop_after)
         for n in names:
             dev = got[n].device

@@ -19,7 +19,8 @@ UNSET = argparse.SUPPRESS
 
 def add_model(p: argparse.ArgumentParser) -> None:
     """``--model`` (an embedded model name, a local Hugging Face folder or a cached hub id) and
-    where it runs: ``--device``, ``--dtype``, ``--device-map``, ``--offload-folder``."""
+    where and how it runs: ``--device``, ``--dtype``, ``--device-map``, ``--offload-folder``,
+    ``--max-batch-tokens``."""
     p.add_argument(
         "--model",
         default=UNSET,
@@ -43,6 +44,13 @@ def add_model(p: argparse.ArgumentParser) -> None:
         '{"module": "cuda:0" | "cpu" | "disk"} or a .json file of one (accelerate places it)',
     )
     p.add_argument("--offload-folder", default=UNSET, help="folder for blocks mapped to 'disk'")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=UNSET,
+        help="tokens per forward pass (default: from the device's free memory on CUDA, the "
+        "measured defaults on the CPU)",
+    )
 
 
 def add_progress(p: argparse.ArgumentParser) -> None:
@@ -67,6 +75,8 @@ def check_placement(args: argparse.Namespace) -> None:
         check_dtype(args.dtype)
     if hasattr(args, "device"):
         resolve_device(args.device)
+    if hasattr(args, "max_batch_tokens") and args.max_batch_tokens < 1:
+        raise InvalidInput(f"--max-batch-tokens must be at least 1, got {args.max_batch_tokens}")
     if hasattr(args, "device_map"):
         parse_device_map(args.device_map)
         if getattr(args, "device", "auto") != "auto":
@@ -75,10 +85,14 @@ def check_placement(args: argparse.Namespace) -> None:
 
 def load(args: argparse.Namespace) -> Any:
     """Load the model the user named (or the library's default), where they said."""
+    from tracing.memory import set_batch_tokens
     from tracing.models import load_model
 
     where = given(args, "device", "dtype", "device_map", "offload_folder")
-    return load_model(args.model, **where) if hasattr(args, "model") else load_model(**where)
+    model = load_model(args.model, **where) if hasattr(args, "model") else load_model(**where)
+    if hasattr(args, "max_batch_tokens"):
+        set_batch_tokens(model, args.max_batch_tokens)
+    return model
 
 
 def output_folder(path: str) -> Path:
