@@ -84,6 +84,7 @@ def make_edit(
     stats: Stats | None = None,
     context_templates: Sequence[str] | Sequence[Sequence[str]] | None = None,
     progress: bool = True,
+    shard_targets: bool = False,
 ) -> Edit:
     """Compute an edit of ``requests`` with ``method`` and return it; the model is unchanged.
 
@@ -92,7 +93,9 @@ def make_edit(
     ``memit`` edits all requests at once; ``ft-l`` / ``ft`` / ``mixed`` fine-tune.
     ``hparams``: see :func:`resolve_hparams`; ``stats`` (ROME/MEMIT): precomputed E[k k^T] by
     layer; ``context_templates`` (ROME/MEMIT): your own templates (a list, or a list of
-    groups) instead of the model-generated ones. Bad input raises a
+    groups) instead of the model-generated ones. ``shard_targets``: every torchrun rank is
+    making this same edit, so MEMIT's per-request z optimisation is split across them (and
+    gathered before the layer updates); the result is the one-process result. Bad input raises a
     :class:`~tracing.errors.FactscopeError` before any weight changes; any failure part-way
     restores the weights exactly.
     """
@@ -109,7 +112,8 @@ def make_edit(
     prepared = prepare_requests(model, batch, templates)
     touched = hp.layers
     with restoring_weights(model, touched, always=True) as before:
-        edit = spec.edit(model, prepared, hp, EditInputs(stats=stats, progress=progress))
+        inputs = EditInputs(stats=stats, progress=progress, shard_targets=shard_targets)
+        edit = spec.edit(model, prepared, hp, inputs)
     for L, W in before.items():
         if not torch.equal(down_proj(model, L), W):  # pragma: no cover - a guard, not a path
             raise RuntimeError(f"layer {L} was not restored after editing")

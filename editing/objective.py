@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -35,9 +36,10 @@ from jaxtyping import Bool, Float
 from editing.hparams import TargetHparams
 from editing.prepared import PreparedRequest
 from editing.targets import DEFAULT_BATCH_TOKENS, DeltaRunner, TargetHook, rewrite_prompts
+from tracing.distributed import Ranks, gather_objects, ranks, together
 from tracing.errors import EditFailed, InvalidInput
 from tracing.memory import batch_tokens, is_out_of_memory
-from tracing.models import HookedModel
+from tracing.models import HookedModel, layer_device
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,7 @@ def compute_targets(
     hp: TargetHparams,
     max_batch_tokens: int | None = None,
     progress: bool = False,
+    shard: bool = False,
 ) -> TargetResult:
     """Optimise one vector per prepared request so the model predicts its ``target_new`` in
     every context template it was prepared with (see the module docstring).
@@ -190,7 +193,14 @@ def compute_targets(
     Prompts go through the model in chunks of ``max_batch_tokens`` (default: the model's
     budget, :func:`tracing.memory.batch_tokens`); if the device runs out of memory the
     optimisation starts again with half the chunk (said in the log).
+
+    ``shard`` (every torchrun rank calls this with the same requests): each rank optimises
+    every world-th request and the results are gathered; as requests are independent, this
+    is the one-process result (up to the chunking of the forward passes).
     """
+    here = ranks()
+    if shard and here.world > 1:
+        return _gathered(model, prepared, layer, hook, hp, max_batch_tokens, here)
     budget = max_batch_tokens or batch_tokens(model, grad=True, cpu_default=DEFAULT_BATCH_TOKENS)
     while True:
         try:
@@ -274,4 +284,55 @@ def _optimise(
         nll_after=nll_last.tolist(),
         steps=steps.tolist(),
         history=history,
+    )
+
+
+def _gathered(
+    model: HookedModel,
+    prepared: Sequence[PreparedRequest],
+    layer: int,
+    hook: TargetHook,
+    hp: TargetHparams,
+    max_batch_tokens: int | None,
+    here: Ranks,
+) -> TargetResult:
+    """This rank's share of :func:`compute_targets`, then everyone's, in request order."""
+    mine = here.shard(list(range(len(prepared))))
+    log.info("targets: rank %d optimises %d of %d requests", here.rank, len(mine), len(prepared))
+
+    def share() -> tuple[list[int], dict | None]:
+        if not mine:
+            return mine, None
+        res = compute_targets(
+            model,
+            [prepared[i] for i in mine],
+            layer=layer,
+            hook=hook,
+            hp=hp,
+            max_batch_tokens=max_batch_tokens,
+        )
+        fields = ("init", "delta", "nll_before", "nll_after", "steps")
+        out = {f: getattr(res, f) for f in fields}
+        out["init"], out["delta"] = res.init.cpu(), res.delta.cpu()
+        return mine, out
+
+    n = len(prepared)
+    init: list[torch.Tensor | None] = [None] * n
+    delta: list[torch.Tensor | None] = [None] * n
+    lists: dict[str, list[Any]] = {f: [None] * n for f in ("nll_before", "nll_after", "steps")}
+    for idx, part in gather_objects(together(share)):
+        for j, i in enumerate(idx):
+            assert part is not None
+            init[i], delta[i] = part["init"][j], part["delta"][j]
+            for f in lists:
+                lists[f][i] = part[f][j]
+    device = layer_device(model, layer)
+    return TargetResult(
+        layer=layer,
+        hook=hook,
+        init=torch.stack(init).to(device),  # type: ignore[arg-type]
+        delta=torch.stack(delta).to(device),  # type: ignore[arg-type]
+        nll_before=lists["nll_before"],
+        nll_after=lists["nll_after"],
+        steps=lists["steps"],
     )

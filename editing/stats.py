@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from editing.corpus import wikitext_paragraphs
+from tracing.distributed import Ranks, all_reduce_sum, barrier, ranks, together
 from tracing.errors import InvalidInput
 from tracing.forward import run_until
 from tracing.io import atomic_path, write_json_atomic
@@ -199,8 +200,13 @@ def _load_cached(folder: Path, layer: int) -> SecondMoment | None:
 # --------------------------------------------------------------------------- collection
 
 
-def _load_partial(folder: Path, meta: dict) -> tuple[dict[int, torch.Tensor], int, int] | None:
-    stem = folder / "partial"
+def _partial_stem(folder: Path, here: Ranks) -> Path:
+    """Where this rank checkpoints its partial sums (one file per rank under torchrun)."""
+    return folder / ("partial" if here.world == 1 else f"partial.rank{here.rank}of{here.world}")
+
+
+def _load_partial(stem: Path, meta: dict) -> tuple[dict[int, torch.Tensor], int, int] | None:
+    folder = stem.parent
     if not (stem.with_suffix(".json").exists() and stem.with_suffix(".safetensors").exists()):
         return None
     saved = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
@@ -269,7 +275,9 @@ def layer_second_moments(
         "dtype": _dtype_name(acc_dtype),
         "corpus": corpus_key(corpus),
     }
-    resumed = _load_partial(folder, meta)
+    here = ranks()
+    partial = _partial_stem(folder, here)
+    resumed = _load_partial(partial, meta)
     if resumed is None:
         # Accumulated in float32 or float64 (``dtype``) on each layer's own device, whatever
         # the model's dtype.
@@ -311,24 +319,37 @@ def layer_second_moments(
         total=n_tokens,
         initial=count,
         unit="tok",
-        disable=not progress,
+        disable=not progress or not here.is_main,
         desc=f"E[kk^T] layers {todo}",
     )
-    try:
+
+    def collect_share() -> int:
+        """This rank's batches (all of them in one process); returns its token count."""
+        n = count
         with torch.no_grad():
             for b in range(start, len(batches)):
+                if b % here.world != here.rank:
+                    continue
                 current["batch"] = b
                 halving(list(batches[b]), len(batches[b]), run_rows, "statistics")
-                count += batches[b].numel()
-                bar.update(batches[b].numel())
+                n += batches[b].numel()
+                bar.update(batches[b].numel() * here.world)
                 if (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
                     _atomic_save(
                         {str(L): s for L, s in sums.items()},
-                        {**meta, "batches": b + 1, "count": count},
-                        folder / "partial",
+                        {**meta, "batches": b + 1, "count": n},
+                        partial,
                     )
+        return n
+
+    try:
+        count = together(collect_share)
     finally:
         bar.close()
+    # torchrun: every rank took disjoint batches; sums and counts add up over ranks.
+    count = int(all_reduce_sum(torch.tensor([count], dtype=torch.float64))[0])
+    for L in todo:
+        all_reduce_sum(sums[L])
     seconds = time.perf_counter() - t0
     for L in todo:
         mom2 = sums[L] / count
@@ -341,9 +362,11 @@ def layer_second_moments(
             "seconds": round(seconds, 2),
             **{k: v for k, v in meta.items() if k != "layers"},
         }
-        _atomic_save({"mom2": mom2}, info, folder / f"layer_{L}")
+        if here.is_main:
+            _atomic_save({"mom2": mom2}, info, folder / f"layer_{L}")
         result[L] = SecondMoment(L, mom2, count, folder / f"layer_{L}.safetensors")
+    barrier()
     for suffix in (".json", ".safetensors"):
-        (folder / "partial").with_suffix(suffix).unlink(missing_ok=True)
+        partial.with_suffix(suffix).unlink(missing_ok=True)
     log.info("second moments of layers %s: %d tokens in %.1f s", todo, count, seconds)
     return dict(sorted(result.items()))

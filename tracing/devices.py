@@ -78,8 +78,14 @@ def check_device(spec: str | torch.device) -> torch.device:
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """The device ``spec`` names, ``auto`` (or ``None``) being CUDA when present, else CPU."""
+    """The device ``spec`` names, ``auto`` (or ``None``) being CUDA when present (under
+    torchrun, ``cuda:LOCAL_RANK``), else the CPU."""
     if spec is None or str(spec) == "auto":
+        from tracing.distributed import local_device
+
+        mine = local_device()  # under torchrun: this rank's own GPU
+        if mine is not None:
+            return torch.device(mine)
         return torch.device("cuda", 0) if _cuda_count() else torch.device("cpu")
     return check_device(spec)
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from tracing.distributed import gather_objects, ranks, together
 from tracing.errors import InvalidInput
 from tracing.facts import Fact, known_facts, load_known_facts
 from tracing.io import write_json_atomic
@@ -59,6 +60,9 @@ def trace_dataset(
     (prompt, subject, answer) and its settings cover every one that changes a score (model,
     noise level and kind, samples, seed, engine, kinds and their windows: see
     :meth:`~tracing.results.TraceSettings.covers`).
+
+    Under torchrun the facts are sharded across ranks (every rank writes its traces into the
+    one ``out_dir``) and every rank returns all the traces, in the order of ``facts``.
     """
     options: dict[str, Any] = dict(
         kinds=kinds,
@@ -79,19 +83,27 @@ def trace_dataset(
     folder = Path(out_dir) / "traces" if out_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, fact in enumerate(tqdm(facts, desc="tracing facts", disable=not progress)):
-        path = folder / f"{_fact_key(fact, i)}.json" if folder is not None else None
-        if path is not None and path.is_file():
-            cached = TraceResult.load(path)
-            if cached.settings.covers(wanted) and _same_fact(model, cached, fact):
-                results.append(cached)
-                continue
-        r = trace_fact(model, fact.prompt, fact.subject, fact.answer, **options)
-        if path is not None:
-            r.save(path)
-        results.append(r)
-    return results
+    here = ranks()  # under torchrun each rank traces every world-th fact
+
+    def trace_share() -> list[tuple[int, TraceResult]]:
+        done = []
+        mine = here.shard(list(enumerate(facts)))
+        bar = tqdm(mine, desc="tracing facts", disable=not progress or not here.is_main)
+        for i, fact in bar:
+            path = folder / f"{_fact_key(fact, i)}.json" if folder is not None else None
+            if path is not None and path.is_file():
+                cached = TraceResult.load(path)
+                if cached.settings.covers(wanted) and _same_fact(model, cached, fact):
+                    done.append((i, cached))
+                    continue
+            r = trace_fact(model, fact.prompt, fact.subject, fact.answer, **options)
+            if path is not None:
+                r.save(path)
+            done.append((i, r))
+        return done
+
+    shares = gather_objects(together(trace_share))
+    return [r for _, r in sorted(pair for share in shares for pair in share)]
 
 
 def load_traces(folder: str | Path) -> list[TraceResult]:

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tracing.distributed import Ranks
 from tracing.errors import InvalidInput
-from tracing.io import atomic_path
+from tracing.io import atomic_path, write_text_atomic
 
 #: (key, label, is a rate shown in percent) in table order, CounterFact then zsRE.
 METRIC_LABELS: tuple[tuple[str, str, bool], ...] = (
@@ -272,3 +273,30 @@ def scaling_point(summary: EvalSummary, edited: bool = True) -> dict:
     if edited:
         point["seconds_per_edit"] = summary.seconds_per_edit
     return point
+
+
+# --------------------------------------------------------------------------- torchrun rows
+
+
+def rank_rows_path(run_dir: Path, here: Ranks) -> Path:
+    """The rows file of one torchrun rank (merged into ``cases.jsonl`` at the end)."""
+    return run_dir / f"cases.rank{here.rank}of{here.world}.jsonl"
+
+
+def read_done(run_dir: Path) -> dict[int, dict]:
+    """Rows already evaluated: ``cases.jsonl`` and what an interrupted torchrun run left in
+    its ranks' files."""
+    done = read_rows(run_dir / "cases.jsonl")
+    for path in sorted(run_dir.glob("cases.rank*.jsonl")):
+        done.update(read_rows(path))
+    return done
+
+
+def merge_rank_rows(run_dir: Path) -> dict[int, dict]:
+    """Fold the ranks' rows files into ``cases.jsonl`` (rewritten atomically), then drop them."""
+    done = read_done(run_dir)
+    lines = "".join(json.dumps(r) + "\n" for _, r in sorted(done.items()))
+    write_text_atomic(run_dir / "cases.jsonl", lines)
+    for path in run_dir.glob("cases.rank*.jsonl"):
+        path.unlink()
+    return done

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -45,12 +45,15 @@ from editing.evaluation.metrics import ModelScorer, Scorer, aggregate
 from editing.evaluation.results import (
     EvalSummary,
     append_rows,
-    read_rows,
+    merge_rank_rows,
+    rank_rows_path,
+    read_done,
     split_prefixed,
     write_csv,
 )
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.methods import get_method
+from tracing.distributed import barrier, gather_objects, main_first, ranks, together
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.io import write_json_atomic, write_text_atomic
 from tracing.models import HookedModel, fingerprint, model_name
@@ -129,6 +132,7 @@ class _Run:
     hparams: Any
     edit_fn: EditFn
     edit_hparams: dict | None = None
+    shard_targets: bool = False  # torchrun, joint units: every rank makes the same edit
 
 
 def _check_run(path: Path, settings: dict) -> None:
@@ -159,8 +163,15 @@ def _run_unit(run: _Run, unit: list[tuple[Case, Any]], todo: set[int]) -> list[d
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(case_seed(cfg.seed, unit[0][0].case_id))
             try:
+                extra = {"shard_targets": True} if run.shard_targets else {}
                 edit = run.edit_fn(
-                    model, requests, cfg.method, run.hparams, layers=cfg.layers, progress=False
+                    model,
+                    requests,
+                    cfg.method,
+                    run.hparams,
+                    layers=cfg.layers,
+                    progress=False,
+                    **extra,
                 )
             except (InvalidRequest, EditFailed) as exc:
                 log.warning("edit of cases %s failed: %s", [c.case_id for c, _ in unit], exc)
@@ -262,44 +273,87 @@ def evaluate(
     }
     _check_run(run_dir / "run.json", settings_record)
     cache = UneditedCache(Path(cfg.out_dir) / f"unedited_{label}_{wkey}.jsonl", task, scorer, model)
-    selected, skipped, n_unknown = select_cases(
-        model, task, cases, cfg.n, filtered, cfg.known_rule, cache
+    here = ranks()  # under torchrun: rank 0 fills the unedited cache, the others read it
+    selected, skipped, n_unknown = main_first(
+        lambda: select_cases(model, task, cases, cfg.n, filtered, cfg.known_rule, cache)
     )
     if not selected:
         raise InvalidInput(
             f"no usable case in {label}: {len(skipped)} skipped, {n_unknown} not known by the model"
         )
     jsonl = run_dir / "cases.jsonl"
-    done = read_rows(jsonl)
+    done = read_done(run_dir)
     units = [selected[i : i + unit_size] for i in range(0, len(selected), unit_size)]
     todo_units = [u for u in units if any(c.case_id not in done for c, _ in u)]
     run = _Run(model, cfg, task, scorer, cache, hp, edit_fn or make_edit)
-    if cfg.generation:  # every unedited text in one batched run, before any edit
+    gen = cfg.generation
+    if gen:  # every unedited text in one batched run, before any edit
         pending = [c for u in todo_units for c, _ in u if c.case_id not in done]
-        cache.get_texts(pending, cfg.generation, cfg.seed)
-    checks = weights_checksums(model)
-    for unit in tqdm(todo_units, desc=f"eval {cfg.method}", disable=not cfg.progress):
-        todo = {c.case_id for c, _ in unit if c.case_id not in done}
-        rows = _run_unit(run, unit, todo)
-        if weights_checksums(model) != checks:
-            raise RuntimeError(f"model weights changed after evaluating cases {sorted(todo)}")
-        append_rows(jsonl, rows)
-        done.update({r["case_id"]: r for r in rows})
-    hp_file = run_dir / "hparams.json"
-    if run.edit_hparams is not None:
-        write_json_atomic(hp_file, run.edit_hparams)
-    resolved = json.loads(hp_file.read_text(encoding="utf-8")) if hp_file.exists() else None
-    rows = [done[c.case_id] for c, _ in selected]
-    summary = _summary(cfg, model, label, task, rows, run_dir, unit_size, hp, resolved)
+        main_first(lambda: cache.get_texts(pending, gen, cfg.seed))
+    # torchrun: per-case methods split the units across ranks, each appending to its own
+    # file; a joint unit (MEMIT's batch) runs on every rank with its z optimisation sharded,
+    # and rank 0 writes its rows.
+    out: Path | None = jsonl
+    mine = todo_units
+    if here.world > 1 and unit_size == 1:
+        mine, out = here.shard(todo_units), rank_rows_path(run_dir, here)
+    else:
+        run.shard_targets = here.world > 1 and edit_fn is None
+        out = jsonl if here.is_main else None
+
+    def evaluate_share() -> None:
+        checks = weights_checksums(model)
+        bar = tqdm(mine, desc=f"eval {cfg.method}", disable=not cfg.progress or not here.is_main)
+        for unit in bar:
+            todo = {c.case_id for c, _ in unit if c.case_id not in done}
+            rows = _run_unit(run, unit, todo)
+            if weights_checksums(model) != checks:
+                raise RuntimeError(f"model weights changed after evaluating cases {sorted(todo)}")
+            if out is not None:
+                append_rows(out, rows)
+            done.update({r["case_id"]: r for r in rows})
+
+    together(evaluate_share)
+    if here.world > 1:
+        run.edit_hparams = next((h for h in gather_objects(run.edit_hparams) if h), None)
+        barrier()
+        if not here.is_main:  # rank 0 merges the rows and writes the summary
+            theirs: EvalSummary = gather_objects(cast(Any, None))[0]
+            return theirs
+        done = merge_rank_rows(run_dir)
+    summary = _finish(cfg, model, label, task, run, run_dir, selected, done, unit_size, hp)
     summary.n_requested, summary.n_skipped, summary.n_unknown = cfg.n, len(skipped), n_unknown
     summary.skipped = skipped
     summary.seconds_total = time.perf_counter() - t_start
     if len(selected) < cfg.n:
         summary.notes.append(f"only {len(selected)} of the {cfg.n} requested cases are usable")
-    write_csv(run_dir / "cases.csv", rows)
     write_json_atomic(run_dir / "summary.json", summary.to_dict())
     write_text_atomic(run_dir / "summary.md", summary.markdown())
+    if here.world > 1:
+        gather_objects(summary)
     return summary
+
+
+def _finish(
+    cfg: EvalConfig,
+    model: HookedModel,
+    label: str,
+    task: Any,
+    run: _Run,
+    run_dir: Path,
+    selected: list,
+    done: dict[int, dict],
+    unit_size: int,
+    hp: Any,
+) -> EvalSummary:
+    """Write the resolved hyper-parameters and the rows table; the summary of the run."""
+    hp_file = run_dir / "hparams.json"
+    if run.edit_hparams is not None:
+        write_json_atomic(hp_file, run.edit_hparams)
+    resolved = json.loads(hp_file.read_text(encoding="utf-8")) if hp_file.exists() else None
+    rows = [done[c.case_id] for c, _ in selected]
+    write_csv(run_dir / "cases.csv", rows)
+    return _summary(cfg, model, label, task, rows, run_dir, unit_size, hp, resolved)
 
 
 def _summary(

@@ -222,7 +222,13 @@ def edit_memit(
     moms = layer_stats(model, layers, hp, given=inputs.stats, progress=inputs.progress)
     t0 = time.perf_counter()
     res = compute_targets(
-        model, prepared, layer=layers[-1], hook="resid", hp=hp.target, progress=inputs.progress
+        model,
+        prepared,
+        layer=layers[-1],
+        hook="resid",
+        hp=hp.target,
+        progress=inputs.progress,
+        shard=inputs.shard_targets,
     )
     t1 = time.perf_counter()
     deltas, diag = layer_updates(model, prepared, hp, res.targets, moms)

@@ -32,10 +32,13 @@ from tracing.models import HookedModel
 @dataclass(frozen=True)
 class EditInputs:
     """What a caller may give a method besides requests and hyper-parameters: precomputed
-    second moments by layer (ROME-like methods), and whether to show progress bars."""
+    second moments by layer (ROME-like methods), whether to show progress bars, and whether
+    every torchrun rank is making this same edit, so that batched methods may split their
+    per-request target optimisation across ranks (``shard_targets``)."""
 
     stats: Stats | None = None
     progress: bool = False
+    shard_targets: bool = False
 
 
 #: The signature of every method's edit function: ``(model, prepared, hp, inputs) -> Edit``.

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from factscope import __version__
 from factscope.cli import editing, evaluation, models, tracing
 from factscope.cli.common import check_placement
+from tracing.distributed import init_from_env
 from tracing.errors import FactscopeError
 
 SECTIONS = (models, tracing, editing, evaluation)
@@ -44,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         check_placement(args)
+        here = init_from_env(settings=list(sys.argv[1:] if argv is None else argv))
+        if not here.is_main:  # under torchrun only rank 0 prints results
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the process's lifetime)
         args.func(args)
     except FactscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -85,11 +85,15 @@ def check_placement(args: argparse.Namespace) -> None:
 
 def load(args: argparse.Namespace) -> Any:
     """Load the model the user named (or the library's default), where they said."""
+    from tracing.distributed import together
     from tracing.memory import set_batch_tokens
     from tracing.models import load_model
 
     where = given(args, "device", "dtype", "device_map", "offload_folder")
-    model = load_model(args.model, **where) if hasattr(args, "model") else load_model(**where)
+    if hasattr(args, "model"):
+        model = together(lambda: load_model(args.model, **where))
+    else:
+        model = together(lambda: load_model(**where))
     if hasattr(args, "max_batch_tokens"):
         set_batch_tokens(model, args.max_batch_tokens)
     return model

@@ -45,6 +45,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from editing.api import make_edit
     from editing.methods import get_method
     from editing.requests import load_requests
+    from tracing.distributed import ranks
     from tracing.layers import parse_layers
 
     method = get_method(args.method)
@@ -53,9 +54,18 @@ def cmd_edit(args: argparse.Namespace) -> None:
     hparams = input_file(args.hparams, "--hparams") if args.hparams else None
     model = load(args)
     t0 = time.perf_counter()
+    here = ranks()  # torchrun: every rank makes this edit, MEMIT's z split across them
     edit = make_edit(
-        model, requests, method.name, hparams, layers=layers, progress=not args.no_progress
+        model,
+        requests,
+        method.name,
+        hparams,
+        layers=layers,
+        progress=not args.no_progress,
+        shard_targets=here.world > 1,
     )
+    if not here.is_main:
+        return
     folder = edit.save(args.out)
     print(f"{edit.method} edit of {len(requests)} request(s), layers {edit.layers}")
     print(f"saved to {folder} ({time.perf_counter() - t0:.1f} s)")

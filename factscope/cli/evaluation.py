@@ -100,7 +100,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=UNSET,
         help="counterfact (default) | counterfact-full | zsre | PATH.json (CounterFact-shaped)",
     )
-    p.add_argument("--n", type=int, default=UNSET, help="number of cases (default 200)")
+    p.add_argument(
+        "--n",
+        "--n-cases",
+        dest="n",
+        type=int,
+        default=UNSET,
+        help="number of cases (default 200; under torchrun write --n-cases)",
+    )
     p.add_argument(
         "--batch",
         type=int,

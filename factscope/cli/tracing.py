@@ -69,6 +69,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 def cmd_trace_dataset(args: argparse.Namespace) -> None:
     """Trace many facts (resumable), then average their effects and plot them."""
+    from tracing.distributed import ranks
     from tracing.facts import load_known_facts
     from tracing.localization import average_effects, save_effects, trace_dataset
     from viz.heatmap import save_figure
@@ -87,6 +88,8 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
         **_windows(args),
         progress=not args.no_progress,
     )
+    if not ranks().is_main:  # torchrun: rank 0 writes the shared outputs
+        return
     effects = average_effects(results)
     save_effects(effects, out / "average_effects.json")
     save_figure(plot_average_effects(effects), out / "average_effects.png")
@@ -146,7 +149,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("trace-dataset", help="trace many known facts (resumable), average")
-    p.add_argument("--n", type=int, default=UNSET, help="number of facts (default: all)")
+    p.add_argument(
+        "--n",
+        "--n-facts",
+        dest="n",
+        type=int,
+        default=UNSET,
+        help="number of facts (default: all; under torchrun write --n-facts)",
+    )
     p.add_argument("--facts", help="JSON list of facts (default: shipped known_1000)")
     p.add_argument("--all-facts", action="store_true", help="also facts the model gets wrong")
     p.add_argument("--out", default="runs", help="output folder (default runs/)")

@@ -1,0 +1,111 @@
+"""benchmarks/gpu.py: its tiny-shape run on the CPU goes through every measured code path
+(trace, ROME, MEMIT, statistics) and prints one table row per model. No timed assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("benchmarks_gpu", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gpu() -> ModuleType:
+    return _load()
+
+
+def _rows(table: str) -> tuple[list[str], list[list[str]]]:
+    lines = [ln for ln in table.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+    assert set(lines[1].replace("|", "")) == {"-"}, "second line is the header rule"
+    return cells[0], cells[2:]
+
+
+def _positive(cell: str) -> float:
+    value = float(cell.replace(",", ""))  # a ValueError here means an error/OOM cell
+    assert value > 0
+    return value
+
+
+def test_small_cpu_run_measures_every_column(gpu, tmp_path, capsys):
+    out = tmp_path / "table.md"
+    argv = ["--small", "--device", "cpu", "--models", "gpt2-xl,llama-3-8b"]
+    argv += ["--memit-sizes", "4", "--stats-tokens", "512", "--rome-edits", "1"]
+    table = gpu.main([*argv, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.strip() == table.strip(), "stdout holds the table and nothing else"
+    assert out.read_text().strip() == table.strip()
+
+    header, rows = _rows(table)
+    assert len(rows) == 2
+    assert [r[0] for r in rows] == ["random-gpt2-xl-small", "random-llama-3-8b-small"]
+    col = {h: i for i, h in enumerate(header)}
+    trace = next(h for h in header if h.startswith("trace"))
+    stats = next(h for h in header if h.startswith("statistics"))
+    for row in rows:
+        assert len(row) == len(header)
+        assert row[col["dtype"]] == "float32" and row[col["device"]] == "cpu"
+        for name in (trace, "ROME s/edit", "MEMIT 4 s/request", stats):
+            _positive(row[col[name]])
+        assert row[col["peak GPU memory (GiB)"]].startswith("n/a")
+    assert "8L d128 8h/2kv" in rows[1][col["shape"]]
+
+
+def test_real_shapes_on_cpu_are_refused(gpu):
+    with pytest.raises(SystemExit) as exc:
+        gpu.main(["--device", "cpu", "--models", "gpt-j-6b"])
+    message = str(exc.value)
+    assert "--small" in message and "\n" not in message
+
+
+def test_bad_flags_are_refused(gpu):
+    with pytest.raises(SystemExit, match="unknown model"):
+        gpu.main(["--small", "--device", "cpu", "--models", "gpt-5"])
+    with pytest.raises(SystemExit, match="memit-sizes"):
+        gpu.main(["--small", "--device", "cpu", "--memit-sizes", "ten"])
+
+
+def test_a_failing_measurement_becomes_a_cell(gpu):
+    import torch
+
+    cpu = torch.device("cpu")
+
+    def broken() -> float:
+        raise ValueError("no | luck\nsecond line")
+
+    def oom() -> float:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    assert gpu.guarded("x", broken, cpu) == "error: ValueError: no / luck"
+    assert gpu.guarded("x", oom, cpu) == "OOM"
+    assert gpu.guarded("x", lambda: 1234.5, cpu) == "1,234"
+    assert gpu.guarded("x", lambda: 0.01234, cpu) == "0.0123"
+
+
+def test_real_shapes_are_the_published_ones(gpu):
+    """The real configs, checked on the meta device (no memory): parameter counts of GPT-2 XL
+    (tied embeddings), GPT-J-6B and Llama-3-8B."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    expected = {"gpt2-xl": 1.56e9, "gpt-j-6b": 6.05e9, "llama-3-8b": 8.03e9}
+    for key, n in expected.items():
+        spec = gpu.SPECS[key]
+        config = gpu.hf_config(spec, spec.real)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        count = sum(p.numel() for p in model.parameters())
+        assert abs(count - n) / n < 0.01, (key, count)

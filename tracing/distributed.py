@@ -1,0 +1,155 @@
+"""Data-parallel runs on torch.distributed: which share of the work this process does, and
+the few collectives factscope needs.
+
+Launched by ``torchrun --nproc-per-node N -m factscope ...`` every process runs the same
+command; :func:`init_from_env` joins the process group (gloo on the CPU, NCCL on CUDA, each
+rank on ``cuda:LOCAL_RANK``) and checks that every rank was started with the same settings.
+Outside torchrun nothing here does anything: :func:`ranks` is rank 0 of 1 and every
+collective is the identity, so the library never branches on "distributed or not".
+
+Errors: a rank that fails must not leave the others waiting in a collective forever.
+:func:`together` runs a rank's share of the work, then every rank learns whether any failed
+and all raise the first error (naming its rank); caches written before stay valid, so the
+run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from tracing.errors import FactscopeError, InvalidInput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: ``rank`` of ``world`` processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes shared outputs."""
+        return self.rank == 0
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's items: every ``world``-th one starting at ``rank`` (disjoint, and
+        together all of them)."""
+        return list(items[self.rank :: self.world])
+
+
+def ranks() -> Ranks:
+    """The current process's :class:`Ranks` (0 of 1 outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_device() -> str | None:
+    """``cuda:LOCAL_RANK`` for a torchrun process on a CUDA machine, else None."""
+    if launched() and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return None
+
+
+def init_from_env(settings: Any = None, timeout_minutes: float = 60.0) -> Ranks:
+    """Join the torchrun process group (once) and check that every rank has the same
+    ``settings`` (e.g. its command line); returns this process's :class:`Ranks`."""
+    if not launched():
+        return Ranks()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    here = ranks()
+    if settings is not None:
+        seen = gather_objects(settings)
+        odd = [r for r, s in enumerate(seen) if s != seen[0]]
+        if odd:
+            raise InvalidInput(
+                f"torchrun ranks were started with different settings (rank {odd[0]} differs "
+                "from rank 0): start every rank with the same command"
+            )
+    return here
+
+
+def gather_objects(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order (``[obj]`` outside a process group)."""
+    here = ranks()
+    if here.world == 1:
+        return [obj]
+    out: list[Any] = [None] * here.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (gloo reduces on the CPU, so a CUDA tensor makes the
+    trip there and back); returns it."""
+    if ranks().world == 1:
+        return tensor
+    if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
+        host = tensor.cpu()
+        dist.all_reduce(host)
+        tensor.copy_(host)
+    else:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group)."""
+    if ranks().world > 1:
+        dist.barrier()
+
+
+class RankFailed(FactscopeError):
+    """Another rank's share of the work failed; this rank stops with its message."""
+
+
+def together(work: Callable[[], T]) -> T:
+    """Run this rank's ``work``; then every rank learns whether any rank failed, and all
+    raise: the failing rank its own exception, the others :class:`RankFailed` naming it."""
+    if ranks().world == 1:
+        return work()
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = work()
+    except Exception as exc:  # noqa: BLE001  (re-raised below on every rank)
+        error = exc
+    reports = gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise RankFailed(f"rank {rank} failed: {msg}")
+    return result
+
+
+def main_first(work: Callable[[], T]) -> T:
+    """Rank 0 runs ``work`` (filling a shared cache), then the other ranks run it (reading
+    what rank 0 wrote); a failure on any rank raises on all of them."""
+    here = ranks()
+    if here.world == 1:
+        return work()
+    first: Any = together(work if here.is_main else (lambda: None))
+    return together((lambda: first) if here.is_main else work)
