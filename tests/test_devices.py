@@ -97,3 +97,20 @@ def test_an_offloaded_layer_is_refused_for_editing(toy_dirs, tmp_path):
     hp = RomeHparams(layer=OFFLOADED, target=TargetHparams(num_steps=2, lr=0.5))
     with pytest.raises(InvalidInput, match=f"layer {OFFLOADED}: the down-projection is offloaded"):
         make_edit(split, REQ, "rome", hp, stats={OFFLOADED: torch.eye(256)})
+
+
+def test_half_precision_without_cpu_kernels_is_refused_at_load(toy_models, monkeypatch):
+    """torch 2.13 has CPU kernels for what these models use in float16; where an operation
+    lacks one, loading fails with one line instead of failing inside a trace or an edit."""
+    from tracing.models import _check_cpu_half
+
+    model = toy_models["gpt2"]
+    _check_cpu_half(model, torch.float16)  # works here
+
+    def missing(*_a, **_k):
+        raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
+
+    monkeypatch.setattr(type(model), "forward", missing)
+    with pytest.raises(InvalidInput, match="dtype float16 is not supported on the CPU"):
+        _check_cpu_half(model, torch.float16)
+    assert model.embed.original_component.weight.grad is None

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
@@ -40,14 +43,18 @@ def _positive(cell: str) -> float:
     return value
 
 
-def test_small_cpu_run_measures_every_column(gpu, tmp_path, capsys):
+def test_small_cpu_run_measures_every_column(tmp_path):
+    # A child process: the suite's run-time type checking (jaxtyping/beartype hooks on the
+    # library) would make this run several times slower in-process.
     out = tmp_path / "table.md"
-    argv = ["--small", "--device", "cpu", "--models", "gpt2-xl,llama-3-8b"]
-    argv += ["--memit-sizes", "4", "--stats-tokens", "512", "--rome-edits", "1"]
-    table = gpu.main([*argv, "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert printed.strip() == table.strip(), "stdout holds the table and nothing else"
-    assert out.read_text().strip() == table.strip()
+    cmd = [sys.executable, str(SCRIPT), "--small", "--device", "cpu"]
+    cmd += ["--models", "gpt2-xl,llama-3-8b", "--memit-sizes", "4", "--stats-tokens", "512"]
+    cmd += ["--rome-edits", "1", "--threads", str(torch.get_num_threads()), "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout.strip()
+    assert table.startswith("|") and table == out.read_text().strip(), "stdout is the table"
 
     header, rows = _rows(table)
     assert len(rows) == 2
@@ -79,8 +86,6 @@ def test_bad_flags_are_refused(gpu):
 
 
 def test_a_failing_measurement_becomes_a_cell(gpu):
-    import torch
-
     cpu = torch.device("cpu")
 
     def broken() -> float:
@@ -98,7 +103,6 @@ def test_a_failing_measurement_becomes_a_cell(gpu):
 def test_real_shapes_are_the_published_ones(gpu):
     """The real configs, checked on the meta device (no memory): parameter counts of GPT-2 XL
     (tied embeddings), GPT-J-6B and Llama-3-8B."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     expected = {"gpt2-xl": 1.56e9, "gpt-j-6b": 6.05e9, "llama-3-8b": 8.03e9}

@@ -104,7 +104,7 @@ def test_rome_in_bfloat16_writes_v_star_at_k_star(pairs, arch):
     assert _rel(deltas[1], deltas[0]) < 0.25
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama", "gemma3"])
 def test_memit_in_bfloat16_matches_float32(pairs, arch):
     f32, bf16, stats = pairs[arch]
     hp = MemitHparams(layers=[1, 2], target=TARGET, mom2_update_weight=10.0)
@@ -121,7 +121,7 @@ def test_memit_in_bfloat16_matches_float32(pairs, arch):
     assert all(torch.equal(down_proj(bf16, L), before[L]) for L in (1, 2))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gptj"])
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama", "gemma3"])
 def test_ftl_in_bfloat16_keeps_its_bound(pairs, arch):
     """The l-infinity projection runs on float32 master weights; the bfloat16 weights are
     within epsilon plus half an ulp of the largest weight of the original, and they do move

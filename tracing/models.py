@@ -103,7 +103,30 @@ def load_model(
     placement = Placement.resolve(resolve_source(name), device, dtype, device_map, offload_folder)
     bridge, prepend_bos = load_bridge(name, placement)
     attach_info(bridge, name, prepend_bos)
+    if placement.device.type == "cpu" and placement.dtype != torch.float32:
+        _check_cpu_half(bridge, placement.dtype)
     return bridge
+
+
+def _check_cpu_half(model: HookedModel, dtype: torch.dtype) -> None:
+    """Half precision on the CPU depends on torch having CPU kernels for every operation the
+    model uses: one token through the model (with a gradient, as editing needs) finds out
+    at load time rather than deep inside a trace or an edit."""
+    ids = torch.tensor([[int(model.tokenizer.eos_token_id or 0)]])
+    embed = model.embed.original_component.weight
+    try:
+        with torch.enable_grad():
+            embed.requires_grad_(True)
+            model(ids, use_cache=False).float().sum().backward()
+    except (RuntimeError, NotImplementedError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InvalidInput(
+            f"dtype {str(dtype).removeprefix('torch.')} is not supported on the CPU by this "
+            f"torch ({first}); use float32 or bfloat16"
+        ) from exc
+    finally:
+        embed.requires_grad_(False)
+        embed.grad = None
 
 
 def attach_info(model: HookedModel, name: str, prepend_bos: bool) -> ModelInfo:
