@@ -101,16 +101,19 @@ def gather_objects(obj: T) -> list[T]:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (gloo reduces on the CPU, so a CUDA tensor makes the
-    trip there and back); returns it."""
+    """Sum ``tensor`` over ranks in place and return it. The reduction runs where the backend
+    wants it (gloo: the CPU; NCCL: this rank's GPU), the tensor making the trip if it lives
+    elsewhere."""
     if ranks().world == 1:
         return tensor
-    if dist.get_backend() == "gloo" and tensor.device.type != "cpu":
-        host = tensor.cpu()
-        dist.all_reduce(host)
-        tensor.copy_(host)
+    if dist.get_backend() == "nccl":
+        where = torch.device("cuda", torch.cuda.current_device())
     else:
-        dist.all_reduce(tensor)
+        where = torch.device("cpu")
+    work = tensor if tensor.device == where else tensor.to(where)
+    dist.all_reduce(work)
+    if work is not tensor:
+        tensor.copy_(work)
     return tensor
 
 

@@ -1,0 +1,633 @@
+"""Speed and memory of factscope on randomly initialised models of real shapes (a benchmark,
+not a test): GPT-2 XL, GPT-J-6B and Llama-3-8B, built locally (no hub, no network, no
+downloads).
+
+Each model is built on the device in the chosen dtype with the architecture's random
+initialisation and the real config (layers, width, heads, vocabulary, rotary settings); its
+tokenizer is a small byte-level BPE trained on the spot (:func:`tracing.toy_models.
+build_tokenizer`; its ids all lie inside the real vocabulary). Random weights cost the same
+arithmetic as trained ones; the one difference is that an edit's target optimisation never
+stops early on a random model, so ROME and MEMIT always run their full step count (an upper
+bound on a trained model's time).
+
+One row per model, the columns:
+
+* **trace**: seconds for a full three-kind causal trace (resid, mlp, attn; 10 noise samples,
+  noise 3 sigma, default windows) of a 10-token prompt (11 with Llama's BOS; sigma is
+  measured before the clock starts, as it is cached on disk after a model's first trace);
+* **ROME s/edit**: mean seconds per ROME edit over ``--rome-edits`` requests (after one
+  warm-up edit), the shipped hyper-parameters (the published ones for GPT-2 XL and GPT-J,
+  the ``_default`` files for Llama), 21 context prompts per request;
+* **MEMIT n s/request**: wall seconds of one MEMIT batch of ``n`` synthetic requests divided by
+  ``n``, for each of ``--memit-sizes``;
+* **peak GPU memory**: ``torch.cuda.max_memory_allocated`` over the whole row (weights
+  included);
+* **statistics tokens/s**: :func:`editing.stats.layer_second_moments` for layers 3-8 (clipped
+  to the model's layers) in one pass per batch, over ``--stats-tokens`` WikiText tokens (fresh
+  temporary cache, so nothing is read from disk).
+
+ROME and MEMIT get their second moments precomputed (an identity matrix per edited layer,
+``stats={layer: C}``): the statistics are timed in their own column and are not inside the
+edit times. Context templates are fixed texts of the lengths the hyper-parameters ask for
+(generating them is a one-off cost, cached per model). Every measurement is guarded: a failure
+puts ``OOM`` or ``error: ...`` in its cell and the table is still printed.
+
+Anchors from the papers: ROME (Meng et al. 2022) about 2 s per edit for GPT-2 XL on one
+A6000; MEMIT (Meng et al. 2023) about 36 h for GPT-J's statistics on one A6000 (44M tokens,
+one layer per pass). Aims on one H200: ROME at most 1 s per edit on the GPT-J shape,
+statistics at least 50,000 tokens/s for GPT-J's layers 3-8, MEMIT with 10,000 requests in at
+most 20 minutes (0.12 s per request).
+
+Real shapes need a GPU (the CPU is refused without ``--small``); ``--small`` builds the same
+architectures with 8 layers and width 128 so the script runs on the CPU in well under a
+minute.
+
+    .venv/bin/python benchmarks/gpu.py                                   # all three, on CUDA
+    .venv/bin/python benchmarks/gpu.py --models gpt-j-6b --memit-sizes 1000 --out gptj.md
+    .venv/bin/python benchmarks/gpu.py --small --device cpu              # tiny shapes, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("benchmarks.gpu")
+
+PROMPT = "The Space Needle is in the city"  # 10 tokens (11 with BOS) with the toy tokenizer
+SUBJECT = "The Space Needle"
+ANSWER = " Seattle"
+TOKENIZER_VOCAB = 4096
+SMALL_VOCAB = 8192  # --small: still larger than the tokenizer, as the real vocabularies are
+STATS_LAYERS = range(3, 9)  # layers 3-8: MEMIT's GPT-J layers
+TEMPLATE_WORDS = (
+    "The history of the old city began when the river was first crossed by a stone bridge "
+    "and traders settled on both banks of the water"
+).split()
+TEMPLATES = ("{} is located in", "{} was born in", "{} works for", "The capital of {} is")
+TARGETS = (" Paris", " London", " Rome", " Tokyo", " Berlin", " Moscow", " Madrid")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarked architecture: its real config and the layers the papers edit."""
+
+    key: str  # the --models name
+    official_name: str  # what TransformerLens picks the architecture adapter from
+    arch: str  # gpt2 | gptj | llama
+    real: dict[str, int | float]  # real shape: layers, d_model, heads, vocab, ...
+    rome_layer: int
+    memit_layers: tuple[int, ...]
+    prepend_bos: bool
+
+
+SPECS: dict[str, ModelSpec] = {
+    "gpt2-xl": ModelSpec(
+        "gpt2-xl",
+        "gpt2-xl",
+        "gpt2",
+        {"layers": 48, "d_model": 1600, "heads": 25, "vocab": 50257, "n_ctx": 1024},
+        rome_layer=17,
+        memit_layers=(13, 14, 15, 16, 17),
+        prepend_bos=False,
+    ),
+    "gpt-j-6b": ModelSpec(
+        "gpt-j-6b",
+        "EleutherAI/gpt-j-6B",
+        "gptj",
+        {
+            "layers": 28,
+            "d_model": 4096,
+            "heads": 16,
+            "vocab": 50400,
+            "n_ctx": 2048,
+            "rotary_dim": 64,
+        },
+        rome_layer=5,
+        memit_layers=(3, 4, 5, 6, 7, 8),
+        prepend_bos=False,
+    ),
+    "llama-3-8b": ModelSpec(
+        "llama-3-8b",
+        "meta-llama/Meta-Llama-3-8B",
+        "llama",
+        {
+            "layers": 32,
+            "d_model": 4096,
+            "heads": 32,
+            "kv_heads": 8,
+            "d_mlp": 14336,
+            "vocab": 128256,
+            "n_ctx": 8192,
+            "rope_theta": 500000.0,
+        },
+        rome_layer=5,
+        memit_layers=(4, 5, 6, 7, 8),
+        prepend_bos=True,
+    ),
+}
+
+#: --small: same architectures, 8 layers of width 128 (rotary and grouped-query settings kept).
+SMALL: dict[str, dict[str, int | float]] = {
+    "gpt2-xl": {"layers": 8, "d_model": 128, "heads": 4, "vocab": SMALL_VOCAB, "n_ctx": 1024},
+    "gpt-j-6b": {
+        "layers": 8,
+        "d_model": 128,
+        "heads": 4,
+        "vocab": SMALL_VOCAB,
+        "n_ctx": 2048,
+        "rotary_dim": 8,
+    },
+    "llama-3-8b": {
+        "layers": 8,
+        "d_model": 128,
+        "heads": 8,
+        "kv_heads": 2,
+        "d_mlp": 448,
+        "vocab": SMALL_VOCAB,
+        "n_ctx": 8192,
+        "rope_theta": 500000.0,
+    },
+}
+SMALL_ROME_LAYER = 2
+SMALL_MEMIT_LAYERS = (3, 4, 5)
+
+
+@dataclass
+class Row:
+    """One model's line of the table: cells by column key."""
+
+    model: str
+    shape: str
+    dtype: str
+    device: str
+    cells: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def hf_config(spec: ModelSpec, shape: dict[str, int | float]) -> Any:
+    """The Hugging Face config of ``spec``'s architecture with ``shape`` (the tokenizer's
+    special ids: pad 0, bos 1, eos 2)."""
+    from transformers import GPT2Config, GPTJConfig, LlamaConfig
+
+    ids: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    L, d, h, V, ctx = (int(shape[k]) for k in ("layers", "d_model", "heads", "vocab", "n_ctx"))
+    if spec.arch == "gpt2":
+        return GPT2Config(n_layer=L, n_embd=d, n_head=h, vocab_size=V, n_positions=ctx, **ids)
+    if spec.arch == "gptj":
+        return GPTJConfig(
+            n_layer=L,
+            n_embd=d,
+            n_head=h,
+            vocab_size=V,
+            n_positions=ctx,
+            rotary_dim=int(shape["rotary_dim"]),
+            **ids,
+        )
+    if spec.arch == "llama":
+        return LlamaConfig(
+            hidden_size=d,
+            intermediate_size=int(shape["d_mlp"]),
+            num_hidden_layers=L,
+            num_attention_heads=h,
+            num_key_value_heads=int(shape["kv_heads"]),
+            vocab_size=V,
+            max_position_embeddings=ctx,
+            rope_parameters={"rope_type": "default", "rope_theta": float(shape["rope_theta"])},
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            **ids,
+        )
+    raise ValueError(f"unknown architecture {spec.arch!r}")
+
+
+def describe_shape(shape: dict[str, int | float]) -> str:
+    """``48L d1600 25h V50257`` (plus kv heads / MLP width where the config sets them)."""
+    out = f"{shape['layers']}L d{shape['d_model']} {shape['heads']}h"
+    if "kv_heads" in shape:
+        out += f"/{shape['kv_heads']}kv"
+    if "d_mlp" in shape:
+        out += f" mlp{shape['d_mlp']}"
+    return out + f" V{shape['vocab']}"
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 pointed at stderr for the duration (native code writes there too)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def build_model(
+    spec: ModelSpec,
+    shape: dict[str, int | float],
+    device: torch.device,
+    dtype: torch.dtype,
+    folder: Path,
+    name: str,
+) -> Any:
+    """A randomly initialised ``spec`` model of ``shape`` made directly on ``device`` in
+    ``dtype``, wrapped in a TransformerBridge with its :class:`~tracing.models.ModelInfo`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tracing.loading import bridge_from_hf
+    from tracing.models import attach_info
+    from tracing.toy_models import build_tokenizer
+
+    tok_dir = folder / f"tokenizer-{spec.arch}"
+    with stdout_to_stderr():  # the BPE trainer's progress lines would land in the table
+        build_tokenizer(tok_dir, vocab_size=TOKENIZER_VOCAB, add_bos=spec.prepend_bos)
+    # Re-read from the folder: TransformerLens reloads the tokenizer by its name_or_path.
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    config = hf_config(spec, shape)
+    if len(tok) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} ids, more than the vocabulary")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.config.architectures = [type(model).__name__]
+    bridge = bridge_from_hf(model, tok, spec.official_name)
+    attach_info(bridge, name, spec.prepend_bos)
+    return bridge
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fmt_number(x: float) -> str:
+    """A positive number for a cell: thousands separators above 1,000, else 3 significant
+    digits."""
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
+
+
+def guarded(what: str, fn: Callable[[], float], device: torch.device) -> str:
+    """Run one measurement; its cell: the formatted number, ``OOM`` or ``error: ...``."""
+    from tracing.memory import is_out_of_memory
+
+    try:
+        value = fn()
+    except Exception as exc:  # any failure becomes a cell, never a crash of the table
+        _free(device)
+        if is_out_of_memory(exc):
+            log.warning("%s: out of memory", what)
+            return "OOM"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        log.warning("%s failed: %s: %s", what, type(exc).__name__, first)
+        return f"error: {type(exc).__name__}: {first[:80]}".replace("|", "/")
+    _free(device)
+    log.info("%s: %s", what, fmt_number(value))
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        log.info("%s: peak GPU memory so far %.1f GiB", what, peak)
+    return fmt_number(value)
+
+
+def context_groups(settings: Sequence[tuple[int, int]]) -> list[list[str]]:
+    """Fixed context templates by group (``[["{}"], [count texts of length words. {}], ...]``)
+    shaped like the model-written ones the hyper-parameters ask for."""
+    groups = [["{}"]]
+    n = len(TEMPLATE_WORDS)
+    for length, count in settings:
+        group = []
+        for i in range(count):
+            words = [TEMPLATE_WORDS[(i + j) % n] for j in range(length)]
+            group.append(" ".join(words) + ". {}")
+        groups.append(group)
+    return groups
+
+
+def synthetic_requests(n: int, offset: int = 0) -> list[Any]:
+    """``n`` distinct requests ``Entity <i>`` in four templates with seven targets."""
+    from editing.requests import EditRequest
+
+    return [
+        EditRequest(
+            template=TEMPLATES[i % len(TEMPLATES)],
+            subject=f"Entity {i}",
+            target_new=TARGETS[i % len(TARGETS)],
+        )
+        for i in range(offset, offset + n)
+    ]
+
+
+def identity_stats(model: Any, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """A precomputed E[kk^T] per layer: the identity (ROME's closed form ignores its scale)."""
+    from tracing.models import layer_device, mlp_width
+
+    d = mlp_width(model)
+    return {L: torch.eye(d, dtype=torch.float32, device=layer_device(model, L)) for L in layers}
+
+
+def time_trace(model: Any, samples: int) -> float:
+    """Seconds for a three-kind trace of the ~10-token prompt (sigma measured first)."""
+    from tracing.models import model_device
+    from tracing.noise import embedding_sigma
+    from tracing.trace import trace_fact
+
+    device = model_device(model)
+    embedding_sigma(model)  # cached on disk after a model's first trace: not timed
+    _sync(device)
+    t = time.perf_counter()
+    result = trace_fact(
+        model, PROMPT, SUBJECT, ANSWER, samples=samples, kinds=("resid", "mlp", "attn")
+    )
+    _sync(device)
+    seconds = time.perf_counter() - t
+    log.info("trace: %d tokens, %d layers", len(result.tokens), result.scores["resid"].shape[1])
+    return seconds
+
+
+def time_rome(model: Any, hp: Any, n_edits: int) -> float:
+    """Mean seconds per ROME edit over ``n_edits`` requests, after one warm-up edit."""
+    from editing.api import make_edit
+    from tracing.models import model_device
+
+    device = model_device(model)
+    stats = identity_stats(model, hp.layers)
+    groups = context_groups(hp.context_templates)
+    reqs = synthetic_requests(n_edits + 1)
+    make_edit(model, reqs[0], "rome", hp, stats=stats, context_templates=groups, progress=False)
+    times = []
+    for req in reqs[1:]:
+        _sync(device)
+        t = time.perf_counter()
+        make_edit(model, req, "rome", hp, stats=stats, context_templates=groups, progress=False)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return sum(times) / len(times)
+
+
+def time_memit(model: Any, hp: Any, n: int) -> float:
+    """Seconds per request of one MEMIT batch of ``n`` synthetic requests."""
+    from editing.api import make_edit
+    from tracing.models import model_device
+
+    device = model_device(model)
+    stats = identity_stats(model, hp.layers)
+    groups = context_groups(hp.context_templates)
+    reqs = synthetic_requests(n)
+    _sync(device)
+    t = time.perf_counter()
+    edit = make_edit(
+        model, reqs, "memit", hp, stats=stats, context_templates=groups, progress=False
+    )
+    _sync(device)
+    seconds = time.perf_counter() - t
+    md = edit.metadata
+    log.info(
+        "MEMIT %d: %.1f s (targets %.1f s, layers %.1f s)",
+        n,
+        seconds,
+        md["seconds_targets"],
+        md["seconds_layers"],
+    )
+    return seconds / n
+
+
+def time_stats(model: Any, layers: Sequence[int], n_tokens: int) -> float:
+    """Tokens/s of the second moments of ``layers`` (one pass per batch, fresh cache)."""
+    from editing.stats import layer_second_moments
+    from tracing.models import model_device
+
+    device = model_device(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        _sync(device)
+        t = time.perf_counter()
+        layer_second_moments(
+            model, list(layers), n_tokens=n_tokens, cache_dir=Path(tmp), progress=False
+        )
+        _sync(device)
+        seconds = time.perf_counter() - t
+    return n_tokens / seconds
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def stats_layers(n_layers: int) -> list[int]:
+    """Layers 3-8 clipped to the model's layers."""
+    return [L for L in STATS_LAYERS if L < n_layers]
+
+
+def stats_header(small: bool) -> str:
+    return "statistics tokens/s, layers 3-8" + (" (clipped)" if small else "")
+
+
+def columns(sizes: Sequence[int], small: bool) -> list[tuple[str, str]]:
+    """(key, header) of every measured column, in table order."""
+    cols = [
+        ("trace", "trace 10-token prompt, 3 kinds (s)"),
+        ("rome", "ROME s/edit"),
+    ]
+    cols += [(f"memit{n}", f"MEMIT {n:,} s/request") for n in sizes]
+    cols += [("peak", "peak GPU memory (GiB)"), ("stats", stats_header(small))]
+    return cols
+
+
+def render(rows: Sequence[Row], sizes: Sequence[int], small: bool) -> str:
+    """The markdown table."""
+    cols = columns(sizes, small)
+    head = ["model", "shape", "dtype", "device"] + [h for _, h in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.model, r.shape, r.dtype, r.device]
+        cells += [r.cells.get(k, "-") for k, _ in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bench_model(
+    key: str,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype,
+    sizes: Sequence[int],
+    folder: Path,
+) -> Row:
+    """Build one model and measure its row (each measurement guarded)."""
+    from editing.methods import load_hparams
+
+    spec = SPECS[key]
+    shape = SMALL[key] if args.small else spec.real
+    name = f"random-{key}" + ("-small" if args.small else "")
+    dtype_name = str(dtype).removeprefix("torch.")
+    row = Row(name, describe_shape(shape), dtype_name, str(device))
+    cols = [k for k, _ in columns(sizes, args.small)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log.info("%s: building %s on %s in %s", name, row.shape, device, dtype_name)
+    t = time.perf_counter()
+    try:
+        model = build_model(spec, shape, device, dtype, folder, name)
+    except Exception as exc:
+        from tracing.memory import is_out_of_memory
+
+        _free(device)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        cell = "OOM" if is_out_of_memory(exc) else f"error: {type(exc).__name__}: {first[:80]}"
+        log.warning("%s: building failed: %s", name, cell)
+        row.cells = {k: cell.replace("|", "/") for k in cols}
+        return row
+    log.info("%s: built in %.1f s", name, time.perf_counter() - t)
+
+    n_layers = int(shape["layers"])
+
+    def hparams(method: str) -> Any:
+        """The model's shipped defaults (``_default`` files for the rest), with its layers
+        and the loss at its last layer."""
+        if method == "rome":
+            layers = [SMALL_ROME_LAYER if args.small else spec.rome_layer]
+        else:
+            layers = list(SMALL_MEMIT_LAYERS if args.small else spec.memit_layers)
+        hp_key = None if args.small else key
+        return load_hparams(method, hp_key, layers=layers, loss_layer=n_layers - 1)
+
+    def memit(n: int) -> float:
+        return time_memit(model, hparams("memit"), n)
+
+    row.cells["trace"] = guarded(f"{name} trace", lambda: time_trace(model, args.samples), device)
+    row.cells["stats"] = guarded(
+        f"{name} statistics",
+        lambda: time_stats(model, stats_layers(n_layers), args.stats_tokens),
+        device,
+    )
+    row.cells["rome"] = guarded(
+        f"{name} ROME", lambda: time_rome(model, hparams("rome"), args.rome_edits), device
+    )
+    for n in sizes:
+        row.cells[f"memit{n}"] = guarded(f"{name} MEMIT {n}", functools.partial(memit, n), device)
+    if device.type == "cuda":
+        row.cells["peak"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
+    else:
+        row.cells["peak"] = "n/a (CPU)"
+    return row
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
+    ap.add_argument("--models", default=",".join(SPECS), help=f"comma list of {', '.join(SPECS)}")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (8 layers, width 128)")
+    ap.add_argument(
+        "--memit-sizes", default=None, help="MEMIT batch sizes (default 1000,10000; --small 10,20)"
+    )
+    ap.add_argument(
+        "--stats-tokens",
+        type=int,
+        default=None,
+        help="tokens for the statistics column (default 100000; --small 2048; the shipped "
+        "WikiText holds about 990,000 with the toy tokenizer)",
+    )
+    ap.add_argument("--rome-edits", type=int, default=3, help="ROME edits averaged (default 3)")
+    ap.add_argument("--samples", type=int, default=10, help="noise samples of the trace")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    args = ap.parse_args(argv)
+    if args.memit_sizes is None:
+        args.memit_sizes = "10,20" if args.small else "1000,10000"
+    if args.stats_tokens is None:
+        args.stats_tokens = 2048 if args.small else 100_000
+    return args
+
+
+def resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[str], list[int]]:
+    """Device, dtype, models and MEMIT sizes from the flags; SystemExit with one line when
+    they do not make sense."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu.py: CUDA is not available here; use --device cpu --small")
+    if device.type == "cpu" and not args.small:
+        raise SystemExit(
+            "gpu.py: real shapes (up to 8B parameters) need a GPU; on the CPU run --small"
+        )
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name not in names:
+        raise SystemExit(f"gpu.py: unknown dtype {dtype_name!r}; use one of {', '.join(names)}")
+    models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in SPECS]
+    if unknown or not models:
+        raise SystemExit(f"gpu.py: unknown model(s) {unknown}; choose from {', '.join(SPECS)}")
+    try:
+        sizes = [int(x) for x in args.memit_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"gpu.py: bad --memit-sizes {args.memit_sizes!r}") from None
+    if any(n < 1 for n in sizes) or args.stats_tokens < 2 or args.rome_edits < 1:
+        raise SystemExit("gpu.py: sizes, --stats-tokens and --rome-edits must be positive")
+    return device, names[dtype_name], models, sizes
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Run the benchmark; prints the table to stdout (and ``--out``) and returns it."""
+    args = parse_args(argv)
+    device, dtype, models, sizes = resolve(args)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    old_cache = os.environ.get("FACTSCOPE_CACHE")
+    with tempfile.TemporaryDirectory(prefix="factscope-gpu-bench-") as tmp:
+        # sigma and other per-model caches of these throwaway models go to a temporary folder
+        os.environ["FACTSCOPE_CACHE"] = str(Path(tmp) / "cache")
+        try:
+            for key in models:
+                rows.append(bench_model(key, args, device, dtype, sizes, Path(tmp)))
+                _free(device)  # the model went with bench_model's frame
+        finally:
+            if old_cache is None:
+                os.environ.pop("FACTSCOPE_CACHE", None)
+            else:
+                os.environ["FACTSCOPE_CACHE"] = old_cache
+    table = render(rows, sizes, args.small)
+    print(table, flush=True)
+    if args.out is not None:
+        args.out.write_text(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()
