@@ -36,6 +36,7 @@ from tracing.forward import (
     padded,
     run_blocks,
 )
+from tracing.kv import BlockKV, record_prefix, run_suffix
 from tracing.memory import batch_tokens
 from tracing.models import (
     HookedModel,
@@ -128,6 +129,8 @@ class _Chunk:
     read_owner: torch.Tensor  # request of each read
     read_target: torch.Tensor  # target token id (-1: a KL read)
     read_weight: torch.Tensor  # weight of the read's NLL in its request's mean NLL
+    cut: int = 0  # positions before it are the same in every step: not re-run
+    prefix: list[BlockKV] | None = None  # their keys and values in each re-run block
 
 
 class DeltaRunner:
@@ -139,6 +142,11 @@ class DeltaRunner:
     added to the residual stream after ``layer`` (blocks ``layer+1..`` are re-run). The
     states below the edit point are computed once, without gradient, when the runner is
     built.
+
+    Positions before a chunk's earliest subject-last token cannot change either: with
+    ``reuse_prefix`` (default) the re-run blocks compute only the positions from there on,
+    attending to the prefix's keys and values recorded once (:mod:`tracing.kv`), which gives
+    the same logits (tested) for a fraction of the work.
     """
 
     def __init__(
@@ -150,6 +158,7 @@ class DeltaRunner:
         *,
         loss_layer: int = -1,
         max_tokens: int | None = None,
+        reuse_prefix: bool = True,
     ) -> None:
         check_layer(model, layer)
         if hook not in ("mlp_raw", "resid"):
@@ -187,6 +196,12 @@ class DeltaRunner:
                         w = 1.0 / (len(p.targets) * n_rewrite[p.request])
                         reads.append((r, pos, g, p.request, p.targets[j], w))
             cols = list(zip(*reads, strict=True))
+            cut, prefix = 0, None
+            if reuse_prefix and self.start < self.stop:
+                cut = min(p.lookup for p in ps)
+                if cut > 0:
+                    prefix = record_prefix(model, got[state], kwargs, self.start, self.stop, cut)
+                cut = cut if prefix is not None else 0
             self.chunks.append(
                 _Chunk(
                     prompts=list(idx),
@@ -202,6 +217,8 @@ class DeltaRunner:
                     read_owner=torch.tensor(cols[3], dtype=torch.long, device=dev),
                     read_target=torch.tensor(cols[4], dtype=torch.long, device=dev),
                     read_weight=torch.tensor(cols[5], dtype=torch.float32, device=dev),
+                    cut=cut,
+                    prefix=prefix,
                 )
             )
 
@@ -228,12 +245,12 @@ class DeltaRunner:
         """Log-softmax [reads, vocab] at the read positions of the chunk's ``rows`` (indices
         of a subset of its rows) with ``delta[request]`` added at each subject-last token;
         also returns the boolean mask of the chunk's reads that were computed."""
-        owner, lookup = c.owner[rows], c.lookup[rows]
+        owner, lookup = c.owner[rows], c.lookup[rows] - c.cut
         # delta stays float32 (the optimised parameter); the sum is rounded once to the
         # model's dtype where it enters the model, and the gradient flows back through it.
         add = delta[owner]
         ar = torch.arange(len(rows), device=rows.device)
-        h = c.start_state[rows]
+        h = c.start_state[rows][:, c.cut :]
         hooks: list[tuple[str, Callable]] = []
         if self.hook == "resid":
             h = h.index_put((ar, lookup), (h[ar, lookup] + add).to(h.dtype))
@@ -245,10 +262,14 @@ class DeltaRunner:
             hooks = [(self.edit_hook, add_delta)]
         if self.start < self.stop:
             with self.model.hooks(fwd_hooks=hooks):
-                h = run_blocks(self.model, h, c.kwargs, self.start, self.stop)
+                if c.prefix is not None:
+                    h = run_suffix(self.model, h, c.kwargs, self.start, c.prefix, c.cut, rows)
+                else:
+                    h = run_blocks(self.model, h, c.kwargs, self.start, self.stop)
         remap = torch.full((len(c.prompts),), -1, dtype=torch.long, device=rows.device)
         remap[rows] = ar
         keep = remap[c.read_row] >= 0
-        sel = h[remap[c.read_row[keep]].to(h.device), c.read_pos[keep].to(h.device)]
+        pos = c.read_pos[keep] - c.cut
+        sel = h[remap[c.read_row[keep]].to(h.device), pos.to(h.device)]
         logits = final_logits(self.model, sel[None])[0].float()
         return torch.log_softmax(logits, dim=-1), keep

@@ -108,7 +108,7 @@ def test_half_precision_without_cpu_kernels_is_refused_at_load(toy_models, monke
     _check_cpu_half(model, torch.float16)  # works here
 
     def missing(*_a, **_k):
-        raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
+        raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
 
     monkeypatch.setattr(type(model), "forward", missing)
     with pytest.raises(InvalidInput, match="dtype float16 is not supported on the CPU"):

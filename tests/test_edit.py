@@ -10,6 +10,7 @@ from editing.edit import Edit, LayerDelta
 from editing.requests import EditRequest
 from editing.weights import restoring_weights, weights_snapshot
 from tracing.errors import InvalidInput
+from tracing.forward import last_token_logits
 from tracing.models import down_proj, fingerprint, model_name
 
 REQ = EditRequest("{} is located in the city of", "The Space Needle", "Paris", "Seattle")
@@ -260,7 +261,6 @@ def test_export_loads_without_factscope_and_keeps_the_edit(toy_dirs, toy_models,
     from editing.api import make_edit
     from editing.hparams import TargetHparams
     from editing.methods.rome import RomeHparams
-    from tracing.forward import last_token_logits
 
     model = toy_models["llama"]
     req = EditRequest("{} is located in the city of", "The Space Needle", "Paris")
@@ -281,3 +281,26 @@ def test_export_loads_without_factscope_and_keeps_the_edit(toy_dirs, toy_models,
     torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
     with pytest.raises(InvalidInput, match="exists and is not empty"):
         edit.export(model, folder)
+
+
+@pytest.mark.model
+def test_export_of_the_embedded_model_predicts_the_edited_fact(gemma, tmp_path):
+    """The embedded model is dequantised from GGUF; its export is an ordinary Hugging Face
+    folder in which transformers alone predicts the edited fact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from editing.api import make_edit
+    from editing.methods.finetune import FTHparams
+
+    req = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
+    hp = FTHparams(layers=[3], lr=5e-3, num_steps=10, mode="unconstrained", norm_constraint=None)
+    edit = make_edit(gemma, req, "ft", hp, progress=False)
+    folder = edit.export(gemma, tmp_path / "gemma_edited")
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(req.prompt.format(req.subject), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        top = int(hf(ids).logits[0, -1].argmax())
+    assert tok.decode(top) == " English"
+    with edit.applied(gemma):
+        assert top == int(last_token_logits(gemma, [ids[0].tolist()])[0].argmax())

@@ -107,6 +107,8 @@ def test_layer_skipping_path_matches_full_forward(toy_model, hook):
     prompts = rewrite_prompts(prepare_requests(toy_model, REQUESTS, TEMPLATES))
     runner = DeltaRunner(toy_model, prompts, layer, hook, max_tokens=64)  # several chunks
     assert len(runner.chunks) > 1
+    # the prefix-reuse path is taken on every architecture (a silent fallback fails here)
+    assert all(c.cut > 0 and c.prefix is not None for c in runner.chunks)
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(len(REQUESTS), toy_model.cfg.d_model, generator=g) * 3
     checked = 0
@@ -122,6 +124,29 @@ def test_layer_skipping_path_matches_full_forward(toy_model, hook):
             torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
             checked += 1
     assert checked >= len(prompts) // 2
+
+
+@pytest.mark.parametrize("hook", ["mlp_raw", "resid"])
+def test_prefix_reuse_gives_the_same_loss_gradient(toy_model, hook):
+    """Re-running only the positions from the subject's last token on, against whole
+    sequences: the same log-probabilities and the same gradient with respect to delta."""
+    prompts = rewrite_prompts(prepare_requests(toy_model, REQUESTS, TEMPLATES))
+    runners = [DeltaRunner(toy_model, prompts, 1, hook, reuse_prefix=r) for r in (True, False)]
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(len(REQUESTS), toy_model.cfg.d_model, generator=g)
+    grads = []
+    for runner in runners:
+        delta = base.clone().requires_grad_()
+        total = sum(
+            runner.chunk_logprobs(c, delta, torch.arange(len(c.prompts)))[0][:, :7].sum()
+            for c in runner.chunks
+        )
+        total.backward()
+        grads.append(delta.grad)
+    assert any(c.prefix is not None for c in runners[0].chunks)
+    assert all(c.prefix is None for c in runners[1].chunks)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    assert float(grads[1].abs().max()) > 0
 
 
 def test_final_logits_only_at_read_positions(toy_model):

@@ -18,40 +18,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float
 
+from tracing.kv import KVRecorder, PrefixKV, suffix_kwargs
 from tracing.memory import halving
 from tracing.models import HookedModel, HookKind, final_logits, hook_name, n_layers, run_block
 
 #: (kind, layer, token); kind "resid" at layer -1 is the input of block 0.
 State = tuple[HookKind, int, int]
-
-
-class KVRecorder:
-    """The key/value cache given to a block (:func:`tracing.models.run_block`): keeps each
-    layer's keys and values (after any rotary embedding) and hands them back unchanged."""
-
-    def __init__(self) -> None:
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        self.kv[layer_idx] = (k, v)
-        return k, v
-
-
-class PrefixKV:
-    """The key/value cache given to a block that computes only a suffix of the prompt:
-    prepends the cached keys and values of the prefix positions."""
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k, self.v = k, v
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
 
 
 def state_hook(model: HookedModel, kind: HookKind, layer: int) -> str:
@@ -83,23 +60,6 @@ def run_corrupted(
             if kv is not None:
                 kv = kv + [next(iter(rec.kv.values()))] if len(rec.kv) == 1 else None
     return resid, kv
-
-
-def suffix_kwargs(kwargs: dict, cut: int) -> dict:
-    """Block keyword arguments for computing positions ``cut:`` only."""
-    if cut == 0:
-        return kwargs
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if key == "position_embeddings" and isinstance(value, tuple):
-            out[key] = tuple(x[..., cut:, :] for x in value)
-        elif key in ("position_ids", "cache_position") and torch.is_tensor(value):
-            out[key] = value[..., cut:]
-        elif key == "attention_mask" and torch.is_tensor(value) and value.ndim == 4:
-            out[key] = value[..., cut:, :]
-        else:
-            out[key] = value
-    return out
 
 
 def fast_probs(
