@@ -235,7 +235,7 @@ def test_cli_stats_prints_layers_and_cache(toy_dirs, tmp_path, capsys):
     from factscope.cli import main
 
     argv = ["stats", "--layers", "1-2", "--tokens", "64", "--seq-len", "32", "--no-progress"]
-    argv += ["--model", toy_dirs["gpt2"], "--cache-dir", str(tmp_path), "--dtype", "float64"]
+    argv += ["--model", toy_dirs["gpt2"], "--cache-dir", str(tmp_path), "--mom2-dtype", "float64"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"cache: {tmp_path}" in out and "float64" in out
