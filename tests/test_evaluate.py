@@ -333,7 +333,13 @@ def test_zsre_cases(toy_models, tmp_path):
         progress=False,
     )
     assert s.n == 2 and fake.calls == [[0], [1]] and not s.only_known
-    assert set(s.edited) == {"efficacy_acc", "paraphrase_acc", "specificity_acc"}
+    assert set(s.edited) == {
+        "efficacy_acc",
+        "paraphrase_acc",
+        "specificity_acc",
+        "strict_efficacy",
+        "strict_paraphrase",
+    }
     # ROME and MEMIT edit toward the first gold answer; MEND's "alt" is a named option
     label, task, cases = load_cases("zsre")
     assert label == "zsre" and task.kind == "zsre" and len(cases) == 1000

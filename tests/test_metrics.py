@@ -98,6 +98,8 @@ def test_counterfact_metrics_on_hand_set_probabilities():
     # EasyEdit: all edit-prompt tokens right; P1 right, P2 wrong; N3 lost 1 of 2 argmaxes
     assert m["rewrite_acc"] == 1.0
     assert m["rephrase_acc"] == 0.5
+    # strict (greedy continuation is the whole new target): the same here, per prompt
+    assert m["strict_efficacy"] == 1.0 and m["strict_paraphrase"] == 0.5
     assert m["locality"] == pytest.approx((1 + 1 + 0.5) / 3)
     before = counterfact_metrics(pre, pre)
     assert before["efficacy_success"] == 0.0 and before["locality"] == 1.0
@@ -157,9 +159,18 @@ def test_zsre_token_accuracy():
         ("nq question: who wrote hamlet?", " Shakespeare"): ts([-1, -1], target=(5, 6)),
     }
     m = zsre_metrics(score_zsre(StubScorer(table), [rec])[0])
+    # strict: greedy decoding must give all three tokens; 2 of 3 right is a failure
     assert m == pytest.approx(
-        {"efficacy_acc": 2 / 3, "paraphrase_acc": 1 / 3, "specificity_acc": 1.0}
+        {
+            "efficacy_acc": 2 / 3,
+            "paraphrase_acc": 1 / 3,
+            "specificity_acc": 1.0,
+            "strict_efficacy": 0.0,
+            "strict_paraphrase": 0.0,
+        }
     )
+    table[("Where did Watts study?", " MIT")] = ts([-1] * 3, target=(1, 2, 3), argmax=(1, 2, 3))
+    assert zsre_metrics(score_zsre(StubScorer(table), [rec])[0])["strict_efficacy"] == 1.0
 
 
 def test_ngram_entropy_by_hand():

@@ -21,6 +21,10 @@ Definitions (ROME, Meng et al. 2022, App. C; MEMIT, Meng et al. 2023):
   argmax after the edit equals the argmax before it (mean over prompts).
 * zsRE: token-level top-1 accuracy under teacher forcing of ``target_new`` after the question
   and after its rephrase, and of the NQ answer after the unrelated NQ question (specificity).
+* Strict metrics (named as such; "The Mirage of Model Editing", 2025, shows teacher forcing
+  overstates success): ``strict_efficacy`` / ``strict_paraphrase`` = greedy decoding after the
+  edit prompt / each paraphrase (question / rephrase for zsRE) produces ``target_new`` token
+  for token, i.e. the generated continuation starts with the new target.
 * Fluency: n-gram entropy (bigram and trigram, weights 2/3 and 4/3, arithmetic mean of the
   weighted entropies, in bits) of generated text, averaged over texts.
 
@@ -77,6 +81,12 @@ class TokenScores:
         """Fraction of target tokens that are the top-1 prediction under teacher forcing."""
         hits = sum(int(a == t) for a, t in zip(self.argmax, self.target, strict=True))
         return hits / len(self.target)
+
+    @property
+    def exact(self) -> bool:
+        """Every target token is the top-1 prediction under teacher forcing: greedy decoding
+        after the prompt produces the target, token for token."""
+        return all(a == t for a, t in zip(self.argmax, self.target, strict=True))
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -302,6 +312,8 @@ def counterfact_metrics(
         "neighborhood_p_true": _mean(x.prob for x in s.neighborhood_true),
         "rewrite_acc": s.rewrite_new.accuracy,
         "rephrase_acc": _mean(x.accuracy for x in s.paraphrase_new),
+        "strict_efficacy": float(s.rewrite_new.exact),
+        "strict_paraphrase": _mean(float(x.exact) for x in s.paraphrase_new),
         "locality": None,
     }
     if reference is not None:
@@ -383,9 +395,13 @@ def score_zsre(scorer: Scorer, records: Sequence[ZsreRecord]) -> list[ZsreScores
 
 def zsre_metrics(scores: ZsreScores) -> dict[str, float]:
     """Token-level top-1 accuracies: ``efficacy_acc`` (question -> new target),
-    ``paraphrase_acc`` (rephrase -> new target), ``specificity_acc`` (NQ question -> answer)."""
+    ``paraphrase_acc`` (rephrase -> new target), ``specificity_acc`` (NQ question -> answer);
+    and the strict ``strict_efficacy`` / ``strict_paraphrase`` (greedy decoding gives the whole
+    new target)."""
     return {
         "efficacy_acc": scores.edit.accuracy,
         "paraphrase_acc": scores.rephrase.accuracy,
         "specificity_acc": scores.locality.accuracy,
+        "strict_efficacy": float(scores.edit.exact),
+        "strict_paraphrase": float(scores.rephrase.exact),
     }
