@@ -179,7 +179,7 @@ class DeltaRunner:
                 n_rewrite[p.request] = n_rewrite.get(p.request, 0) + 1
         self.chunks: list[_Chunk] = []
         budget = max_tokens or batch_tokens(model, grad=True, cpu_default=DEFAULT_BATCH_TOKENS)
-        for idx in self._chunk_indices(budget, reuse_prefix):
+        for idx in length_chunks([len(p.ids) for p in self.prompts], budget):
             ps = [self.prompts[i] for i in idx]
             tokens = padded([p.ids for p in ps], device=model_device(model))
             got = capture_states(model, tokens, names, stop_after=names[-1])
@@ -221,20 +221,6 @@ class DeltaRunner:
                     prefix=prefix,
                 )
             )
-
-    def _chunk_indices(self, budget: int, by_lookup: bool) -> list[list[int]]:
-        """Prompt indices per chunk: of similar length within ``budget`` tokens and, when the
-        prefix is reused, of one subject-last position each (a chunk re-runs the positions
-        from its earliest one, so mixing a short-prefix prompt into a chunk of long-prefix
-        ones would re-run all their prefixes)."""
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(self.prompts):
-            groups.setdefault(p.lookup if by_lookup else 0, []).append(i)
-        out = []
-        for members in groups.values():
-            lengths = [len(self.prompts[i].ids) for i in members]
-            out += [[members[j] for j in chunk] for chunk in length_chunks(lengths, budget)]
-        return out
 
     def init_values(self, n_requests: int) -> torch.Tensor:
         """The edited state at the subject-last token of each request's first rewriting
