@@ -158,6 +158,21 @@ def parse_device_map(spec: str | Mapping[str, str | int] | None) -> DeviceMap | 
     return out
 
 
+def check_placement(
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype = "auto",
+    device_map: str | Mapping[str, str | int] | None = None,
+) -> tuple[torch.device, str | torch.dtype, DeviceMap | None]:
+    """Check the three choices together (a device and a device map exclude each other):
+    the device (``auto`` settled), the dtype (``auto`` kept: it needs the model's size) and
+    the parsed device map."""
+    checked = check_dtype(dtype)
+    dmap = parse_device_map(device_map)
+    if dmap is not None and device not in (None, "auto"):
+        raise InvalidInput("give either --device or --device-map, not both")
+    return resolve_device(device), checked, dmap
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (CPU for an empty module)."""
     for p in module.parameters():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from tracing.kv import KVRecorder, PrefixKV, suffix_kwargs
+from tracing.kv import PrefixKV, run_recording, suffix_kwargs
 from tracing.memory import halving
 from tracing.models import HookedModel, HookKind, final_logits, hook_name, n_layers, run_block
 
@@ -50,16 +50,7 @@ def run_corrupted(
     block (and the final one: ``n_layers + 1`` tensors) and each block's keys and values, or
     ``None`` for the latter if the architecture's blocks do not take a key/value cache (then
     the engine recomputes whole sequences)."""
-    resid = [h]
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = []
-    with torch.no_grad():
-        for layer in range(n_layers(model)):
-            rec = KVRecorder()
-            h = run_block(model, layer, h, block_kwargs[layer], rec if kv is not None else None)
-            resid.append(h)
-            if kv is not None:
-                kv = kv + [next(iter(rec.kv.values()))] if len(rec.kv) == 1 else None
-    return resid, kv
+    return run_recording(model, h, block_kwargs, 0, n_layers(model))
 
 
 def fast_probs(

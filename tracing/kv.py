@@ -64,6 +64,30 @@ def suffix_kwargs(kwargs: dict, cut: int) -> dict:
     return out
 
 
+def run_recording(
+    model: HookedModel,
+    resid: Float[torch.Tensor, "batch pos d_model"],
+    block_kwargs: list[dict],
+    start: int,
+    stop: int,
+) -> tuple[list[torch.Tensor], list[BlockKV] | None]:
+    """Run blocks ``start..stop-1`` on ``resid`` without gradient. Returns the residual
+    stream entering each block and leaving the last (``stop - start + 1`` tensors) and each
+    block's keys and values, or ``None`` for the latter if the architecture's blocks do not
+    take a key/value cache (then callers run whole sequences)."""
+    states = [resid]
+    kv: list[BlockKV] | None = []
+    h = resid
+    with torch.no_grad():
+        for layer in range(start, stop):
+            rec = KVRecorder()
+            h = run_block(model, layer, h, block_kwargs[layer], rec if kv is not None else None)
+            states.append(h)
+            if kv is not None:
+                kv = kv + [next(iter(rec.kv.values()))] if len(rec.kv) == 1 else None
+    return states, kv
+
+
 def record_prefix(
     model: HookedModel,
     resid: Float[torch.Tensor, "batch pos d_model"],
@@ -72,20 +96,10 @@ def record_prefix(
     stop: int,
     cut: int,
 ) -> list[BlockKV] | None:
-    """Run blocks ``start..stop-1`` on ``resid`` without gradient and return each block's
-    keys and values of positions ``:cut``; None if the architecture's blocks do not take a
-    key/value cache (then callers run whole sequences)."""
-    out: list[BlockKV] = []
-    h = resid
-    with torch.no_grad():
-        for layer in range(start, stop):
-            rec = KVRecorder()
-            h = run_block(model, layer, h, block_kwargs[layer], rec)
-            if len(rec.kv) != 1:
-                return None
-            k, v = next(iter(rec.kv.values()))
-            out.append((k[..., :cut, :].detach(), v[..., :cut, :].detach()))
-    return out
+    """:func:`run_recording`'s keys and values of positions ``:cut`` only (None without a
+    key/value cache)."""
+    _, kv = run_recording(model, resid, block_kwargs, start, stop)
+    return None if kv is None else [(k[..., :cut, :], v[..., :cut, :]) for k, v in kv]
 
 
 def run_suffix(

@@ -21,14 +21,8 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import PreTrainedModel
 
-from tracing.devices import (
-    DeviceMap,
-    check_dtype,
-    parse_device_map,
-    resolve_device,
-    resolve_dtype,
-)
-from tracing.errors import InvalidInput, ModelLoadError
+from tracing.devices import DeviceMap, check_placement, resolve_dtype
+from tracing.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +241,7 @@ class Placement:
         """Check every choice before any weights are read and settle ``auto``
         (:mod:`tracing.devices`); ``source`` is the local model folder, whose config gives the
         parameter count that ``dtype="auto"`` needs on CUDA."""
-        check_dtype(dtype)
-        dmap = parse_device_map(device_map)
-        if dmap is not None and device not in (None, "auto"):
-            raise InvalidInput("give either --device or --device-map, not both")
-        dev = resolve_device(device)
+        dev, _, dmap = check_placement(device, dtype, device_map)
         n = _n_params(source) if dtype == "auto" and dev.type == "cuda" and source else None
         folder = Path(offload_folder) if offload_folder else None
         return cls(dev, resolve_dtype(dtype, dev, n), dmap, folder)

@@ -37,11 +37,16 @@ FREE_FRACTION = 0.4
 MIN_TOKENS, MAX_TOKENS = 256, 1 << 20
 
 
+def check_batch_tokens(tokens: int, what: str = "max batch tokens") -> int:
+    """``tokens`` is a positive integer (``what`` names it in the error)."""
+    if isinstance(tokens, bool) or tokens < 1:
+        raise InvalidInput(f"{what} must be a positive integer, got {tokens!r}")
+    return tokens
+
+
 def set_batch_tokens(model: HookedModel, tokens: int | None) -> None:
     """Fix the tokens per forward pass for this model (None: back to automatic)."""
-    if tokens is not None and (isinstance(tokens, bool) or tokens < 1):
-        raise InvalidInput(f"max batch tokens must be a positive integer, got {tokens!r}")
-    setattr(model, _BUDGET_ATTR, tokens)
+    setattr(model, _BUDGET_ATTR, None if tokens is None else check_batch_tokens(tokens))
 
 
 def token_bytes(model: HookedModel, *, grad: bool = False) -> int:
