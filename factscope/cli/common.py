@@ -69,18 +69,12 @@ def given(args: argparse.Namespace, *names: str, **renamed: str) -> dict[str, An
 def check_placement(args: argparse.Namespace) -> None:
     """``--device``, ``--dtype`` and ``--device-map`` name things that exist here: checked
     right after parsing, before any file is read or model loaded."""
-    from tracing.devices import check_dtype, parse_device_map, resolve_device
+    from tracing.devices import check_placement as check
+    from tracing.memory import check_batch_tokens
 
-    if hasattr(args, "dtype"):
-        check_dtype(args.dtype)
-    if hasattr(args, "device"):
-        resolve_device(args.device)
-    if hasattr(args, "max_batch_tokens") and args.max_batch_tokens < 1:
-        raise InvalidInput(f"--max-batch-tokens must be at least 1, got {args.max_batch_tokens}")
-    if hasattr(args, "device_map"):
-        parse_device_map(args.device_map)
-        if getattr(args, "device", "auto") != "auto":
-            raise InvalidInput("give either --device or --device-map, not both")
+    check(**given(args, "device", "dtype", "device_map"))
+    if hasattr(args, "max_batch_tokens"):
+        check_batch_tokens(args.max_batch_tokens, "--max-batch-tokens")
 
 
 def load(args: argparse.Namespace) -> Any:
