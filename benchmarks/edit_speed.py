@@ -5,13 +5,15 @@ Prints three tables:
 1. second-moment statistics: tokens/s collecting every layer in ONE pass vs one pass per layer
    (fresh temporary caches, so nothing is read from disk);
 2. ROME: seconds per edit (statistics already cached; their one-off cost is printed apart);
-3. MEMIT: wall time and peak memory for batches of 10 and 100 requests (``--with-1000`` adds
-   1,000). Each MEMIT size runs in its own child process so its peak resident memory
-   (``resource.getrusage``) is its own; the resident memory after loading the model and the
-   statistics is printed beside it.
+3. MEMIT scaling: batches of 10, 100 and 1,000 known evaluation-split CounterFact cases
+   (``--sizes``; 10000 when there is time), each edited at once through the evaluation runner
+   in its own child process, so its peak resident memory (``resource.getrusage``, edit and
+   scoring) is its own: seconds per request, z optimisation vs layer updates, peak memory,
+   ES/PS/NS of the batch. Resumable across runs: a size measured before is read back from
+   ``--out``, and an interrupted batch keeps every finished request's z there.
 
     .venv/bin/python benchmarks/edit_speed.py                 # all three tables
-    .venv/bin/python benchmarks/edit_speed.py --skip-stats --memit-sizes 10
+    .venv/bin/python benchmarks/edit_speed.py --skip-stats --skip-rome --sizes 10,100
 """
 
 from __future__ import annotations
@@ -115,53 +117,70 @@ def bench_rome(model, n_edits: int) -> None:
     print(f"mean {sum(times) / len(times):.1f} s per ROME edit")
 
 
-def memit_child(n: int) -> dict:
-    """One MEMIT batch of ``n`` requests in this process; returns its measurements."""
-    from editing.api import make_edit
-    from editing.context import context_templates
+def memit_child(n: int, method: str, out: Path) -> dict:
+    """One batch of the first ``n`` known evaluation-split CounterFact cases, edited at once
+    with ``method`` through the evaluation runner (its run folder and per-request z cache
+    under ``out``, so an interrupted batch resumes); returns the measurements."""
+    from editing.evaluation import evaluate
+    from editing.evaluation.results import read_rows
     from editing.keys import layer_stats
     from editing.methods import load_hparams
-    from editing.methods.memit import MemitHparams
     from tracing.models import load_model
 
     model = load_model("gemma-3-270m")
-    hp = load_hparams("memit", "gemma-3-270m")
-    assert isinstance(hp, MemitHparams)
-    stats = layer_stats(model, hp.layers or [], hp)
-    context_templates(model, hp.context_templates)
-    requests = counterfact_requests(model, n)
+    hp = load_hparams(method, "gemma-3-270m")
+    layer_stats(model, hp.layers or [], hp)  # cached: not part of the edit's time
     base = _rss_mib()
-    t = time.perf_counter()
-    edit = make_edit(model, requests, "memit", hp, stats=stats, progress=False)
-    wall = time.perf_counter() - t
-    md = edit.metadata
+    name = f"{method}_{n}"
+    summary = evaluate(
+        model,
+        method=method,
+        n=n,
+        batch=n,
+        out_dir=out,
+        name=name,
+        generation=None,
+        progress=True,
+    )
+    rows = list(read_rows(out / name / "cases.jsonl").values())
+    first = rows[0]
     return {
-        "n": n,
-        "seconds": wall,
-        "seconds_targets": md["seconds_targets"],
-        "seconds_layers": md["seconds_layers"],
-        "mean_steps": sum(s + 1 for s in md["steps"]) / n,
+        "method": method,
+        "n": summary.n,
+        "seconds": first["edit_seconds"] * first["unit_size"],
+        "seconds_targets": first.get("seconds_targets"),
+        "seconds_layers": first.get("seconds_layers"),
         "rss_before_mib": base,
         "peak_mib": _peak_mib(),
+        "edited": summary.edited,
+        "unedited": summary.unedited,
         "layers": hp.layers,
     }
 
 
-def bench_memit(sizes: list[int], threads: int) -> None:
-    print("\n## MEMIT (one batch per size, each in a fresh process)")
+def bench_scaling(sizes: list[int], method: str, threads: int, out: Path) -> None:
+    """The scaling table: one batch per size, each in a fresh process (its own peak
+    memory); a size measured before is read from ``out`` (resumable across runs)."""
+    print(f"\n## {method.upper()} scaling (one batch per size, each in a fresh process)")
     print(
-        "| requests | wall s | z optimisation s | layer updates s | s / request "
-        "| mean steps | RSS before MiB | peak RSS MiB |"
+        "| requests | s / request | z optimisation s | layer updates s | RSS before MiB "
+        "| peak RSS MiB | ES | PS | NS (unedited) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
-        cmd = [sys.executable, __file__, "--memit-child", str(n), "--threads", str(threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+        record = out / f"{method}_{n}.json"
+        if not record.is_file():
+            cmd = [sys.executable, __file__, "--child", str(n), "--method", method]
+            cmd += ["--threads", str(threads), "--out", str(out)]
+            got = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+            record.write_text(got.strip().splitlines()[-1] + "\n")
+        r = json.loads(record.read_text())
+        e, u = r["edited"], r["unedited"]
         print(
-            f"| {n} | {r['seconds']:.1f} | {r['seconds_targets']:.1f} | "
-            f"{r['seconds_layers']:.1f} | {r['seconds'] / n:.2f} | {r['mean_steps']:.1f} | "
-            f"{r['rss_before_mib']:.0f} | {r['peak_mib']:.0f} |",
+            f"| {r['n']} | {r['seconds'] / r['n']:.2f} | {r['seconds_targets']:.0f} | "
+            f"{r['seconds_layers']:.0f} | {r['rss_before_mib']:.0f} | {r['peak_mib']:.0f} | "
+            f"{100 * e['efficacy_success']:.1f} | {100 * e['paraphrase_success']:.1f} | "
+            f"{100 * e['neighborhood_success']:.1f} ({100 * u['neighborhood_success']:.1f}) |",
             flush=True,
         )
 
@@ -172,16 +191,20 @@ def main() -> None:
     ap.add_argument("--stats-tokens", type=int, default=8192, help="tokens for table 1")
     ap.add_argument("--stats-layers", default="0-17", help="layers for table 1 (e.g. 2-6)")
     ap.add_argument("--rome-edits", type=int, default=3, help="ROME edits to time")
-    ap.add_argument("--memit-sizes", default="10,100", help="MEMIT batch sizes")
-    ap.add_argument("--with-1000", action="store_true", help="also MEMIT with 1,000 requests")
+    ap.add_argument("--sizes", default="10,100,1000", help="batch sizes of the scaling table")
+    ap.add_argument("--method", default="memit", help="batched method (memit, alphaedit)")
+    ap.add_argument(
+        "--out", default="benchmarks/results/scaling", help="run folders and measured sizes"
+    )
     ap.add_argument("--skip-stats", action="store_true")
     ap.add_argument("--skip-rome", action="store_true")
-    ap.add_argument("--skip-memit", action="store_true")
-    ap.add_argument("--memit-child", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.memit_child:
-        print(json.dumps(memit_child(args.memit_child)))
+    out = Path(args.out)
+    if args.child:
+        print(json.dumps(memit_child(args.child, args.method, out)))
         return
     from tracing.layers import parse_layers
     from tracing.models import load_model
@@ -192,9 +215,10 @@ def main() -> None:
         bench_stats(model, parse_layers(args.stats_layers), args.stats_tokens)
     if not args.skip_rome:
         bench_rome(model, args.rome_edits)
-    if not args.skip_memit:
-        sizes = [int(x) for x in args.memit_sizes.split(",") if x]
-        bench_memit(sizes + ([1000] if args.with_1000 else []), args.threads)
+    if not args.skip_scaling:
+        out.mkdir(parents=True, exist_ok=True)
+        sizes = [int(x) for x in args.sizes.split(",") if x]
+        bench_scaling(sizes, args.method, args.threads, out)
 
 
 if __name__ == "__main__":

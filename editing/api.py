@@ -85,6 +85,8 @@ def make_edit(
     context_templates: Sequence[str] | Sequence[Sequence[str]] | None = None,
     progress: bool = True,
     shard_targets: bool = False,
+    target_cache: str | Path | None = None,
+    preserved_keys: Mapping[int, torch.Tensor] | None = None,
 ) -> Edit:
     """Compute an edit of ``requests`` with ``method`` and return it; the model is unchanged.
 
@@ -95,7 +97,11 @@ def make_edit(
     layer; ``context_templates`` (ROME/MEMIT): your own templates (a list, or a list of
     groups) instead of the model-generated ones. ``shard_targets``: every torchrun rank is
     making this same edit, so MEMIT's per-request z optimisation is split across them (and
-    gathered before the layer updates); the result is the one-process result. Bad input raises a
+    gathered before the layer updates); the result is the one-process result.
+    ``target_cache`` (MEMIT, AlphaEdit): a folder where each request's z is written once final,
+    so an interrupted batch resumes. ``preserved_keys`` (AlphaEdit): by layer, ``K^T K`` of the
+    keys of earlier edits in a sequence (``Edit.keys``), which the new update leaves
+    mapped as they are. Bad input raises a
     :class:`~tracing.errors.FactscopeError` before any weight changes; any failure part-way
     restores the weights exactly.
     """
@@ -112,7 +118,13 @@ def make_edit(
     prepared = prepare_requests(model, batch, templates)
     touched = hp.layers
     with restoring_weights(model, touched, always=True) as before:
-        inputs = EditInputs(stats=stats, progress=progress, shard_targets=shard_targets)
+        inputs = EditInputs(
+            stats=stats,
+            progress=progress,
+            shard_targets=shard_targets,
+            target_cache=None if target_cache is None else Path(target_cache),
+            preserved_keys=preserved_keys,
+        )
         edit = spec.edit(model, prepared, hp, inputs)
     for L, W in before.items():
         if not torch.equal(down_proj(model, L), W):  # pragma: no cover - a guard, not a path

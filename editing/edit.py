@@ -130,6 +130,9 @@ class Edit:
     model_fingerprint: str
     model_name: str
     metadata: dict = field(default_factory=dict)
+    # By layer, the keys ([n, d_mlp]) its update was solved for (MEMIT, AlphaEdit): what a
+    # later null-space-constrained batch must keep mapping as they now do.
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
     _originals: dict[int, torch.Tensor] | None = field(default=None, init=False)
     _model: Any = field(default=None, init=False)
 
@@ -286,6 +289,7 @@ class Edit:
                 tensors[f"{i}.right"] = d.right.contiguous()  # type: ignore[union-attr]
             kind = "dense" if d.dense is not None else "low_rank"
             layout.append({"layer": d.layer, "kind": kind, "rank": d.rank, "shape": list(d.shape)})
+        tensors.update({f"keys.{L}": k.contiguous() for L, k in self.keys.items()})
         with atomic_path(out / "deltas.safetensors") as tmp:
             save_file(tensors, str(tmp))
         info = {
@@ -338,6 +342,7 @@ class Edit:
             model_fingerprint=info["model_fingerprint"],
             model_name=info["model_name"],
             metadata=info.get("metadata", {}),
+            keys={int(k[5:]): v for k, v in tensors.items() if k.startswith("keys.")},
         )
 
     # ------------------------------------------------------------------ constructors
@@ -389,4 +394,8 @@ class Edit:
             model_fingerprint=first.model_fingerprint,
             model_name=first.model_name,
             metadata={"combined": [e.metadata for e in edits]},
+            keys={
+                L: torch.cat([e.keys[L] for e in edits if L in e.keys])
+                for L in sorted({L for e in edits for L in e.keys})
+            },
         )

@@ -26,7 +26,7 @@ request at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +35,21 @@ from jaxtyping import Bool, Float
 
 from editing.hparams import TargetHparams
 from editing.prepared import PreparedRequest
-from editing.targets import DEFAULT_BATCH_TOKENS, DeltaRunner, TargetHook, rewrite_prompts
+from editing.target_cache import CachedTarget, TargetCache
+from editing.targets import DeltaRunner, TargetHook, rewrite_prompts
 from tracing.distributed import Ranks, gather_objects, ranks, together
 from tracing.errors import EditFailed, InvalidInput
 from tracing.memory import batch_tokens, is_out_of_memory
 from tracing.models import HookedModel, layer_device
 
 log = logging.getLogger(__name__)
+
+#: Requests optimised together (one group at a time: memory stays bounded at any batch size).
+DEFAULT_GROUP = 64
+#: Tokens per forward-and-backward chunk on the CPU. Memory: the autograd graph of a chunk
+#: through the re-run blocks plus its [reads, vocab] log-probabilities; 1024 keeps a MEMIT
+#: batch of any size under 4 GB on the embedded model (benchmarks/edit_speed.py --scaling).
+DEFAULT_GRAD_TOKENS = 1024
 
 
 @dataclass
@@ -182,6 +190,8 @@ def compute_targets(
     max_batch_tokens: int | None = None,
     progress: bool = False,
     shard: bool = False,
+    cache: TargetCache | None = None,
+    group_size: int = DEFAULT_GROUP,
 ) -> TargetResult:
     """Optimise one vector per prepared request so the model predicts its ``target_new`` in
     every context template it was prepared with (see the module docstring).
@@ -194,24 +204,107 @@ def compute_targets(
     budget, :func:`tracing.memory.batch_tokens`); if the device runs out of memory the
     optimisation starts again with half the chunk (said in the log).
 
+    Requests are optimised ``group_size`` at a time, so memory does not grow with the
+    batch; within a group the requests still running shrink as others converge. With a
+    ``cache`` (:class:`~editing.target_cache.TargetCache`) each request's result is written
+    the moment it is final and requests already there are not optimised again: an
+    interrupted batch resumes.
+
     ``shard`` (every torchrun rank calls this with the same requests): each rank optimises
     every world-th request and the results are gathered; as requests are independent, this
     is the one-process result (up to the chunking of the forward passes).
     """
+    if group_size < 1:
+        raise InvalidInput(f"group_size must be >= 1, got {group_size}")
     here = ranks()
     if shard and here.world > 1:
-        return _gathered(model, prepared, layer, hook, hp, max_batch_tokens, here)
-    budget = max_batch_tokens or batch_tokens(model, grad=True, cpu_default=DEFAULT_BATCH_TOKENS)
-    while True:
-        try:
-            return _optimise(model, prepared, layer, hook, hp, budget, progress)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_out_of_memory(exc) or budget <= 1:
-                raise
-            budget //= 2
-            log.warning(
-                "targets at layer %d: out of memory; restarting with %d-token chunks", layer, budget
+        return _gathered(model, prepared, layer, hook, hp, max_batch_tokens, here, cache)
+    budget = max_batch_tokens or batch_tokens(model, grad=True, cpu_default=DEFAULT_GRAD_TOKENS)
+    done: dict[int, CachedTarget] = {}
+    if cache is not None:
+        for i, p in enumerate(prepared):
+            hit = cache.get(p)
+            if hit is not None:
+                done[i] = hit
+        if done:
+            log.info(
+                "targets at layer %d: %d of %d read from %s",
+                layer,
+                len(done),
+                len(prepared),
+                cache.folder,
             )
+    todo = [i for i in range(len(prepared)) if i not in done]
+    bar = _bar(progress, len(prepared), len(done), layer)
+    history: dict[int, list[float]] = {}
+    for g in range(0, len(todo), group_size):
+        group = todo[g : g + group_size]
+
+        def final(j: int, result: CachedTarget, group: list[int] = group) -> None:
+            done[group[j]] = result
+            if cache is not None:
+                cache.put(prepared[group[j]], result)
+            if bar is not None:
+                bar.update(1)
+
+        while True:
+            try:
+                hist = _optimise(
+                    model, [prepared[i] for i in group], layer, hook, hp, budget, final
+                )
+                break
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not is_out_of_memory(exc) or budget <= 1:
+                    raise
+                budget //= 2
+                log.warning(
+                    "targets at layer %d: out of memory; restarting the group with %d-token chunks",
+                    layer,
+                    budget,
+                )
+        for j, i in enumerate(group):
+            history[i] = [row[j] for row in hist]
+    if bar is not None:
+        bar.close()
+    return _assemble(model, layer, hook, [done[i] for i in range(len(prepared))], history)
+
+
+def _bar(progress: bool, total: int, initial: int, layer: int) -> Any:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"targets (layer {layer})", unit="request")
+
+
+def _assemble(
+    model: HookedModel,
+    layer: int,
+    hook: TargetHook,
+    results: Sequence[CachedTarget],
+    history: dict[int, list[float]] | None = None,
+) -> TargetResult:
+    """One :class:`TargetResult` of per-request results, on the edit layer's device."""
+    device = layer_device(model, layer)
+    steps = max((len(h) for h in (history or {}).values()), default=0)
+    return TargetResult(
+        layer=layer,
+        hook=hook,
+        init=torch.stack([r.init.float() for r in results]).to(device),
+        delta=torch.stack([r.delta.float() for r in results]).to(device),
+        nll_before=[r.nll_before for r in results],
+        nll_after=[r.nll_after for r in results],
+        steps=[r.steps for r in results],
+        history=[
+            [
+                history[i][s] if s < len(history.get(i, [])) else float("nan")
+                for i in range(len(results))
+            ]
+            for s in range(steps)
+        ]
+        if history
+        else [],
+    )
 
 
 def _optimise(
@@ -221,8 +314,11 @@ def _optimise(
     hook: TargetHook,
     hp: TargetHparams,
     max_batch_tokens: int,
-    progress: bool,
-) -> TargetResult:
+    final: Callable[[int, CachedTarget], None],
+) -> list[list[float]]:
+    """Adam on the objective of ``prepared`` (one group); ``final(j, result)`` is called for
+    request ``j`` the moment it stops (converged, or at the last step). Returns the mean NLL
+    per step per request."""
     obj = TargetObjective(model, prepared, layer, hook, hp, max_batch_tokens=max_batch_tokens)
     init, n = obj.init, obj.n
     if hp.parametrization == "scaled":
@@ -234,15 +330,9 @@ def _optimise(
     opt = torch.optim.Adam([theta], lr=hp.lr)
     active = torch.ones(n, dtype=torch.bool, device=obj.device)
     nll_first = torch.zeros(n, device=obj.device)
-    nll_last = torch.zeros(n, device=obj.device)
-    steps = torch.zeros(n, dtype=torch.long, device=obj.device)
     history: list[list[float]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=hp.num_steps, desc=f"targets (layer {layer})", leave=False)
-    for step in range(max(1, hp.num_steps)):
+    last = max(1, hp.num_steps) - 1
+    for step in range(last + 1):
         opt.zero_grad()
         delta = (theta.detach() * scale).requires_grad_()
         parts = obj.evaluate(delta, active)
@@ -252,39 +342,24 @@ def _optimise(
         theta.grad = grad * scale  # d loss / d theta, as delta = theta * scale
         if step == 0:
             nll_first = parts.nll.clone()
-        nll_last = torch.where(active, parts.nll, nll_last)
         history.append(parts.nll.tolist())
         watched = parts.total if hp.early_stop_on == "total" else parts.nll
-        steps[active] = step
-        active &= watched >= hp.early_stop_loss
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(nll=f"{float(nll_last.mean()):.3f}", active=int(active.sum()))
-        if step >= hp.num_steps - 1 or not active.any():
+        stopping = active & ((watched < hp.early_stop_loss) | (step == last))
+        for j in torch.nonzero(stopping).flatten().tolist():
+            d = delta[j].detach()
+            if not torch.isfinite(d).all():
+                raise EditFailed(f"non-finite target vector at layer {layer}")
+            final(j, CachedTarget(init[j], d, float(nll_first[j]), float(parts.nll[j]), step))
+        active &= ~stopping
+        if not active.any():
             break
         with torch.no_grad():
             theta.grad[~active] = 0
-            frozen = theta.detach().clone()
         opt.step()
         with torch.no_grad():
-            theta[~active] = frozen[~active]
             norm = theta.norm(dim=-1, keepdim=True).clamp_min(1e-30)
             theta.mul_(torch.clamp(max_theta / norm, max=1.0))
-    if bar is not None:
-        bar.close()
-    delta = (theta * scale).detach()
-    if not torch.isfinite(delta).all():
-        raise EditFailed(f"non-finite target vectors at layer {layer}")
-    return TargetResult(
-        layer=layer,
-        hook=hook,
-        init=init,
-        delta=delta,
-        nll_before=nll_first.tolist(),
-        nll_after=nll_last.tolist(),
-        steps=steps.tolist(),
-        history=history,
-    )
+    return history
 
 
 def _gathered(
@@ -295,14 +370,15 @@ def _gathered(
     hp: TargetHparams,
     max_batch_tokens: int | None,
     here: Ranks,
+    cache: TargetCache | None,
 ) -> TargetResult:
     """This rank's share of :func:`compute_targets`, then everyone's, in request order."""
     mine = here.shard(list(range(len(prepared))))
     log.info("targets: rank %d optimises %d of %d requests", here.rank, len(mine), len(prepared))
 
-    def share() -> tuple[list[int], dict | None]:
+    def share() -> tuple[list[int], list[CachedTarget]]:
         if not mine:
-            return mine, None
+            return mine, []
         res = compute_targets(
             model,
             [prepared[i] for i in mine],
@@ -310,29 +386,21 @@ def _gathered(
             hook=hook,
             hp=hp,
             max_batch_tokens=max_batch_tokens,
+            cache=cache,
         )
-        fields = ("init", "delta", "nll_before", "nll_after", "steps")
-        out = {f: getattr(res, f) for f in fields}
-        out["init"], out["delta"] = res.init.cpu(), res.delta.cpu()
-        return mine, out
+        return mine, [
+            CachedTarget(
+                res.init[j].cpu(),
+                res.delta[j].cpu(),
+                res.nll_before[j],
+                res.nll_after[j],
+                res.steps[j],
+            )
+            for j in range(len(mine))
+        ]
 
-    n = len(prepared)
-    init: list[torch.Tensor | None] = [None] * n
-    delta: list[torch.Tensor | None] = [None] * n
-    lists: dict[str, list[Any]] = {f: [None] * n for f in ("nll_before", "nll_after", "steps")}
+    results: list[CachedTarget | None] = [None] * len(prepared)
     for idx, part in gather_objects(together(share)):
-        for j, i in enumerate(idx):
-            assert part is not None
-            init[i], delta[i] = part["init"][j], part["delta"][j]
-            for f in lists:
-                lists[f][i] = part[f][j]
-    device = layer_device(model, layer)
-    return TargetResult(
-        layer=layer,
-        hook=hook,
-        init=torch.stack(init).to(device),  # type: ignore[arg-type]
-        delta=torch.stack(delta).to(device),  # type: ignore[arg-type]
-        nll_before=lists["nll_before"],
-        nll_after=lists["nll_after"],
-        steps=lists["steps"],
-    )
+        for i, r in zip(idx, part, strict=True):
+            results[i] = r
+    return _assemble(model, layer, hook, results)  # type: ignore[arg-type]

@@ -7,13 +7,14 @@ error always, on a normal exit when asked).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from types import TracebackType
 
 import torch
 from jaxtyping import Float
 
-from tracing.models import HookedModel, check_layer, down_proj
+from tracing.models import HookedModel, check_layer, down_proj, fingerprint, n_layers
 
 
 def add_to_weight(weight: torch.Tensor, delta: torch.Tensor) -> None:
@@ -60,3 +61,24 @@ class restoring_weights:  # noqa: N801  (used like a function: ``with restoring_
     ) -> None:
         if exc_type is not None or self.always:
             restore_weights(self.model, self.snapshot)
+
+
+def weights_checksums(model: HookedModel) -> list[str]:
+    """Per layer, a digest of the down-projection's exact bytes: equal digests mean
+    bit-identical weights, whatever the thread count (float sums are not: their reduction
+    order, and so their last bits, depend on it)."""
+    out = []
+    for layer in range(n_layers(model)):
+        w = down_proj(model, layer).detach().contiguous().cpu()
+        out.append(
+            hashlib.blake2b(w.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+        )
+    return out
+
+
+def weights_key(model: HookedModel) -> str:
+    """Short key of the model's identity and current down-projection weights."""
+    h = hashlib.sha256(fingerprint(model).encode())
+    for digest in weights_checksums(model):
+        h.update(digest.encode())
+    return h.hexdigest()[:16]

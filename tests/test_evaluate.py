@@ -462,7 +462,7 @@ def test_weights_key_sees_one_ulp_and_not_the_thread_count(toy_models):
     """The unedited cache and the leak check key on the exact weights: one ulp in one layer
     changes the key, restoring it gives the same key back, and so does another thread count
     (float sums would change with the reduction order)."""
-    from editing.evaluation.cases import weights_key
+    from editing.weights import weights_key
     from tracing.models import down_proj
 
     model = toy_models["llama"]

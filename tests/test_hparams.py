@@ -18,9 +18,10 @@ from tracing.errors import InvalidInput
 def test_every_default_file_loads_round_trips_and_documents_its_source():
     files = sorted(defaults_dir().glob("*.json"))
     names = {p.stem for p in files}
-    for method in ("rome", "memit", "ft"):
+    for method in ("rome", "memit", "ft", "alphaedit"):
         for model in ("gemma-3-270m", "gpt2-xl", "gpt-j-6b", "default"):
             assert f"{method}_{model}" in names
+    assert "alphaedit_meta-llama-3-8b" in names
     for path in files:
         raw = json.loads(path.read_text())
         assert len(raw.get("_source", "")) > 40, f"{path.name} lacks a _source"

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from editing.hparams import TargetHparams
-from editing.methods.memit import MemitHparams, layer_updates
+from editing.methods.memit import MemitHparams, layer_updates, memit_solver
 from editing.objective import TargetObjective
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
@@ -162,7 +162,7 @@ def test_memit_layer_updates_match_the_reference(toy_dirs, toy_models, toy_arch)
     z = h + 0.3 * h.norm() * torch.randn(d_model, generator=g, dtype=torch.float64) / d_model**0.5
     hp = MemitHparams(layers=layers, mom2_update_weight=lam, norm_aware=False)
     with restoring_weights(model, layers, always=True):
-        deltas, _ = layer_updates(model, prepared, hp, z[None].float(), moms)
+        deltas, _, _ = layer_updates(model, prepared, hp, z[None].float(), memit_solver(hp, moms))
     for i, L in enumerate(layers):
         groups = [[TEMPLATES[0]], TEMPLATES[1:]]  # the bare prompt is a group of its own
         group_means = []

@@ -210,3 +210,68 @@ def test_check_templates():
         check_templates(["{} {}"])
     with pytest.raises(ValueError, match="list of strings"):
         check_templates("{}")
+
+
+def _same(a, b, atol=1e-5) -> None:
+    torch.testing.assert_close(a.init, b.init, rtol=0, atol=atol)
+    torch.testing.assert_close(a.delta, b.delta, rtol=1e-4, atol=atol)
+    assert a.steps == b.steps
+
+
+def test_groups_give_the_one_batch_result(toy_models):
+    """Requests are independent: optimising them one group at a time (group_size 1 or 2)
+    gives what one group of all three gives, up to the chunking of the forward passes."""
+    model = toy_models["llama"]
+    hp = TargetHparams(num_steps=6, lr=0.5, early_stop_loss=0.0)
+    prepared = prepare_requests(model, REQUESTS, TEMPLATES)
+    whole = compute_targets(model, prepared, layer=1, hook="resid", hp=hp)
+    for size in (1, 2):
+        _same(
+            compute_targets(model, prepared, layer=1, hook="resid", hp=hp, group_size=size), whole
+        )
+
+
+def test_cache_resumes_an_interrupted_batch(toy_models, tmp_path, monkeypatch):
+    """Each request's target is on disk once final: a batch killed after its first group
+    resumes with only the rest, and gives the uninterrupted result; after the weights change
+    nothing is reused."""
+    from editing import objective
+    from editing.target_cache import TargetCache
+
+    model = toy_models["gpt2"]
+    hp = TargetHparams(num_steps=5, lr=0.5, early_stop_loss=0.0)
+    prepared = prepare_requests(model, REQUESTS, TEMPLATES)
+    whole = compute_targets(model, prepared, layer=1, hook="resid", hp=hp, group_size=1)
+    cache = TargetCache(tmp_path, model, 1, "resid", hp)
+    real, calls = objective._optimise, []
+
+    def dies_on_second_group(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objective, "_optimise", dies_on_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        compute_targets(model, prepared, layer=1, hook="resid", hp=hp, group_size=1, cache=cache)
+    assert len(list(cache.folder.glob("*.safetensors"))) == 1
+    calls.clear()
+    monkeypatch.setattr(
+        objective, "_optimise", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k))[1]
+    )
+    resumed = compute_targets(
+        model, prepared, layer=1, hook="resid", hp=hp, group_size=1, cache=cache
+    )
+    assert calls == [1, 1]  # only the two unfinished requests
+    _same(resumed, whole)
+    calls.clear()
+    again = compute_targets(model, prepared, layer=1, hook="resid", hp=hp, cache=cache)
+    assert calls == [] and torch.equal(again.delta, resumed.delta)
+    original = down_proj(model, 0).detach().clone()
+    with torch.no_grad():
+        down_proj(model, 0).add_(1e-3)
+    try:
+        assert TargetCache(tmp_path, model, 1, "resid", hp).folder != cache.folder
+    finally:
+        with torch.no_grad():
+            down_proj(model, 0).copy_(original)

@@ -90,6 +90,14 @@ def init_from_env(settings: Any = None, timeout_minutes: float = 60.0) -> Ranks:
     return here
 
 
+def leave() -> None:
+    """Leave the process group (no-op outside one). Called once at the end of a command: a
+    gloo group still alive at interpreter exit can abort the process from its worker
+    threads ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def gather_objects(obj: T) -> list[T]:
     """``obj`` of every rank, in rank order (``[obj]`` outside a process group)."""
     here = ranks()

@@ -5,7 +5,6 @@ method's run)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -13,14 +12,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from editing.evaluation.generation import GenerationSettings, generate_texts, generation_prompts
 from editing.evaluation.metrics import Scorer
 from editing.evaluation.results import append_rows
 from editing.evaluation.tasks import Case, Task
 from editing.requests import ConflictIndex
-from tracing.models import HookedModel, down_proj, fingerprint, n_layers
+from tracing.models import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -31,27 +28,6 @@ def case_seed(seed: int, case_id: int) -> int:
     """The RNG seed of one case (or of the edit batch it starts): independent of run order,
     so a resumed run draws what an uninterrupted one would."""
     return (int(seed) * 1_000_003 + int(case_id)) % (2**31 - 1)
-
-
-def weights_checksums(model: HookedModel) -> list[str]:
-    """Per layer, a digest of the down-projection's exact bytes: equal digests mean
-    bit-identical weights, whatever the thread count (float sums are not: their reduction
-    order, and so their last bits, depend on it)."""
-    out = []
-    for layer in range(n_layers(model)):
-        w = down_proj(model, layer).detach().contiguous().cpu()
-        out.append(
-            hashlib.blake2b(w.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
-        )
-    return out
-
-
-def weights_key(model: HookedModel) -> str:
-    """Short key of the model's identity and current down-projection weights."""
-    h = hashlib.sha256(fingerprint(model).encode())
-    for digest in weights_checksums(model):
-        h.update(digest.encode())
-    return h.hexdigest()[:16]
 
 
 class UneditedCache:

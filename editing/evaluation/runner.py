@@ -37,8 +37,6 @@ from editing.evaluation.cases import (
     case_seed,
     generate_cases,
     select_cases,
-    weights_checksums,
-    weights_key,
 )
 from editing.evaluation.generation import GenerationSettings, fluency
 from editing.evaluation.metrics import ModelScorer, Scorer, aggregate
@@ -53,6 +51,7 @@ from editing.evaluation.results import (
 )
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.methods import get_method
+from editing.weights import weights_checksums, weights_key
 from tracing.distributed import barrier, gather_objects, main_first, ranks, together
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.io import write_json_atomic, write_text_atomic
@@ -133,6 +132,7 @@ class _Run:
     edit_fn: EditFn
     edit_hparams: dict | None = None
     shard_targets: bool = False  # torchrun, joint units: every rank makes the same edit
+    target_cache: Path | None = None  # batched methods: per-request targets, for resuming
 
 
 def _check_run(path: Path, settings: dict) -> None:
@@ -163,7 +163,9 @@ def _run_unit(run: _Run, unit: list[tuple[Case, Any]], todo: set[int]) -> list[d
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(case_seed(cfg.seed, unit[0][0].case_id))
             try:
-                extra = {"shard_targets": True} if run.shard_targets else {}
+                extra: dict[str, Any] = {"shard_targets": True} if run.shard_targets else {}
+                if run.target_cache is not None:
+                    extra["target_cache"] = run.target_cache
                 edit = run.edit_fn(
                     model,
                     requests,
@@ -200,6 +202,9 @@ def _run_unit(run: _Run, unit: list[tuple[Case, Any]], todo: set[int]) -> list[d
             "edit_seconds": t_edit / len(unit),
             "eval_seconds": t_eval / len(cases),
         }
+        if edit is not None:  # the method's own split of the edit time (MEMIT: z vs layers)
+            meta = getattr(edit, "metadata", {})
+            row.update({k: meta[k] for k in ("seconds_targets", "seconds_layers") if k in meta})
         row.update(_prefixed("pre_", task.metrics(pre, pre)))
         row.update(_prefixed("post_", task.metrics(post, pre)))
         if gen:
@@ -286,6 +291,8 @@ def evaluate(
     units = [selected[i : i + unit_size] for i in range(0, len(selected), unit_size)]
     todo_units = [u for u in units if any(c.case_id not in done for c, _ in u)]
     run = _Run(model, cfg, task, scorer, cache, hp, edit_fn or make_edit)
+    if edit_fn is None and unit_size > 1 and get_method(cfg.method).batched:
+        run.target_cache = run_dir / "targets"
     gen = cfg.generation
     if gen:  # every unedited text in one batched run, before any edit
         pending = [c for u in todo_units for c, _ in u if c.case_id not in done]

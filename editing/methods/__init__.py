@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from editing.hparams import Hparams
-from editing.methods import finetune, memit, rome
+from editing.methods import alphaedit, finetune, memit, rome
 from editing.methods.registry import EditInputs, EditMethod, lookup
 
 METHODS: dict[str, EditMethod] = {
@@ -18,6 +18,7 @@ METHODS: dict[str, EditMethod] = {
     for m in (
         rome.METHOD,
         memit.METHOD,
+        alphaedit.METHOD,
         *finetune.METHODS,
     )
 }

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import no_type_check
 
@@ -41,8 +41,9 @@ from editing.edit import Edit, LayerDelta
 from editing.hparams import KeyValueHparams, check_layers
 from editing.keys import DEFAULT_BATCH_TOKENS, KeyWeighting, layer_stats, subject_keys
 from editing.methods.registry import EditInputs, EditMethod
-from editing.objective import compute_targets
+from editing.objective import TargetResult, compute_targets
 from editing.prepared import PreparedRequest
+from editing.target_cache import TargetCache
 from editing.targets import check_edit_layer
 from editing.weights import add_to_weight
 from tracing.devices import module_device
@@ -136,21 +137,38 @@ def _plain_states(
     return {n: torch.cat(rows[n])[inverse.to(rows[n][0].device)] for n in names}
 
 
+#: ``(layer, keys [n, d_mlp]) -> left [d_mlp, n]`` such that the layer's update is
+#: ``left @ targets``; float64 in and out.
+Solver = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def memit_solver(hp: MemitHparams, moms: Mapping[int, torch.Tensor]) -> Solver:
+    """MEMIT's least squares: ``left = (lambda C + K^T K)^-1 K^T``."""
+
+    def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
+        mom = moms[layer].to(keys.device, torch.float64)
+        return torch.linalg.solve(hp.mom2_update_weight * mom + keys.T @ keys, keys.T)
+
+    return solve
+
+
 def layer_updates(
     model: HookedModel,
     prepared: Sequence[PreparedRequest],
     hp: MemitHparams,
     z: Float[torch.Tensor, "n d_model"],
-    moms: Mapping[int, torch.Tensor],
-) -> tuple[list[LayerDelta], list[dict]]:
+    solver: Solver,
+) -> tuple[list[LayerDelta], list[dict], dict[int, torch.Tensor]]:
     """MEMIT's step 2 for targets ``z`` at the residual after the last of ``hp.layers``:
-    each layer's least-squares update in ascending order, added to the weights as it is made
-    (the caller restores them); returns the deltas and per-layer diagnostics."""
+    each layer's update ``solver(layer, K) @ T`` in ascending order, added to the weights as
+    it is made (the caller restores them); returns the deltas, per-layer diagnostics and the
+    keys each layer was solved for (float32)."""
     layers = sorted(check_layer(model, int(L)) for L in hp.layers or [])
     last = layers[-1]
     z = z.double()
     deltas: list[LayerDelta] = []
     diag: list[dict] = []
+    used: dict[int, torch.Tensor] = {}
     resid_name = hook_name(model, "resid", last)
     for i, L in enumerate(layers):
         keys = subject_keys(model, prepared, L, weighting=hp.key_weighting).double()
@@ -176,13 +194,12 @@ def layer_updates(
         weight = down_proj(model, L)
         # The solve runs in float64 on the layer's own device, whatever the model's dtype.
         keys, want = keys.to(weight.device), want.to(weight.device)
-        lhs = hp.mom2_update_weight * moms[L].to(weight.device, torch.float64) + keys.T @ keys
         try:
-            left = torch.linalg.solve(lhs, keys.T)  # [d_mlp, n]
+            left = solver(L, keys)  # [d_mlp, n]
         except torch.linalg.LinAlgError as exc:
             raise EditFailed(
-                f"layer {L}: lambda*C + K^T K is singular (raise mom2_update_weight or "
-                "use more tokens for the statistics)"
+                f"layer {L}: the update's linear system is singular (raise the "
+                "regularisation, e.g. mom2_update_weight, or use more tokens for the statistics)"
             ) from exc
         if not (torch.isfinite(left).all() and torch.isfinite(want).all()):
             raise EditFailed(f"MEMIT update for layer {L} is not finite")
@@ -204,7 +221,29 @@ def layer_updates(
         log.info("MEMIT layer %d: %s", L, diag[-1])
         add_to_weight(weight, upd)
         deltas.append(delta)
-    return deltas, diag
+        used[L] = keys.float()
+    return deltas, diag, used
+
+
+def batch_targets(
+    model: HookedModel, prepared: Sequence[PreparedRequest], hp: MemitHparams, inputs: EditInputs
+) -> TargetResult:
+    """MEMIT's step 1: ``z`` for every request at the residual after the last edit layer
+    (written to ``inputs.target_cache`` as each is final, when given)."""
+    layer = max(int(L) for L in hp.layers or [])
+    cache = None
+    if inputs.target_cache is not None:
+        cache = TargetCache(inputs.target_cache, model, layer, "resid", hp.target)
+    return compute_targets(
+        model,
+        prepared,
+        layer=layer,
+        hook="resid",
+        hp=hp.target,
+        progress=inputs.progress,
+        shard=inputs.shard_targets,
+        cache=cache,
+    )
 
 
 def edit_memit(
@@ -221,17 +260,9 @@ def edit_memit(
     layers = sorted(check_layer(model, int(L)) for L in hp.layers)
     moms = layer_stats(model, layers, hp, given=inputs.stats, progress=inputs.progress)
     t0 = time.perf_counter()
-    res = compute_targets(
-        model,
-        prepared,
-        layer=layers[-1],
-        hook="resid",
-        hp=hp.target,
-        progress=inputs.progress,
-        shard=inputs.shard_targets,
-    )
+    res = batch_targets(model, prepared, hp, inputs)
     t1 = time.perf_counter()
-    deltas, diag = layer_updates(model, prepared, hp, res.targets, moms)
+    deltas, diag, keys = layer_updates(model, prepared, hp, res.targets, memit_solver(hp, moms))
     meta = {
         "layers": diag,
         "nll_before": res.nll_before,
@@ -243,6 +274,7 @@ def edit_memit(
         "seconds_layers": round(time.perf_counter() - t1, 3),
     }
     return Edit(
+        keys=keys,
         deltas=deltas,
         method="memit",
         requests=[p.request for p in prepared],

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from editing.edit import Edit
 from editing.hparams import Hparams, read_hparams
 from editing.keys import Stats
@@ -34,11 +36,17 @@ class EditInputs:
     """What a caller may give a method besides requests and hyper-parameters: precomputed
     second moments by layer (ROME-like methods), whether to show progress bars, and whether
     every torchrun rank is making this same edit, so that batched methods may split their
-    per-request target optimisation across ranks (``shard_targets``)."""
+    per-request target optimisation across ranks (``shard_targets``); a folder where batched
+    methods keep each request's finished target, so that an interrupted batch resumes
+    (``target_cache``, :class:`editing.target_cache.TargetCache`); and, for methods that
+    protect earlier edits (AlphaEdit), the sum ``K^T K`` of the keys of the edits already made
+    in a sequence, by layer (``preserved_keys``, [d_mlp, d_mlp])."""
 
     stats: Stats | None = None
     progress: bool = False
     shard_targets: bool = False
+    target_cache: Path | None = None
+    preserved_keys: Mapping[int, torch.Tensor] | None = None
 
 
 #: The signature of every method's edit function: ``(model, prepared, hp, inputs) -> Edit``.

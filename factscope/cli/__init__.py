@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from factscope import __version__
 from factscope.cli import editing, evaluation, models, tracing
 from factscope.cli.common import check_placement
-from tracing.distributed import init_from_env
+from tracing.distributed import init_from_env, leave
 from tracing.errors import FactscopeError
 
 SECTIONS = (models, tracing, editing, evaluation)
@@ -53,4 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FactscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        leave()
     return 0
