@@ -10,6 +10,7 @@ from viz.plots import (
     plot_edit_bars,
     plot_layer_selection,
     plot_scaling,
+    plot_sequential,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "plot_edit_bars",
     "plot_layer_selection",
     "plot_scaling",
+    "plot_sequential",
     "plot_trace",
     "save_figure",
     "token_labels",

@@ -114,6 +114,7 @@ def select_cases(
     only_known: bool,
     rule: str,
     cache: UneditedCache,
+    skip_conflicts: bool = True,
 ) -> tuple[list[tuple[Case, Any]], list[dict], int]:
     """The first ``n`` usable (and, with ``only_known``, known) cases with their unedited
     scores; the skipped cases (with reasons) and the number dropped as not known, counted
@@ -122,7 +123,8 @@ def select_cases(
     A case whose edit repeats or contradicts the edit of a case already selected (same
     subject and prompt template, or same subject and relation; CounterFact has such pairs)
     is skipped, as MEMIT's multi-edit CounterFact does, so that any number of the selected
-    cases can be edited in one batch and every method sees the same cases."""
+    cases can be edited in one batch and every method sees the same cases. With
+    ``skip_conflicts=False`` they are kept (a sequential stream meets them as they come)."""
     selected: list[tuple[Case, Any]] = []
     skipped: list[dict] = []
     taken = ConflictIndex()
@@ -144,7 +146,7 @@ def select_cases(
                 unknown += 1
             else:
                 req = task.request(c)
-                clash = taken.problem(req)
+                clash = taken.problem(req) if skip_conflicts else None
                 if clash is not None:
                     skipped.append({"case_id": c.case_id, "reason": clash})
                     continue

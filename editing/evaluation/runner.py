@@ -135,7 +135,7 @@ class _Run:
     target_cache: Path | None = None  # batched methods: per-request targets, for resuming
 
 
-def _check_run(path: Path, settings: dict) -> None:
+def check_run(path: Path, settings: dict) -> None:
     """Refuse to resume a run folder made with other settings (``n`` may differ)."""
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -276,7 +276,7 @@ def evaluate(
         "joint": cfg.is_joint,
         "generation": asdict(cfg.generation) if cfg.generation else None,
     }
-    _check_run(run_dir / "run.json", settings_record)
+    check_run(run_dir / "run.json", settings_record)
     cache = UneditedCache(Path(cfg.out_dir) / f"unedited_{label}_{wkey}.jsonl", task, scorer, model)
     here = ranks()  # under torchrun: rank 0 fills the unedited cache, the others read it
     selected, skipped, n_unknown = main_first(

@@ -132,4 +132,5 @@ METHOD = EditMethod(
     uses_templates=True,
     summary="MEMIT's updates projected onto the null space of preserved and earlier-edit keys",
     check=check_memit,
+    protects_edits=True,
 )

@@ -65,6 +65,8 @@ class EditMethod:
     fields it implies when reading a default file (``ft``: no bound). Neither applies when a
     caller overrides ``mode`` explicitly. ``check``: refuses hyper-parameters that cannot
     work on a model (e.g. an edit layer with no path to the loss), before any work.
+    ``protects_edits``: in a sequence, the method takes the keys of the edits already made
+    (``EditInputs.preserved_keys``) and keeps them mapped as they are (AlphaEdit).
     """
 
     name: str
@@ -76,6 +78,7 @@ class EditMethod:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     file_defaults: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[HookedModel, Any], None] | None = None
+    protects_edits: bool = False
 
     def load_hparams(
         self, model_name: str | None = None, path: str | Path | None = None, **overrides: Any

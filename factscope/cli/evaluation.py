@@ -1,5 +1,6 @@
-"""Commands ``eval`` (edit and score CounterFact / zsRE cases, or the scaling curve) and
-``eval-table`` (one Markdown table from several runs)."""
+"""Commands ``eval`` (edit and score CounterFact / zsRE cases, the scaling curve, or a
+sequential stream), ``eval-table`` (one Markdown table from several runs) and ``eval-curves``
+(sequential runs drawn against the number of edits)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,80 @@ def _config(args: argparse.Namespace, method: str | None) -> EvalConfig:
     return config
 
 
+def _sequential(args: argparse.Namespace) -> None:
+    """``eval --sequential``: run or resume the stream, print the checkpoints, draw them."""
+    from editing.evaluation import SequentialConfig, evaluate_sequential, load_cases
+    from editing.evaluation.sequential import run_folder
+    from tracing.layers import parse_layers
+    from viz.heatmap import save_figure
+    from viz.plots import plot_sequential
+
+    settings = given(args, "dataset", "n", "batch", "seed", "known_rule", "name", "split")
+    settings.update(given(args, "checkpoint_every", "ppl_tokens", method="method"))
+    if args.layers:
+        settings["layers"] = parse_layers(args.layers)
+    if args.hparams:
+        settings["hparams"] = input_file(args.hparams, "--hparams")
+    config = SequentialConfig(
+        out_dir=output_folder(args.out),
+        progress=not args.no_progress,
+        only_known=not args.all_cases,
+        **settings,
+    )
+    config.check()
+    load_cases(config.dataset)
+    model = load(args)
+    rows = evaluate_sequential(model, config)
+    print("| edits | ES | PS | NS | strict ES | perplexity | known-fact acc | finite |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        m = r["metrics"]
+        cells = [
+            m.get(k)
+            for k in (
+                "efficacy_success",
+                "paraphrase_success",
+                "neighborhood_success",
+                "strict_efficacy",
+            )
+        ]
+        pct = ["-" if v is None else f"{100 * v:.1f}" for v in cells]
+        acc = "-" if r["known_accuracy"] is None else f"{100 * r['known_accuracy']:.1f}"
+        print(
+            f"| {r['n_edits']} | {' | '.join(pct)} | {r['perplexity']:.2f} | {acc} "
+            f"| {r['finite']} |"
+        )
+    folder = run_folder(config)
+    out = save_figure(plot_sequential({config.method: rows}), folder / "curves.png")
+    print(f"# checkpoints: {folder / 'checkpoints.jsonl'}  curves: {out}")
+
+
+def cmd_curves(args: argparse.Namespace) -> None:
+    """Draw the checkpoints of several sequential runs in one figure."""
+    import json
+    from pathlib import Path
+
+    from viz.heatmap import save_figure
+    from viz.plots import plot_sequential
+
+    runs = {}
+    for folder in args.runs:
+        path = Path(input_file(str(Path(folder) / "checkpoints.jsonl"), "a sequential run"))
+        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+        settings = json.loads((path.parent / "run.json").read_text(encoding="utf-8"))
+        runs[settings.get("method", path.parent.name)] = rows
+    print(f"# written {save_figure(plot_sequential(runs), args.out)}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a method (or several, with ``--scaling``) and print the summary."""
     from dataclasses import replace
 
     from editing.evaluation import evaluate, load_cases, scaling
+
+    if args.sequential:
+        _sequential(args)
+        return
 
     given_methods = args.method.split(",") if hasattr(args, "method") else [None]
     methods = [m for m in given_methods if m != ""]
@@ -142,8 +212,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--greedy", action="store_true", help="greedy generation (default: top-5)")
     p.add_argument("--scaling", help="sizes, e.g. 1,10,100: metric vs number of edits")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="apply --batch edits after another without undo, scoring at checkpoints",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=UNSET,
+        help="with --sequential: score every edit so far after this many (default 500)",
+    )
+    p.add_argument(
+        "--ppl-tokens",
+        type=int,
+        default=UNSET,
+        help="with --sequential: held-out WikiText tokens for perplexity (default 8192)",
+    )
     add_progress(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-curves", help="sequential runs against the number of edits (PNG)")
+    p.add_argument("runs", nargs="+", help="run folders of eval --sequential")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_curves)
 
     p = sub.add_parser("eval-table", help="one Markdown table from several eval summaries")
     p.add_argument("summaries", nargs="+", help="summary.json files of eval runs")

@@ -1,0 +1,241 @@
+"""The sequential runner: batches applied without undo, checkpoints of every edit so far and
+of general ability, resumption from saved batches, conflicts, refused non-finite batches,
+and the whole stream undone bit for bit; every registered method runs in it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import editing.evaluation.sequential as seq_mod
+from editing.edit import Edit, LayerDelta
+from editing.evaluation import EditStream, evaluate_sequential
+from editing.evaluation.ability import heldout_sequences, perplexity
+from editing.evaluation.datasets import load_counterfact
+from factscope.cli import main
+from tracing.facts import load_known_facts
+from tracing.models import down_proj, fingerprint, model_name
+
+TARGET = {"num_steps": 2, "lr": 0.5}
+HPARAMS = {
+    "rome": {"layer": 1, "target": TARGET, "mom2_n_tokens": 2000, "context_templates": [[5, 2]]},
+    "memit": {
+        "layers": [0, 1],
+        "target": TARGET,
+        "mom2_n_tokens": 2000,
+        "mom2_update_weight": 10.0,
+        "context_templates": [[5, 2]],
+    },
+    "alphaedit": {
+        "layers": [0, 1],
+        "target": TARGET,
+        "mom2_n_tokens": 2000,
+        "nullspace_threshold": 0.05,
+        "l2_weight": 1.0,
+        "context_templates": [[5, 2]],
+    },
+    "ft-l": {"layers": [1], "num_steps": 2, "norm_constraint": 1e-3},
+    "ft": {"layers": [1], "num_steps": 2},
+}
+
+
+def _reduced(rec) -> dict:
+    return {
+        "case_id": rec.case_id,
+        "prompt": rec.prompt,
+        "subject": rec.subject,
+        "target_new": rec.target_new,
+        "ground_truth": rec.target_true,
+        "rephrase_prompt": rec.paraphrase_prompts[0],
+        "locality_prompt": rec.neighborhood_prompts[0],
+    }
+
+
+@pytest.fixture
+def cases_file(tmp_path):
+    """Six CounterFact cases; the fourth contradicts the first (same subject and prompt,
+    another target)."""
+    recs = [_reduced(r) for r in load_counterfact()[:5]]
+    clash = {**recs[0], "case_id": 99_999, "target_new": "Tokyo"}
+    recs.insert(3, clash)
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps(recs))
+    return path
+
+
+@pytest.fixture
+def run(toy_models, tmp_path, cases_file, monkeypatch):
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    model = toy_models["gpt2"]
+    facts = tmp_path / "facts.json"  # a few known_1000 facts (the random model knows none)
+    facts.write_text(
+        json.dumps(
+            [
+                {"prompt": f.prompt, "subject": f.subject, "attribute": f.answer}
+                for f in load_known_facts()[:8]
+            ]
+        )
+    )
+
+    def go(method="alphaedit", name="run", **kw):
+        hp = tmp_path / f"{method}.json"
+        hp.write_text(json.dumps(HPARAMS[method]))
+        settings = dict(
+            dataset=cases_file,
+            method=method,
+            n=6,
+            batch=2,
+            checkpoint_every=2,
+            hparams=hp,
+            out_dir=tmp_path / "out",
+            name=name,
+            only_known=False,
+            split="all",
+            ppl_tokens=256,
+            progress=False,
+        )
+        return evaluate_sequential(model, **{**settings, **kw})
+
+    return model, go
+
+
+def _weights(model):
+    return [down_proj(model, L).detach().clone() for L in range(model.cfg.n_layers)]
+
+
+def test_stream_scores_checkpoints_and_undoes_bit_for_bit(run, tmp_path):
+    model, go = run
+    before = _weights(model)
+    rows = go()
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+    assert [r["n_processed"] for r in rows] == [0, 2, 4, 6]
+    # the conflicting case (fourth) is skipped and reported; the others are edited
+    assert [r["n_edits"] for r in rows] == [0, 2, 3, 5]
+    stream = json.loads((tmp_path / "out" / "run" / "stream.json").read_text())
+    assert [b["skipped_conflicts"] for b in stream["batches"]] == [[], [99_999], []]
+    assert all(b["status"] == "applied" for b in stream["batches"])
+    first, last = rows[0], rows[-1]
+    assert first["metrics"] == {} and last["finite"]
+    assert last["metrics"]["efficacy_success"] is not None
+    # the unedited perplexity is the one of the held-out text, computed apart
+    assert first["perplexity"] == pytest.approx(
+        perplexity(model, heldout_sequences(model, 256)), rel=1e-6
+    )
+    assert last["perplexity"] != first["perplexity"]  # the edits changed the model
+
+
+def test_interrupted_stream_resumes_to_the_same_rows(run, monkeypatch):
+    model, go = run
+    whole = go(name="whole")
+    real, calls = seq_mod._edit_batch, []
+
+    def dies_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seq_mod, "_edit_batch", dies_on_the_second_batch)
+    before = _weights(model)
+    with pytest.raises(KeyboardInterrupt):
+        go(name="cut")
+    for L, w in enumerate(before):  # the interrupted stream is still applied: undo it
+        down_proj(model, L).data.copy_(w)
+    calls.clear()
+    monkeypatch.setattr(seq_mod, "_edit_batch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = go(name="cut")
+    assert len(calls) == 2  # the first batch was re-applied from disk, not recomputed
+    assert [r["n_edits"] for r in resumed] == [r["n_edits"] for r in whole]
+    for a, b in zip(resumed, whole, strict=True):
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-4)
+        for key, value in b["metrics"].items():
+            assert a["metrics"][key] == pytest.approx(value, rel=1e-3, abs=1e-4)
+
+
+def test_non_finite_batch_is_refused_and_the_stream_goes_on(run, monkeypatch):
+    model, go = run
+    from editing.api import make_edit
+
+    calls = []
+
+    def second_is_broken(model, requests, method, hp, **kw):
+        calls.append(1)
+        edit = make_edit(model, requests, method, hp, **kw)
+        if len(calls) == 2:
+            d = edit.deltas[0]
+            bad = torch.full(d.shape, float("inf"))
+            edit.deltas[0] = LayerDelta(d.layer, dense=bad)
+        return edit
+
+    before = _weights(model)
+    rows = go(edit_fn=second_is_broken, name="broken")
+    assert [r["n_edits"] for r in rows] == [0, 2, 2, 4]
+    assert all(r["finite"] for r in rows)
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "ft-l"])
+def test_every_method_runs_in_sequence(run, method):
+    model, go = run
+    before = _weights(model)
+    rows = go(method=method, name=method, n=4, checkpoint_every=4)
+    assert [r["n_processed"] for r in rows] == [0, 4]
+    assert rows[-1]["n_edits"] == 3 and rows[-1]["finite"]
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+
+
+def test_edit_stream_refuses_an_overflowing_batch(toy_models):
+    model = toy_models["gpt2"]
+    stream = EditStream(model)
+    before = _weights(model)
+    huge = torch.full(tuple(down_proj(model, 1).shape), 3e38)
+    edit = Edit([LayerDelta(1, dense=huge)], "x", [], {}, fingerprint(model), model_name(model))
+    stream.push(
+        Edit([LayerDelta(1, dense=huge)], "x", [], {}, fingerprint(model), model_name(model))
+    )
+    from tracing.errors import EditFailed
+
+    with pytest.raises(EditFailed, match="non-finite|NaN or inf"):
+        stream.push(edit)
+    assert len(stream.edits) == 1
+    stream.undo_all()
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+
+
+def test_cli_sequential(toy_dirs, tmp_path, cases_file, monkeypatch, capsys):
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    hp = tmp_path / "memit.json"
+    hp.write_text(json.dumps(HPARAMS["memit"]))
+    args = [
+        "eval",
+        "--sequential",
+        "--method",
+        "memit",
+        "--model",
+        toy_dirs["gpt2"],
+        "--dataset",
+        str(cases_file),
+        "--n-cases",
+        "4",
+        "--batch",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--hparams",
+        str(hp),
+        "--all-cases",
+        "--split",
+        "all",
+        "--ppl-tokens",
+        "256",
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| edits |" in out and (tmp_path / "out").rglob("curves.png")
+    assert list((tmp_path / "out").rglob("curves.png"))
+    assert main([*args[:-1], "--checkpoint-every", "0"]) == 2
