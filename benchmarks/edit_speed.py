@@ -123,12 +123,14 @@ def memit_child(n: int, method: str, out: Path) -> dict:
     under ``out``, so an interrupted batch resumes); returns the measurements."""
     from editing.evaluation import evaluate
     from editing.evaluation.results import read_rows
+    from editing.hparams import KeyValueHparams
     from editing.keys import layer_stats
     from editing.methods import load_hparams
     from tracing.models import load_model
 
     model = load_model("gemma-3-270m")
     hp = load_hparams(method, "gemma-3-270m")
+    assert isinstance(hp, KeyValueHparams)
     layer_stats(model, hp.layers or [], hp)  # cached: not part of the edit's time
     base = _rss_mib()
     name = f"{method}_{n}"

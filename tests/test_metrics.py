@@ -101,9 +101,14 @@ def test_counterfact_metrics_on_hand_set_probabilities():
     # strict (greedy continuation is the whole new target): the same here, per prompt
     assert m["strict_efficacy"] == 1.0 and m["strict_paraphrase"] == 0.5
     assert m["locality"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # bleed onto the neighbours: only N3's P(new) moved (-5 -> -0.2)
+    assert m["neighborhood_new_gain"] == pytest.approx((e(-0.2) - e(-5)) / 3)
+    assert m["neighborhood_new_gain_max"] == pytest.approx(e(-0.2) - e(-5))
     before = counterfact_metrics(pre, pre)
     assert before["efficacy_success"] == 0.0 and before["locality"] == 1.0
+    assert before["neighborhood_new_gain"] == before["neighborhood_new_gain_max"] == 0.0
     assert counterfact_metrics(post)["locality"] is None
+    assert counterfact_metrics(post)["neighborhood_new_gain"] is None
 
 
 def test_scorer_gets_every_pair_in_one_call_and_success_is_strict():

@@ -104,5 +104,5 @@ def known_fact_accuracy(
     for i in range(0, len(kept), 128):  # [128, vocab] logits at a time
         chunk = [f.prompt for f in kept[i : i + 128]]
         top += last_token_logits(model, chunk).argmax(-1).tolist()
-    hits = sum(int(target_ids(model, f.answer)[0] == t) for f, t in zip(kept, top, strict=True))  # type: ignore[arg-type]
+    hits = sum(target_ids(model, str(f.answer))[0] == t for f, t in zip(kept, top, strict=True))
     return hits / len(kept), len(kept)

@@ -5,12 +5,17 @@ CounterFact comes in two shapes and both load into :class:`CounterFactRecord`:
 * the full ROME schema (``requested_rewrite`` with a ``{}`` template, ``paraphrase_prompts``,
   ``neighborhood_prompts``, ``attribute_prompts``, ``generation_prompts``): 5 records shipped;
 * the reduced EasyEdit form (``prompt``, ``subject``, ``target_new``, ``ground_truth``,
-  ``rephrase_prompt``, ``locality_prompt``): all 21,919 cases shipped.
+  ``rephrase_prompt``, ``locality_prompt``): all 21,919 cases shipped, with one neighbourhood
+  prompt each. ``load_counterfact(neighbourhoods=True)`` gives them up to ten instead, rebuilt
+  from the shipped cases by ``scripts/build_neighbourhoods.py`` (other subjects with the same
+  relation and the same true object; ``editing/data/counterfact_neighbourhoods.json.gz``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,21 +135,60 @@ def parse_counterfact(rec: Any, index: int = 0) -> CounterFactRecord:
     )
 
 
-def load_counterfact(
-    path: str | Path | None = None, *, full_sample: bool = False
-) -> list[CounterFactRecord]:
-    """Load CounterFact. Default: all 21,919 shipped cases (reduced form), sorted by case_id.
+#: The shipped reduced CounterFact cases and their rebuilt ten-prompt neighbourhoods.
+REDUCED_FILE = "counterfact_reduced.json.gz"
+NEIGHBOURHOODS_FILE = "counterfact_neighbourhoods.json.gz"
 
-    ``full_sample=True`` loads the 5 shipped records in the full ROME schema. ``path`` loads any
-    JSON (or .json.gz) list of CounterFact-shaped records, full or reduced.
+
+def load_neighbourhoods(path: str | Path | None = None) -> dict[int, tuple[str, ...]]:
+    """Case id -> the rebuilt neighbourhood prompts of a shipped reduced CounterFact case (at
+    most ten; none for a case without a neighbour). The file must have been built from the
+    shipped reduced cases (its recorded SHA-256 of them is checked) and cover every case."""
+    src = Path(path) if path is not None else data_path(NEIGHBOURHOODS_FILE)
+    raw = _read_json(src)
+    try:
+        recorded = raw["source"]["sha256_decompressed"]
+        table = {int(c["case_id"]): tuple(c["prompts"]) for c in raw["cases"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"{src}: not a CounterFact neighbourhood file ({exc!r})") from exc
+    with gzip.open(data_path(REDUCED_FILE), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if recorded != digest:
+        raise InvalidInput(
+            f"{src} was built from other CounterFact cases than the shipped {REDUCED_FILE}; "
+            "rebuild it with scripts/build_neighbourhoods.py"
+        )
+    return table
+
+
+def load_counterfact(
+    path: str | Path | None = None, *, full_sample: bool = False, neighbourhoods: bool = False
+) -> list[CounterFactRecord]:
+    """Load CounterFact. Default: all 21,919 shipped cases (reduced form), sorted by case_id,
+    each with its one shipped neighbourhood prompt.
+
+    ``neighbourhoods=True`` (shipped reduced cases only) replaces it by the rebuilt ones of
+    :func:`load_neighbourhoods` (up to ten); a case without a rebuilt neighbour keeps its
+    shipped prompt. ``full_sample=True`` loads the 5 shipped records in the full ROME schema.
+    ``path`` loads any JSON (or .json.gz) list of CounterFact-shaped records, full or reduced.
     """
+    if neighbourhoods and (path is not None or full_sample):
+        raise InvalidInput("rebuilt neighbourhoods exist only for the shipped reduced cases")
     if path is not None:
         src = Path(path)
     else:
-        src = data_path(
-            "counterfact_full_first5.json.gz" if full_sample else "counterfact_reduced.json.gz"
-        )
-    return _parse_all(src, parse_counterfact, "CounterFact")
+        src = data_path("counterfact_full_first5.json.gz" if full_sample else REDUCED_FILE)
+    records = _parse_all(src, parse_counterfact, "CounterFact")
+    if not neighbourhoods:
+        return records
+    table = load_neighbourhoods()
+    missing = [r.case_id for r in records if r.case_id not in table]
+    if missing:
+        raise InvalidInput(f"no rebuilt neighbourhood for case ids {missing[:10]}")
+    return [
+        dataclasses.replace(r, neighborhood_prompts=table[r.case_id]) if table[r.case_id] else r
+        for r in records
+    ]
 
 
 @dataclass(frozen=True)

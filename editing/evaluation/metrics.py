@@ -15,6 +15,9 @@ Definitions (ROME, Meng et al. 2022, App. C; MEMIT, Meng et al. 2023):
   averaged over paraphrase prompts; neighbourhood success: ``P(true) > P(new)`` averaged over
   neighbourhood prompts. Magnitudes: ``P(new) - P(true)`` (neighbourhood: ``P(true) - P(new)``).
   Score: harmonic mean of the three success rates (computed on the aggregated rates).
+* Neighbourhood bleed (needs the unedited scores): ``neighborhood_new_gain`` = mean over
+  neighbourhood prompts of ``P_after(new) - P_before(new)``, ``neighborhood_new_gain_max`` the
+  largest of them: how much probability the edit moved onto the new target where it should not.
 * EasyEdit's variants (named as such): ``rewrite_acc`` = teacher-forced top-1 accuracy of the
   ``target_new`` tokens on the edit prompt, ``rephrase_acc`` the same on paraphrases,
   ``locality`` = fraction of neighbourhood answer tokens (``target_true`` teacher-forced) whose
@@ -285,8 +288,15 @@ def counterfact_metrics(
 ) -> dict[str, float | None]:
     """Per-case CounterFact metrics (rates in [0, 1]; ``None`` where a case has no prompts of
     a kind). ``reference`` (the unedited model's scores of the same case) is needed only for
-    EasyEdit's ``locality``; without it ``locality`` is ``None``."""
+    EasyEdit's ``locality`` and the ``neighborhood_new_gain`` pair, ``None`` without it; its
+    neighbourhood must be the one scored (else :class:`InvalidInput`: scores of another form
+    of the dataset, e.g. a stale cache)."""
     s = scores
+    if reference is not None and len(reference.neighborhood_new) != len(s.neighborhood_new):
+        raise InvalidInput(
+            f"the reference scores have {len(reference.neighborhood_new)} neighbourhood "
+            f"prompts, the scores {len(s.neighborhood_new)}: not the same case and dataset form"
+        )
     out: dict[str, float | None] = {
         "efficacy_success": float(s.rewrite_new.mean_logprob > s.rewrite_true.mean_logprob),
         "efficacy_magnitude": s.rewrite_new.prob - s.rewrite_true.prob,
@@ -315,12 +325,18 @@ def counterfact_metrics(
         "strict_efficacy": float(s.rewrite_new.exact),
         "strict_paraphrase": _mean(float(x.exact) for x in s.paraphrase_new),
         "locality": None,
+        "neighborhood_new_gain": None,
+        "neighborhood_new_gain_max": None,
     }
     if reference is not None:
         out["locality"] = _mean(
             _argmax_agreement(post, pre)
             for post, pre in zip(s.neighborhood_true, reference.neighborhood_true, strict=True)
         )
+        pairs = zip(s.neighborhood_new, reference.neighborhood_new, strict=True)
+        gains = [post.prob - pre.prob for post, pre in pairs]
+        out["neighborhood_new_gain"] = _mean(gains)
+        out["neighborhood_new_gain_max"] = max(gains) if gains else None
     return out
 
 

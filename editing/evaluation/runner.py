@@ -263,6 +263,7 @@ def evaluate(
     wkey = weights_key(model)
     settings_record = {
         "dataset": str(cfg.dataset),
+        "label": label,
         "method": cfg.method,
         "model": model_name(model),
         "weights": wkey,

@@ -38,7 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -56,6 +56,7 @@ from editing.evaluation.metrics import ModelScorer, Scorer, aggregate
 from editing.evaluation.results import append_rows
 from editing.evaluation.runner import EditFn, check_run
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, load_cases, split_cases
+from editing.hparams import KeyValueHparams
 from editing.methods import get_method
 from editing.requests import ConflictIndex
 from editing.weights import weights_checksums, weights_key
@@ -130,7 +131,8 @@ class EditStream:
         self.edits.append(edit)
         for L, k in edit.keys.items():
             k = k.double()
-            self.preserved[L] = self.preserved.get(L, 0) + k.T @ k  # type: ignore[assignment]
+            gram = k.T @ k
+            self.preserved[L] = self.preserved[L] + gram if L in self.preserved else gram
 
     def undo_all(self) -> None:
         """Undo every edit, last first: the weights are the original ones bit for bit."""
@@ -186,7 +188,7 @@ def evaluate_sequential(
     label, task, cases = load_cases(cfg.dataset)
     cases = split_cases(label, cases, cfg.split)
     hp = resolve_hparams(model, spec.name, cfg.hparams, cfg.layers)
-    if hasattr(hp, "mom2_n_tokens"):
+    if isinstance(hp, KeyValueHparams):
         check_heldout(model, hp.mom2_n_tokens, hp.corpus)
     scorer = scorer or ModelScorer(model)
     run_dir = run_folder(cfg, label)
@@ -194,7 +196,7 @@ def evaluate_sequential(
     original, wkey = weights_checksums(model), weights_key(model)
     record = {**asdict(cfg), "out_dir": None, "progress": None}
     record.update(dataset=str(cfg.dataset), facts=None if cfg.facts is None else str(cfg.facts))
-    record.update(model=model_name(model), weights=wkey, hparams=hp.to_dict())
+    record.update(label=label, model=model_name(model), weights=wkey, hparams=hp.to_dict())
     check_run(run_dir / "run.json", {k: v for k, v in record.items() if k != "n"})
     cache = UneditedCache(Path(cfg.out_dir) / f"unedited_{label}_{wkey}.jsonl", task, scorer, model)
     filtered = cfg.only_known and task.kind == "counterfact"
@@ -206,7 +208,7 @@ def evaluate_sequential(
     batches = [selected[i : i + cfg.batch] for i in range(0, len(selected), cfg.batch)]
     stream, state = EditStream(model), _Stream.read(run_dir / "stream.json")
     done_rows = {r["n_processed"]: r for r in _read_jsonl(run_dir / "checkpoints.jsonl")}
-    index, applied = ConflictIndex(), []
+    index, applied = ConflictIndex(), cast(list[tuple[Case, Any]], [])
     t_run = time.perf_counter()
 
     def checkpoint(n_processed: int, seconds_edit: float) -> None:

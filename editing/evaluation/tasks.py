@@ -47,7 +47,16 @@ KNOWN_RULES = ("prefers", "top1")
 #: Which shipped CounterFact cases a run uses: ``eval`` leaves out the tuning split (the
 #: default: reported results), ``tuning`` uses only it (choosing hyper-parameters), ``all``.
 SPLITS = ("eval", "tuning", "all")
-DATASETS = ("counterfact", "counterfact-full", "zsre", "zsre-alt")
+DATASETS = ("counterfact", "counterfact-1", "counterfact-full", "zsre", "zsre-alt")
+#: The label (name of cached and written results) of each shipped CounterFact form. The
+#: ten-prompt default has a label of its own: caches of the one-prompt form, which was called
+#: ``counterfact`` before the neighbourhoods were rebuilt, keep that label and cannot be read
+#: as the ten-prompt form.
+COUNTERFACT_LABELS = {
+    "counterfact": "counterfact10",
+    "counterfact-1": "counterfact",
+    "counterfact-full": "counterfact-full",
+}
 
 
 @dataclass(frozen=True)
@@ -228,7 +237,7 @@ def split_cases(label: str, cases: Sequence[Case], split: str) -> list[Case]:
     shipped CounterFact cases; other datasets have only ``all`` (``eval`` keeps them all)."""
     if split not in SPLITS:
         raise InvalidInput(f"unknown split {split!r}; expected one of {SPLITS}")
-    if label not in ("counterfact", "counterfact-full"):
+    if label not in COUNTERFACT_LABELS.values():
         if split == "tuning":
             raise InvalidInput(f"dataset {label!r} has no tuning split (only counterfact has)")
         return list(cases)
@@ -240,19 +249,22 @@ def split_cases(label: str, cases: Sequence[Case], split: str) -> list[Case]:
 
 
 def load_cases(dataset: str | Path) -> tuple[str, Task, list[Case]]:
-    """(label, task, cases) for ``"counterfact"`` (21,919 shipped cases), ``"counterfact-full"``
-    (5 full-form records), ``"zsre"`` (1,000 shipped records, editing toward ``answers[0]``
-    as ROME and MEMIT do), ``"zsre-alt"`` (the 998 with a non-empty ``alt``, editing toward
-    it as MEND and EasyEdit do) or a JSON path (a list of CounterFact-shaped records, full or
-    reduced; zsRE-shaped lists work too).
-    Empty or malformed data raise an :class:`~tracing.errors.InvalidInput` naming the file
-    and record."""
+    """(label, task, cases) for ``"counterfact"`` (the 21,919 shipped cases with up to ten
+    rebuilt neighbourhood prompts each; label ``counterfact10``), ``"counterfact-1"`` (the
+    same cases with their one shipped neighbourhood prompt; label ``counterfact``, the label
+    this form had before), ``"counterfact-full"`` (5 full-form records), ``"zsre"`` (1,000
+    shipped records, editing toward ``answers[0]`` as ROME and MEMIT do), ``"zsre-alt"`` (the
+    998 with a non-empty ``alt``, editing toward it as MEND and EasyEdit do) or a JSON path (a
+    list of CounterFact-shaped records, full or reduced; zsRE-shaped lists work too; label:
+    the file name before its first dot). Empty or malformed data raise an
+    :class:`~tracing.errors.InvalidInput` naming the file and record."""
     name = str(dataset)
     cf = TASKS["counterfact"]
-    if name == "counterfact":
-        return name, cf, [Case(r.case_id, r) for r in load_counterfact()]
-    if name == "counterfact-full":
-        return name, cf, [Case(r.case_id, r) for r in load_counterfact(full_sample=True)]
+    if name in COUNTERFACT_LABELS:
+        records = load_counterfact(
+            full_sample=name == "counterfact-full", neighbourhoods=name == "counterfact"
+        )
+        return COUNTERFACT_LABELS[name], cf, [Case(r.case_id, r) for r in records]
     if name in ("zsre", "zsre-alt"):
         return name, TASKS["zsre"], _shipped_zsre("alt" if name == "zsre-alt" else "answers")
     path = Path(dataset)

@@ -168,7 +168,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dataset",
         default=UNSET,
-        help="counterfact (default) | counterfact-full | zsre | PATH.json (CounterFact-shaped)",
+        help="counterfact (default: ten rebuilt neighbourhood prompts per case) | counterfact-1 "
+        "(the one shipped neighbourhood prompt per case) | counterfact-full | zsre | zsre-alt | "
+        "PATH.json (CounterFact-shaped)",
     )
     p.add_argument(
         "--n",
