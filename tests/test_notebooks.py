@@ -188,7 +188,7 @@ def test_evaluation_notebook(tmp_path):
     )
     text = text_of(cells)
     for method in ("none", "rome", "memit", "ft-l"):
-        summary = json.loads((out / f"counterfact_{method}" / "summary.json").read_text())
+        summary = json.loads((out / f"counterfact10_{method}" / "summary.json").read_text())
         assert summary["n"] == 1 and summary["method"] == method
         assert summary["edited"]["efficacy_success"] is not None
     table = next(
