@@ -117,8 +117,11 @@ def test_stream_scores_checkpoints_and_undoes_bit_for_bit(run, tmp_path):
     assert [b["skipped_conflicts"] for b in stream["batches"]] == [[], [99_999], []]
     assert all(b["status"] == "applied" for b in stream["batches"])
     first, last = rows[0], rows[-1]
-    assert first["metrics"] == {} and last["finite"]
+    assert first["metrics"] == first["unedited"] == {} and last["finite"]
     assert last["metrics"]["efficacy_success"] is not None
+    # the unedited column is the same cases scored before any edit
+    assert set(last["unedited"]) == set(last["metrics"])
+    assert last["unedited"]["efficacy_magnitude"] != last["metrics"]["efficacy_magnitude"]
     # the unedited perplexity is the one of the held-out text, computed apart
     assert first["perplexity"] == pytest.approx(
         perplexity(model, heldout_sequences(model, 256)), rel=1e-6

@@ -6,7 +6,8 @@ the first ``n`` usable cases (as :func:`~editing.evaluation.runner.evaluate` sel
 but keeping cases that repeat or contradict earlier ones), edits them ``batch`` at a time
 into the same model, and after every ``checkpoint_every`` edits (and at the end) writes one
 row to ``checkpoints.jsonl``: the task's metrics over every edit so far (efficacy,
-paraphrase, neighbourhood, magnitudes, the strict metrics), WikiText-2 perplexity on held-out
+paraphrase, neighbourhood, magnitudes, the strict metrics; ``unedited``: the same cases'
+metrics before any edit), WikiText-2 perplexity on held-out
 text and top-1 accuracy on known_1000 facts about subjects no edit touched
 (:mod:`editing.evaluation.ability`), the largest weight magnitude and the time spent. Row 0
 is the unedited model.
@@ -216,6 +217,7 @@ def evaluate_sequential(
             return
         t0 = time.perf_counter()
         metrics = aggregate(_scored_rows(task, scorer, applied))
+        unedited = aggregate([task.metrics(pre, pre) for _, pre in applied])
         subjects = [task.request(c).subject for c, _ in applied]
         acc, n_facts = known_fact_accuracy(model, facts, subjects) if facts else (None, 0)
         weights = [down_proj(model, L) for L in range(model.cfg.n_layers)]
@@ -224,6 +226,7 @@ def evaluate_sequential(
             "n_processed": n_processed,
             "n_edits": len(applied),
             "metrics": metrics,
+            "unedited": unedited,
             "perplexity": perplexity(model, heldout),
             "known_accuracy": acc,
             "known_facts": n_facts,

@@ -75,10 +75,13 @@ def _sequential(args: argparse.Namespace) -> None:
     load_cases(config.dataset)
     model = load(args)
     rows = evaluate_sequential(model, config)
-    print("| edits | ES | PS | NS | strict ES | perplexity | known-fact acc | finite |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(
+        "| edits | ES | PS | NS | strict ES | NS unedited | perplexity | known-fact acc | finite |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         m = r["metrics"]
+        before = r.get("unedited", {}).get("neighborhood_success")
         cells = [
             m.get(k)
             for k in (
@@ -88,7 +91,7 @@ def _sequential(args: argparse.Namespace) -> None:
                 "strict_efficacy",
             )
         ]
-        pct = ["-" if v is None else f"{100 * v:.1f}" for v in cells]
+        pct = ["-" if v is None else f"{100 * v:.1f}" for v in [*cells, before]]
         acc = "-" if r["known_accuracy"] is None else f"{100 * r['known_accuracy']:.1f}"
         print(
             f"| {r['n_edits']} | {' | '.join(pct)} | {r['perplexity']:.2f} | {acc} "
