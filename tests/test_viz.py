@@ -397,3 +397,31 @@ def test_plot_scaling(tmp_path):
 def test_viz_does_not_import_torch():
     code = "import sys, viz; assert 'torch' not in sys.modules, 'viz imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sequential_plot_draws_each_run_against_edits():
+    from tracing.errors import InvalidInput
+    from viz.plots import plot_sequential
+
+    def row(n, es, ppl):
+        return {
+            "n_edits": n,
+            "metrics": {"efficacy_success": es} if n else {},
+            "perplexity": ppl,
+            "known_accuracy": None,
+        }
+
+    runs = {
+        "alphaedit": [row(0, None, 10.0), row(50, 1.0, 11.0), row(100, 0.9, 12.0)],
+        "memit": [row(0, None, 10.0), row(50, 0.8, 15.0)],
+    }
+    fig = plot_sequential(runs)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == ["efficacy", "held-out perplexity"]  # panels without data left out
+    eff = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert list(eff["alphaedit"].get_xdata()) == [50, 100]
+    assert list(eff["alphaedit"].get_ydata()) == [1.0, 0.9]
+    ppl = {ln.get_label(): list(ln.get_ydata()) for ln in fig.axes[1].get_lines()}
+    assert ppl == {"alphaedit": [10.0, 11.0, 12.0], "memit": [10.0, 15.0]}
+    with pytest.raises(InvalidInput):
+        plot_sequential({})

@@ -336,8 +336,16 @@ def plot_sequential(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
         for title, path in SEQUENTIAL_PANELS
         if any(_row_value(r, path) is not None for rows in runs.values() for r in rows)
     ]
-    fig, axes = _new_figure(len(panels), width=3.2, height=3.0)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(3.6 * cols, 3.0 * rows), layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in grid[len(panels) :]:
+        ax.set_visible(False)
+    axes = list(grid[: len(panels)])
     for ax, (title, path) in zip(axes, panels, strict=True):
+        if path[0] == "metrics" or path[0] == "known_accuracy":  # rates
+            ax.set_ylim(0, 1.02)
         for j, (label, rows) in enumerate(runs.items()):
             pts = [(int(r["n_edits"]), _row_value(r, path)) for r in rows]
             pts = sorted((n, v) for n, v in pts if v is not None)
