@@ -108,7 +108,7 @@ def test_evaluation_on_two_ranks_equals_one_process(toy_dirs, tmp_path, method, 
     two = _ok(_factscope(["-v", *common, "--out", str(tmp_path / "two")], tmp_path, ranks=2))
     rows = {}
     for run in ("one", "two"):
-        folder = tmp_path / run / f"counterfact_{method}"
+        folder = tmp_path / run / f"counterfact10_{method}"
         rows[run] = {
             r["case_id"]: r
             for r in map(json.loads, (folder / "cases.jsonl").read_text().splitlines())
