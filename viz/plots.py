@@ -337,9 +337,9 @@ def plot_sequential(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
         if any(_row_value(r, path) is not None for rows in runs.values() for r in rows)
     ]
     cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(3.6 * cols, 3.0 * rows), layout="constrained")
-    grid = fig.subplots(rows, cols, squeeze=False).ravel()
+    n_rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(3.6 * cols, 3.0 * n_rows), layout="constrained")
+    grid = fig.subplots(n_rows, cols, squeeze=False).ravel()
     for ax in grid[len(panels) :]:
         ax.set_visible(False)
     axes = list(grid[: len(panels)])
