@@ -65,6 +65,25 @@ def test_projector_is_the_orthogonal_projection_onto_small_eigenvectors():
         null_space_projector(C, threshold=0.0)
 
 
+def test_energy_rule_keeps_the_smallest_directions_under_the_energy_share():
+    """``nullspace_energy``: the null space is the longest run of smallest eigenvalues whose
+    sum stays within the share of the trace, whatever the keys' scale."""
+    g = torch.Generator().manual_seed(1)
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    values = torch.tensor([50.0, 30.0, 10.0, 6.0, 3.0, 1.0], dtype=torch.float64)  # sum 100
+    for scale in (1.0, 1e-4):
+        C = basis @ torch.diag(values * scale) @ basis.T
+        for energy, keep in ((0.005, 0), (0.02, 1), (0.05, 2), (0.15, 3), (0.19, 3)):
+            P = null_space_projector(C, threshold=1.0, energy=energy)
+            small = basis[:, 6 - keep :]
+            torch.testing.assert_close(P, small @ small.T)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(InvalidHparams, match="nullspace_energy"):
+            null_space_projector(C, threshold=1.0, energy=bad)
+    with pytest.raises(InvalidHparams, match="nullspace_energy"):
+        AlphaEditHparams(layers=[1], nullspace_energy=1.5)
+
+
 def test_update_is_stationary_for_the_papers_objective(toy_model, stats):
     """Delta = P Y minimises ||K P Y - T||^2 + ||K_p P Y||^2 + alpha ||P Y||^2 (the paper's
     Eq. 13 with the projection written out): its gradient at Y = Delta is zero (autograd,
@@ -134,6 +153,11 @@ def test_projectors_are_cached_with_the_statistics(toy_models, tmp_path, monkeyp
     monkeypatch.setattr(nullspace_mod, "null_space_projector", refuse)
     again = layer_projectors(model, [1], hp, 0.02)
     assert torch.equal(first[1], again[1])
+    monkeypatch.undo()
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path))
+    by_energy = layer_projectors(model, [1], hp, 0.02, energy=0.01)
+    assert list(tmp_path.rglob("layer_1.nullspace-energy-0.01.safetensors"))
+    assert not torch.equal(by_energy[1], first[1])
 
 
 def test_bad_preserved_keys_are_refused_before_any_work(toy_model, stats):

@@ -44,17 +44,27 @@ from tracing.models import HookedModel, check_layer, fingerprint, model_name
 @dataclass
 class AlphaEditHparams(MemitHparams):
     """MEMIT's hyper-parameters plus ``nullspace_threshold`` (eigenvalues of ``C`` below it
-    span the protected null space; absolute, in the units of the statistics) and
-    ``l2_weight`` (``alpha``, the ridge term of the solve; the paper's code: ``L2``)."""
+    span the protected null space; absolute, in the units of the statistics),
+    ``nullspace_energy`` (factscope's option, default None = the paper's rule: when set, the
+    null space is instead the smallest eigen-directions holding at most this fraction of
+    ``trace(C)``, see :func:`editing.nullspace.null_space_projector`) and ``l2_weight``
+    (``alpha``, the ridge term of the solve; the paper's code: ``L2``)."""
 
     family = "alphaedit"
 
     nullspace_threshold: float = 2e-2
+    nullspace_energy: float | None = None
     l2_weight: float = 10.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number("nullspace_threshold", self.nullspace_threshold)
+        if self.nullspace_energy is not None:
+            check_number("nullspace_energy", self.nullspace_energy)
+            if not self.nullspace_energy < 1:
+                raise InvalidHparams(
+                    f"nullspace_energy must be below 1, got {self.nullspace_energy}"
+                )
         check_number("l2_weight", self.l2_weight, allow_zero=True)
 
 
@@ -95,7 +105,13 @@ def edit_alphaedit(
         if len(d_mlp) != 2 or d_mlp[0] != d_mlp[1] or not torch.isfinite(m).all():
             raise InvalidInput(f"preserved_keys[{L}] must be a finite square matrix")
     projectors = layer_projectors(
-        model, layers, hp, hp.nullspace_threshold, given=inputs.stats, progress=inputs.progress
+        model,
+        layers,
+        hp,
+        hp.nullspace_threshold,
+        energy=hp.nullspace_energy,
+        given=inputs.stats,
+        progress=inputs.progress,
     )
     t0 = time.perf_counter()
     res = batch_targets(model, prepared, hp, inputs)
