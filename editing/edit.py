@@ -1,12 +1,20 @@
-"""An edit as a value: per-layer deltas of MLP down-projections plus what made them.
+"""An edit as a value: per-layer weight deltas plus what made them.
 
-:class:`Edit` holds :class:`LayerDelta` objects (low-rank factors where the method gives them,
-dense otherwise) in the architecture-neutral ``[d_mlp, d_model]`` orientation of
-:func:`tracing.models.down_proj`, with the model fingerprint, requests, hyper-parameters and
-method. ``apply`` / ``undo`` restore the original weights bit for bit, ``save`` / ``load`` use
-safetensors + JSON, and an edit is refused by a model with another fingerprint.
-:func:`editing.weights.restoring_weights` protects weights around any code that changes them
-in place.
+:class:`Edit` holds :class:`LayerDelta` objects, each the change of one tensor of one block:
+
+* the MLP down-projection (``param`` None): low-rank factors where the method gives them
+  (ROME, MEMIT), dense otherwise, in the architecture-neutral ``[d_mlp, d_model]`` orientation
+  of :func:`tracing.models.down_proj`;
+* any other tensor of a block (``param`` a name from :mod:`editing.params`, e.g.
+  ``blocks.3.self_attn.q_proj.weight``): dense, in that tensor's own shape (fine-tuning of
+  whole blocks, Zhu et al. 2020).
+
+With the deltas it keeps the model fingerprint, requests, hyper-parameters and method.
+``apply`` / ``undo`` restore the original weights bit for bit, ``save`` / ``load`` use
+safetensors + JSON (format version 2; version-1 files, which hold down-projection deltas
+only, still load), and an edit is refused by a model with another fingerprint.
+:func:`editing.weights.restoring_weights` and :func:`editing.params.snapshot_targets` protect
+weights around code that changes them in place.
 """
 
 from __future__ import annotations
@@ -22,22 +30,35 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
+from editing.params import (
+    TargetKey,
+    parse_name,
+    restore_targets,
+    snapshot_targets,
+    target_tensor,
+)
 from editing.requests import EditRequest
-from editing.weights import add_to_weight, restore_weights, weights_snapshot
+from editing.weights import add_to_weight
 from tracing.errors import EditFailed, InvalidInput
 from tracing.io import atomic_path, write_json_atomic
-from tracing.models import HookedModel, down_proj, fingerprint, model_name
+from tracing.models import HookedModel, fingerprint, model_name
 
 FORMAT = "factscope-edit"
-VERSION = 1
+VERSION = 2
+#: Format versions :meth:`Edit.load` reads (1: down-projection deltas only, no ``param``).
+READABLE_VERSIONS = (1, 2)
 _STACK_ATTR = "_factscope_applied_edits"  # edits applied to a model, oldest first
 
 
 @dataclass(eq=False)
 class LayerDelta:
-    """The change of ``down_proj(model, layer)`` ([d_mlp, d_model]): ``left @ right``
-    (low rank, ``left`` [d_mlp, r], ``right`` [r, d_model]; 1-D vectors mean rank one) or
-    ``dense``."""
+    """The change of one tensor of block ``layer``.
+
+    With ``param`` None: the change of ``down_proj(model, layer)`` ([d_mlp, d_model]), either
+    ``left @ right`` (low rank, ``left`` [d_mlp, r], ``right`` [r, d_model]; 1-D vectors mean
+    rank one) or ``dense``. With ``param`` a block parameter name (``blocks.{layer}.…``, see
+    :mod:`editing.params`): the ``dense`` change of that tensor, in its own shape (any number
+    of dimensions)."""
 
     layer: int
     # Shapes are checked in __post_init__ with messages naming the layer: rank-one factors
@@ -45,10 +66,23 @@ class LayerDelta:
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    param: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise InvalidInput(f"LayerDelta.layer must be an int, got {self.layer!r}")
+        if self.param is not None:
+            if parse_name(self.param) != self.layer:
+                raise InvalidInput(
+                    f"LayerDelta of {self.param!r} must have layer {parse_name(self.param)}, "
+                    f"got {self.layer}"
+                )
+            if self.dense is None or self.left is not None or self.right is not None:
+                raise InvalidInput(f"{self.param}: a parameter delta must be one dense tensor")
+            self.dense = self.dense.detach()
+            if self.dense.ndim < 1:
+                raise InvalidInput(f"{self.param}: a dense delta must have at least one dimension")
+            return
         low = self.left is not None or self.right is not None
         if low == (self.dense is not None) or (low and (self.left is None or self.right is None)):
             raise InvalidInput(
@@ -71,24 +105,30 @@ class LayerDelta:
                 raise InvalidInput(f"layer {self.layer}: a dense delta must be a matrix")
 
     @property
+    def key(self) -> TargetKey:
+        """What it changes: the layer (its down-projection) or the parameter name."""
+        return self.layer if self.param is None else self.param
+
+    @property
     def rank(self) -> int | None:
         """Number of factor columns (None for a dense delta)."""
         return None if self.left is None else int(self.left.shape[1])
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         """Shape of the full delta."""
         if self.dense is not None:
-            return tuple(self.dense.shape)  # type: ignore[return-value]
+            return tuple(self.dense.shape)
         return (int(self.left.shape[0]), int(self.right.shape[1]))  # type: ignore[union-attr]
 
     def tensors(self) -> list[torch.Tensor]:
         """The stored tensors (factors or the dense matrix)."""
         return [self.dense] if self.dense is not None else [self.left, self.right]  # type: ignore[list-item]
 
-    def matrix(self, dtype: torch.dtype = torch.float32) -> Float[torch.Tensor, "d_mlp d_model"]:
+    def matrix(self, dtype: torch.dtype = torch.float32) -> Float[torch.Tensor, "..."]:
         """The full delta in ``dtype`` (float32 by default); factors are multiplied in the
-        wider of their own dtype and ``dtype``, then cast."""
+        wider of their own dtype and ``dtype``, then cast. (A parameter delta may be a vector
+        or any other shape: it is returned as stored.)"""
         if self.dense is not None:
             return self.dense.to(dtype)
         work = torch.promote_types(torch.promote_types(self.left.dtype, self.right.dtype), dtype)  # type: ignore[union-attr]
@@ -133,7 +173,7 @@ class Edit:
     # By layer, the keys ([n, d_mlp]) its update was solved for (MEMIT, AlphaEdit): what a
     # later null-space-constrained batch must keep mapping as they now do.
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
-    _originals: dict[int, torch.Tensor] | None = field(default=None, init=False)
+    _originals: dict[TargetKey, torch.Tensor] | None = field(default=None, init=False)
     _model: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -159,13 +199,20 @@ class Edit:
         return sorted({d.layer for d in self.deltas})
 
     @property
+    def parameters(self) -> list[str]:
+        """What this edit changes, by name: ``blocks.{L}.down_proj`` for a down-projection
+        delta (whatever its architecture calls it), the parameter name otherwise."""
+        names = [f"blocks.{d.layer}.down_proj" if d.param is None else d.param for d in self.deltas]
+        return list(dict.fromkeys(names))
+
+    @property
     def is_applied(self) -> bool:
         """Whether this edit is currently applied to a model."""
         return self._originals is not None
 
     # ------------------------------------------------------------------ apply / undo
 
-    def _planned(self, model: HookedModel) -> list[tuple[int, torch.Tensor]]:
+    def _planned(self, model: HookedModel) -> list[tuple[TargetKey, torch.Tensor]]:
         found = fingerprint(model)
         if found != self.model_fingerprint:
             name = model_name(model)
@@ -176,22 +223,24 @@ class Edit:
             )
         planned = []
         for i, d in enumerate(self.deltas):
+            what = "the down-projection" if d.param is None else d.param
             try:
-                W = down_proj(model, d.layer)
+                W = target_tensor(model, d.key)
             except InvalidInput as exc:
                 raise InvalidInput(f"delta {i}: {exc} (weights unchanged)") from exc
             if d.shape != tuple(W.shape):
                 raise InvalidInput(
-                    f"delta {i} (layer {d.layer}) has shape {d.shape}, but the down-projection "
-                    f"is {tuple(W.shape)} [d_mlp, d_model] (weights unchanged)"
+                    f"delta {i} (layer {d.layer}) has shape {d.shape}, but {what} is "
+                    f"{tuple(W.shape)}{' [d_mlp, d_model]' if d.param is None else ''} "
+                    "(weights unchanged)"
                 )
             M = d.matrix(torch.float32).to(W.device)
             if not torch.isfinite(M).all():
                 raise InvalidInput(
-                    f"delta {i} (layer {d.layer}) contains NaN or inf: refusing to apply it "
-                    "(weights unchanged)"
+                    f"delta {i} (layer {d.layer}{'' if d.param is None else ', ' + d.param}) "
+                    "contains NaN or inf: refusing to apply it (weights unchanged)"
                 )
-            planned.append((d.layer, M))
+            planned.append((d.key, M))
         return planned
 
     def apply(self, model: HookedModel) -> Edit:
@@ -205,19 +254,20 @@ class Edit:
         if self.is_applied:
             raise InvalidInput(f"{self!r} is already applied; undo it before applying it again")
         planned = self._planned(model)
-        originals = weights_snapshot(model, [L for L, _ in planned])
+        originals = snapshot_targets(model, [key for key, _ in planned])
         try:
             with torch.no_grad():
-                for L, M in planned:
-                    W = down_proj(model, L)
+                for key, M in planned:
+                    W = target_tensor(model, key)
                     add_to_weight(W, M)
                     if not torch.isfinite(W).all():
+                        where = f"layer {key}" if isinstance(key, int) else key
                         raise EditFailed(
-                            f"layer {L}: adding the delta made weights NaN or inf (overflow); "
+                            f"{where}: adding the delta made weights NaN or inf (overflow); "
                             "all layers restored"
                         )
         except BaseException:
-            restore_weights(model, originals)
+            restore_targets(model, originals)
             raise
         self._originals, self._model = originals, model
         stack = getattr(model, _STACK_ATTR, None)
@@ -243,7 +293,7 @@ class Edit:
                 f"{blocking[-1]!r} was applied after this edit to overlapping layers and is "
                 "still applied: undo edits in reverse order"
             )
-        restore_weights(model, self._originals)  # type: ignore[arg-type]
+        restore_targets(model, self._originals)  # type: ignore[arg-type]
         if self in stack:
             stack.remove(self)
         self._originals, self._model = None, None
@@ -267,6 +317,7 @@ class Edit:
         origin = {
             "method": self.method,
             "layers": self.layers,
+            "parameters": self.parameters,
             "requests": [r.to_dict() for r in self.requests],
         }
         with self.applied(model):
@@ -288,7 +339,8 @@ class Edit:
                 tensors[f"{i}.left"] = d.left.contiguous()  # type: ignore[union-attr]
                 tensors[f"{i}.right"] = d.right.contiguous()  # type: ignore[union-attr]
             kind = "dense" if d.dense is not None else "low_rank"
-            layout.append({"layer": d.layer, "kind": kind, "rank": d.rank, "shape": list(d.shape)})
+            entry = {"layer": d.layer, "kind": kind, "rank": d.rank, "shape": list(d.shape)}
+            layout.append(entry if d.param is None else {**entry, "param": d.param})
         tensors.update({f"keys.{L}": k.contiguous() for L, k in self.keys.items()})
         with atomic_path(out / "deltas.safetensors") as tmp:
             save_file(tensors, str(tmp))
@@ -308,7 +360,9 @@ class Edit:
 
     @classmethod
     def load(cls, folder: str | Path) -> Edit:
-        """Read an edit written by :meth:`save` (not applied to anything yet)."""
+        """Read an edit written by :meth:`save` (not applied to anything yet). Files of
+        format version 1 (down-projection deltas only) load unchanged; a newer version is
+        refused with a one-line error."""
         src = Path(folder)
         meta_path, data_path = src / "edit.json", src / "deltas.safetensors"
         for p in (meta_path, data_path):
@@ -318,14 +372,18 @@ class Edit:
             info = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise InvalidInput(f"{meta_path}: not readable ({exc})") from exc
-        if info.get("format") != FORMAT or info.get("version") != VERSION:
-            raise InvalidInput(f"{meta_path}: not a factscope edit of version {VERSION}")
+        if info.get("format") != FORMAT or info.get("version") not in READABLE_VERSIONS:
+            raise InvalidInput(
+                f"{meta_path}: not a factscope edit of a readable version {READABLE_VERSIONS} "
+                f"(found format {info.get('format')!r}, version {info.get('version')!r})"
+            )
         tensors = load_file(str(data_path))
         deltas = []
         for i, entry in enumerate(info["deltas"]):
             try:
                 if entry["kind"] == "dense":
-                    deltas.append(LayerDelta(entry["layer"], dense=tensors[f"{i}.dense"]))
+                    dense = tensors[f"{i}.dense"]
+                    deltas.append(LayerDelta(entry["layer"], dense=dense, param=entry.get("param")))
                 else:
                     deltas.append(
                         LayerDelta(
@@ -351,21 +409,29 @@ class Edit:
     def from_weights(
         cls,
         model: HookedModel,
-        before: dict[int, torch.Tensor],
+        before: dict[TargetKey, torch.Tensor],
         method: str,
         requests: Sequence[EditRequest],
         hparams: Any,
         *,
         metadata: dict | None = None,
     ) -> Edit:
-        """Dense deltas ``down_proj(model, L) - before[L]`` from weights changed in place (as
-        fine-tuning does). The model is not changed; restore it yourself (e.g. with
-        :class:`restoring_weights`). Applying the edit to the restored model gives
-        ``before + (after - before)``, equal to ``after`` up to float rounding."""
-        deltas = [
-            LayerDelta(L, dense=(down_proj(model, L).detach() - before[L]).clone())
-            for L in sorted(before)
-        ]
+        """Dense deltas ``now - before[key]`` from weights changed in place (as fine-tuning
+        does): ``before`` maps layers (their down-projections) and/or parameter names to the
+        values before (:func:`editing.params.snapshot_targets`). The model is not changed;
+        restore it yourself (e.g. with :func:`editing.params.restore_targets`). Applying the
+        edit to the restored model gives ``before + (after - before)``, equal to ``after`` up to
+        float rounding."""
+
+        def delta(key: TargetKey) -> LayerDelta:
+            change = (target_tensor(model, key).detach() - before[key]).clone()
+            if isinstance(key, int):
+                return LayerDelta(key, dense=change)
+            return LayerDelta(parse_name(key), dense=change, param=key)
+
+        layers = sorted(k for k in before if isinstance(k, int))
+        names: list[TargetKey] = [k for k in before if not isinstance(k, int)]
+        deltas = [delta(k) for k in [*layers, *names]]
         return cls(
             deltas=deltas,
             method=method,

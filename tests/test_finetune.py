@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import editing.methods.finetune as ft
+import editing.methods.finetune.train as ft
 from editing.methods.finetune import FTHparams, finetune_edit, mixed_schedule
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
@@ -150,13 +150,13 @@ def test_mixed_batches_put_neutral_facts_in_the_loss(toy_models, monkeypatch):
     model = toy_models["gpt2"]
     neutral = neutral_facts(model)
     seen: list[list[tuple[int, ...]]] = []
-    real = ft._mean_logprob
+    real = ft.mean_logprob
 
     def spy(model, h0, examples, block_kwargs, start):
         seen.append([e.inputs for e in examples])
         return real(model, h0, examples, block_kwargs, start)
 
-    monkeypatch.setattr(ft, "_mean_logprob", spy)
+    monkeypatch.setattr(ft, "mean_logprob", spy)
     hp = FTHparams(layers=[1], num_steps=2, mode="mixed", mixed_ratio=2.0, norm_constraint=None)
     finetune_edit(model, prepare_requests(model, [REQ]), hp, neutral_facts=neutral, progress=False)
     neutral_inputs = {tuple(tokenize(model, p) + target_ids(model, a)[:-1]) for p, a in neutral}
@@ -197,14 +197,14 @@ def test_nan_part_way_restores_weights_bit_exactly(toy_models, monkeypatch):
     model = toy_models["llama"]
     saved = all_weights(model)
     flags = {k: p.requires_grad for k, p in model.original_model.named_parameters()}
-    real, calls = ft._mean_logprob, []
+    real, calls = ft.mean_logprob, []
 
     def poisoned(*args):
         calls.append(1)
         value = real(*args)
         return value * float("nan") if len(calls) == 3 else value
 
-    monkeypatch.setattr(ft, "_mean_logprob", poisoned)
+    monkeypatch.setattr(ft, "mean_logprob", poisoned)
     hp = FTHparams(layers=[0, 2], lr=1e-2, num_steps=5, mode="unconstrained")
     with pytest.raises(ValueError, match="nan"):
         finetune_edit(model, prepare_requests(model, [REQ]), hp, progress=False)
