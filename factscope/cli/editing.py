@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from factscope.cli.common import UNSET, add_model, add_progress, given, input_file, load
+
+if TYPE_CHECKING:
+    from editing.hparams import Hparams
+    from editing.methods import EditMethod
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
@@ -40,19 +45,69 @@ def cmd_stats(args: argparse.Namespace) -> None:
         )
 
 
+#: Fine-tuning options of ``edit``: option name -> FTHparams field.
+FT_OPTIONS = {
+    "params": "params",
+    "constraint": "constraint",
+    "epsilon": "norm_constraint",
+    "fisher_weight": "fisher_weight",
+}
+
+
+def _edit_hparams(args: argparse.Namespace, method: EditMethod) -> Hparams | Path | None:
+    """The hyper-parameters ``edit`` passes on: the ``--hparams`` file or the shipped
+    defaults, with the fine-tuning options the user gave, resolved and checked here, before
+    the model is loaded. Fine-tuning options with another method are refused."""
+    from editing.methods.finetune import FTHparams
+    from tracing.errors import InvalidInput
+    from tracing.models import DEFAULT_MODEL
+
+    overrides = {
+        field: getattr(args, opt) for opt, field in FT_OPTIONS.items() if hasattr(args, opt)
+    }
+    path = input_file(args.hparams, "--hparams") if args.hparams else None
+    given_ft = [f"--{o.replace('_', '-')}" for o in FT_OPTIONS if hasattr(args, o)]
+    if hasattr(args, "blocks"):
+        given_ft.append("--blocks")
+    if method.hparams is not FTHparams:
+        if given_ft:
+            raise InvalidInput(f"{', '.join(given_ft)}: only for fine-tuning (ft-l, ft, mixed)")
+        return path
+    if method.name == "ft" and hasattr(args, "constraint"):
+        raise InvalidInput("--constraint: ft is unconstrained fine-tuning; use ft-l or mixed")
+    name = None if path else getattr(args, "model", DEFAULT_MODEL)
+    return method.load_hparams(name, path, **overrides)
+
+
+def _edit_layers(args: argparse.Namespace) -> list[int] | str | None:
+    """``--layers`` or ``--blocks`` (one of them): a layer list, ``"all"`` or None (the
+    hyper-parameters' own layers)."""
+    from tracing.errors import InvalidInput
+    from tracing.layers import parse_layers
+
+    blocks = getattr(args, "blocks", None)
+    if blocks is not None and args.layers != "auto":
+        raise InvalidInput("give --layers or --blocks, not both")
+    spec = blocks if blocks is not None else args.layers
+    if spec == "auto":
+        return None
+    return "all" if spec == "all" else parse_layers(spec)
+
+
 def cmd_edit(args: argparse.Namespace) -> None:
     """Compute an edit of the requests in a JSON file and save it."""
     from editing.api import make_edit
     from editing.methods import get_method
     from editing.requests import load_requests
     from tracing.distributed import ranks
-    from tracing.layers import parse_layers
+    from tracing.models import n_layers
 
     method = get_method(args.method)
     requests = load_requests(input_file(args.requests, "--requests"))
-    layers = None if args.layers == "auto" else parse_layers(args.layers)
-    hparams = input_file(args.hparams, "--hparams") if args.hparams else None
+    spec = _edit_layers(args)
+    hparams = _edit_hparams(args, method)
     model = load(args)
+    layers = list(range(n_layers(model))) if isinstance(spec, str) else spec
     t0 = time.perf_counter()
     here = ranks()  # torchrun: every rank makes this edit, MEMIT's z split across them
     edit = make_edit(
@@ -110,5 +165,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder to save the edit in")
     add_model(p)
     p.add_argument("--hparams", help="JSON file of hyper-parameters (default: shipped ones)")
+    ft = p.add_argument_group("fine-tuning (ft-l, ft, mixed; Zhu et al. 2020)")
+    ft.add_argument(
+        "--params",
+        default=UNSET,
+        help="what to tune in each chosen block: down_proj (FT-L's MLP down-projection), mlp, "
+        "attn or block (both plus the block's norms)",
+    )
+    ft.add_argument(
+        "--blocks",
+        default=UNSET,
+        help="blocks to tune: 3-8, 3,5,7, all (every block) or a layers JSON (as --layers)",
+    )
+    ft.add_argument(
+        "--constraint",
+        default=UNSET,
+        help="linf (project into theta0 +- epsilon after every step) or fisher (penalty "
+        "lambda * sum F (theta - theta0)^2, F the diagonal Fisher on unmodified text)",
+    )
+    ft.add_argument(
+        "--epsilon", type=float, default=UNSET, help="the linf bound (hparams norm_constraint)"
+    )
+    ft.add_argument(
+        "--fisher-weight", type=float, default=UNSET, help="lambda of the fisher constraint"
+    )
     add_progress(p)
     p.set_defaults(func=cmd_edit)
