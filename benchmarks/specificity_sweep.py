@@ -83,16 +83,32 @@ CONFIGS: tuple[SweepConfig, ...] = (
     SweepConfig(UNEDITED, "none", {}, "baseline", "the unedited model on the same cases"),
     _rome("rome_default", "default", "shipped Gemma file (layer 2, KL 0.0625, clamp 4)"),
     _memit("memit_default", "default", "shipped Gemma file (layers 2-6, lambda 1500)"),
+    SweepConfig(
+        "rome_subjcov_0.9",
+        "rome",
+        {},
+        "covariance",
+        "C -> 0.1 C + 0.9 C_subj (subject-final keys of 2,000 other subjects)",
+        subject_weight=0.9,
+    ),
     _rome("rome_kl_x16", "KL weight", "kl_factor x16 = 1.0", kl_factor="x16"),
     _rome("rome_clamp_1", "clamp", "clamp_norm_factor 4 -> 1", clamp_norm_factor=1.0),
     _rome("rome_wd_x4", "weight decay", "weight_decay 0.5 -> 2", weight_decay="x4"),
-    _rome("rome_layer4", "layer", "layer 2 -> 4", layer=4),
+    SweepConfig(
+        "rome_subjcov_0.5",
+        "rome",
+        {},
+        "covariance",
+        "C -> 0.5 C + 0.5 C_subj (subject-final keys of 2,000 other subjects)",
+        subject_weight=0.5,
+    ),
     _memit(
         "memit_lambda_15000", "MEMIT lambda", "lambda 1500 -> 15000", mom2_update_weight=15000.0
     ),
     _rome("rome_kl_x4", "KL weight", "kl_factor x4 = 0.25", kl_factor="x4"),
     _rome("rome_kl_x0", "KL weight", "no KL term", kl_factor=0.0),
     _rome("rome_layer3", "layer", "layer 2 -> 3", layer=3),
+    _rome("rome_layer4", "layer", "layer 2 -> 4", layer=4),
     _memit("memit_lambda_300", "MEMIT lambda", "lambda 1500 -> 300", mom2_update_weight=300.0),
     _memit("memit_layers_3_6", "MEMIT layers", "layers 2-6 -> 3-6", layers=[3, 4, 5, 6]),
     _memit("memit_layers_2_4", "MEMIT layers", "layers 2-6 -> 2-4", layers=[2, 3, 4]),
@@ -123,22 +139,6 @@ CONFIGS: tuple[SweepConfig, ...] = (
     _rome("rome_templates_bare", "templates", "only the bare prompt", context_templates=[[5, 0]]),
     _rome("rome_layer1", "layer", "layer 2 -> 1", layer=1),
     _memit("memit_lambda_5000", "MEMIT lambda", "lambda 1500 -> 5000", mom2_update_weight=5000.0),
-    SweepConfig(
-        "rome_subjcov_0.5",
-        "rome",
-        {},
-        "covariance",
-        "C -> 0.5 C + 0.5 C_subj (subject-final keys of 2,000 other subjects)",
-        subject_weight=0.5,
-    ),
-    SweepConfig(
-        "rome_subjcov_0.9",
-        "rome",
-        {},
-        "covariance",
-        "C -> 0.1 C + 0.9 C_subj (subject-final keys of 2,000 other subjects)",
-        subject_weight=0.9,
-    ),
 )
 
 #: Subjects whose keys make ``C_subj`` (see :func:`subject_key_moment`).
@@ -452,7 +452,8 @@ def run_sweep(
     model_name: str = MODEL,
     evaluate_fn: Callable[..., Any] | None = None,
 ) -> list[dict]:
-    """Run (or skip, when finished) every configuration; the rows in ``configs`` order.
+    """Run (or skip, when finished) every configuration; the rows in ``configs`` order. A
+    configuration that raises is logged and left without a row (a rerun retries it).
 
     ``model``: the loaded model (default: load ``model_name`` when something is left to run);
     ``evaluate_fn`` replaces :func:`editing.evaluation.evaluate` (tests)."""
@@ -484,10 +485,14 @@ def run_sweep(
             split="tuning",
             generation=None,
         )
-        extra = {}
-        if c.subject_weight:
-            extra["edit_fn"] = _subject_edit_fn(model, c, resolved[c.name], out)
-        summary = run(model, cfg, **extra)
+        try:
+            extra = {}
+            if c.subject_weight:
+                extra["edit_fn"] = _subject_edit_fn(model, c, resolved[c.name], out)
+            summary = run(model, cfg, **extra)
+        except Exception:  # one configuration's failure does not stop the sweep
+            log.exception("configuration %s failed; its rows so far stay on disk", c.name)
+            continue
         row = summary_row(c, resolved[c.name], summary)
         row.update(n_requested=n, wall_seconds=time.perf_counter() - t0)
         _append_row(rows_path, row)

@@ -188,3 +188,16 @@ def test_subject_pool_holds_no_tuning_subject_nor_neighbour(sweep: ModuleType) -
         sweep.check_configs([C("m", "memit", {}, subject_weight=0.5)])
     with pytest.raises(InvalidInput, match="subject_weight"):
         sweep.check_configs([C("r", "rome", {}, subject_weight=1.0)])
+
+
+def test_a_failing_configuration_leaves_the_others(sweep: ModuleType, tmp_path: Path) -> None:
+    def flaky(model: Any, cfg: Any) -> Any:
+        if cfg.name == "bad":
+            raise RuntimeError("boom")
+        return _summary(1.0, 1.0, 0.8, 0.9)
+
+    C = sweep.SweepConfig
+    configs = [C("bad", "rome"), C("good", "memit")]
+    rows = sweep.run_sweep(configs, tmp_path, 3, model=object(), evaluate_fn=flaky)
+    assert [r["name"] for r in rows] == ["good"]
+    assert set(sweep.read_rows(tmp_path / "sweep.jsonl")) == {"good"}
