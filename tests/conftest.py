@@ -90,3 +90,22 @@ def gemma():
     from tracing.models import load_model
 
     return load_model("gemma-3-270m")
+
+
+@pytest.fixture
+def reduced_record():
+    """A function turning a CounterFact record into the shipped reduced form (one
+    paraphrase, one neighbour), the shape of a user's own ``--dataset cases.json`` file."""
+    return _reduced_record
+
+
+def _reduced_record(rec) -> dict:
+    return {
+        "case_id": rec.case_id,
+        "prompt": rec.prompt,
+        "subject": rec.subject,
+        "target_new": rec.target_new,
+        "ground_truth": rec.target_true,
+        "rephrase_prompt": rec.paraphrase_prompts[0],
+        "locality_prompt": rec.neighborhood_prompts[0],
+    }

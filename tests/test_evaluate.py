@@ -28,22 +28,10 @@ from tracing.models import down_proj
 GEN = GenerationSettings(max_new_tokens=3)
 
 
-def _reduced(rec) -> dict:
-    return {
-        "case_id": rec.case_id,
-        "prompt": rec.prompt,
-        "subject": rec.subject,
-        "target_new": rec.target_new,
-        "ground_truth": rec.target_true,
-        "rephrase_prompt": rec.paraphrase_prompts[0],
-        "locality_prompt": rec.neighborhood_prompts[0],
-    }
-
-
 @pytest.fixture
-def cf_path(tmp_path):
+def cf_path(tmp_path, reduced_record):
     """Seven reduced CounterFact records; the second has its subject missing from the prompt."""
-    recs = [_reduced(r) for r in load_counterfact()[:7]]
+    recs = [reduced_record(r) for r in load_counterfact()[:7]]
     recs[1]["subject"] = "Somebody Not In The Prompt"
     path = tmp_path / "cases.json"
     path.write_text(json.dumps(recs))
@@ -254,8 +242,10 @@ def test_only_known_filter_counts_what_it_drops(toy_models, cf_path, tmp_path):
     assert more.n == 3 and any("3 of the 5" in note for note in more.notes)
 
 
-def test_conflicting_cases_are_skipped_so_a_batch_can_hold_every_case(toy_models, tmp_path):
-    recs = [_reduced(r) for r in load_counterfact()[:4]]
+def test_conflicting_cases_are_skipped_so_a_batch_can_hold_every_case(
+    toy_models, tmp_path, reduced_record
+):
+    recs = [reduced_record(r) for r in load_counterfact()[:4]]
     clash = dict(recs[0], case_id=100, target_new=" Zanzibar")  # same fact, another value
     again = dict(recs[2], case_id=101)  # the same edit twice
     path = tmp_path / "clashes.json"
@@ -425,11 +415,11 @@ def test_cli_eval_and_table(toy_dirs, cf_path, tmp_path, capsys):
 
 
 @pytest.mark.model
-def test_rome_edit_raises_efficacy_on_a_known_case(gemma, tmp_path):
+def test_rome_edit_raises_efficacy_on_a_known_case(gemma, tmp_path, reduced_record):
     pytest.importorskip("editing.api")
     rec = next(r for r in load_counterfact() if r.case_id == 0)  # an anchor case it knows
     path = tmp_path / "case0.json"
-    path.write_text(json.dumps([_reduced(rec)]))
+    path.write_text(json.dumps([reduced_record(rec)]))
     before = [down_proj(gemma, L).detach().clone() for L in range(18)]
     s = evaluate(
         gemma, dataset=path, method="rome", n=1, out_dir=tmp_path, generation=None, progress=False

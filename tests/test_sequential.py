@@ -41,23 +41,11 @@ HPARAMS = {
 }
 
 
-def _reduced(rec) -> dict:
-    return {
-        "case_id": rec.case_id,
-        "prompt": rec.prompt,
-        "subject": rec.subject,
-        "target_new": rec.target_new,
-        "ground_truth": rec.target_true,
-        "rephrase_prompt": rec.paraphrase_prompts[0],
-        "locality_prompt": rec.neighborhood_prompts[0],
-    }
-
-
 @pytest.fixture
-def cases_file(tmp_path):
+def cases_file(tmp_path, reduced_record):
     """Six CounterFact cases; the fourth contradicts the first (same subject and prompt,
     another target)."""
-    recs = [_reduced(r) for r in load_counterfact()[:5]]
+    recs = [reduced_record(r) for r in load_counterfact()[:5]]
     clash = {**recs[0], "case_id": 99_999, "target_new": "Tokyo"}
     recs.insert(3, clash)
     path = tmp_path / "cases.json"
