@@ -304,3 +304,73 @@ def test_export_of_the_embedded_model_predicts_the_edited_fact(gemma, tmp_path):
     assert tok.decode(top) == " English"
     with edit.applied(gemma):
         assert top == int(last_token_logits(gemma, [ids[0].tolist()])[0].argmax())
+
+
+def test_parameter_deltas_and_version_1_files(toy_models, tmp_path):
+    """Deltas of any block tensor (a norm vector, an attention matrix) apply, undo bit for
+    bit and round-trip; a version-1 file (down-projections only) still loads; an unknown
+    version or parameter is refused with one line, weights unchanged."""
+    import json
+
+    from editing.params import block_parameters
+
+    model = toy_models["gemma3"]
+    params = _params(model)
+    block = block_parameters(model, 2, "block")
+    norm = next(n for n in block if n.endswith("post_feedforward_layernorm.weight"))
+    attn = next(n for n in block if n.endswith("q_proj.weight"))
+    deltas = [
+        LayerDelta(2, dense=torch.full(block[norm].shape, 0.25), param=norm),
+        LayerDelta(2, dense=torch.full(block[attn].shape, -0.5), param=attn),
+        LayerDelta(1, dense=torch.ones(model.cfg.d_mlp, model.cfg.d_model)),
+    ]
+    edit = Edit(deltas, "test", [REQ], {}, fingerprint(model), model_name(model))
+    assert edit.parameters == [norm, attn, "blocks.1.down_proj"]
+    with edit.applied(model):
+        assert torch.equal(block[norm].detach(), params_value(params, model, block[norm]) + 0.25)
+        assert torch.equal(block[attn].detach(), params_value(params, model, block[attn]) - 0.5)
+    _assert_params_equal(model, params)
+    loaded = Edit.load(edit.save(tmp_path / "v2"))
+    assert [d.param for d in loaded.deltas] == [norm, attn, None]
+    assert json.loads((tmp_path / "v2" / "edit.json").read_text())["version"] == 2
+    # a version-1 file: the same layout without "param" (down-projection deltas only)
+    v1 = Edit(deltas[2:], "test", [REQ], {}, fingerprint(model), model_name(model))
+    folder = v1.save(tmp_path / "v1")
+    info = json.loads((folder / "edit.json").read_text())
+    (folder / "edit.json").write_text(json.dumps({**info, "version": 1}))
+    old = Edit.load(folder)
+    assert old.deltas[0].param is None and torch.equal(old.deltas[0].dense, deltas[2].dense)
+    (folder / "edit.json").write_text(json.dumps({**info, "version": 3}))
+    with pytest.raises(InvalidInput, match="readable version"):
+        Edit.load(folder)
+    # refusals before any change
+    wrong = Edit(
+        [LayerDelta(2, dense=torch.ones(3), param=norm)], "t", [], {}, fingerprint(model), "m"
+    )
+    with pytest.raises(InvalidInput, match=r"has shape \(3,\)"):
+        wrong.apply(model)
+    missing = Edit(
+        [LayerDelta(2, dense=torch.ones(3), param="blocks.2.nope.weight")],
+        "t",
+        [],
+        {},
+        fingerprint(model),
+        "m",
+    )
+    with pytest.raises(InvalidInput, match="no parameter 'blocks.2.nope.weight'"):
+        missing.apply(model)
+    _assert_params_equal(model, params)
+    with pytest.raises(InvalidInput, match="must have layer 2"):
+        LayerDelta(1, dense=torch.ones(3), param=norm)
+    with pytest.raises(InvalidInput, match="one dense tensor"):
+        LayerDelta(2, left=torch.ones(3), right=torch.ones(3), param=norm)
+    with pytest.raises(InvalidInput, match="not a block parameter name"):
+        LayerDelta(2, dense=torch.ones(3), param="model.norm.weight")
+
+
+def params_value(params: dict[str, torch.Tensor], model, tensor: torch.Tensor) -> torch.Tensor:
+    """The saved value of ``tensor`` in a named-parameter snapshot (matched by identity)."""
+    for name, p in model.original_model.named_parameters():
+        if p is tensor:
+            return params[name]
+    raise AssertionError("tensor not found")

@@ -1,5 +1,7 @@
 """Fine-tuning edits (Zhu et al. 2020): FT-L's epsilon bound, the fast loss, mixed batches,
-restoration on failure, bad input; and one lean FT-L edit of the embedded model."""
+restoration on failure, bad input; whole block parts (mlp, attn, block) on every
+architecture: the bound after every step, bit-exact undo, save/load/re-apply, export, the
+command line; and one lean FT-L edit of the embedded model."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import pytest
 import torch
 
 import editing.methods.finetune.train as ft
-from editing.methods.finetune import FTHparams, finetune_edit, mixed_schedule
+from editing.edit import Edit
+from editing.methods.finetune import FTHparams, finetune_edit, mixed_schedule, tuned_parameters
+from editing.params import block_parameters
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
 from tracing.forward import next_token_probs
@@ -245,6 +249,15 @@ def test_requires_grad_flags_are_restored(toy_models):
             "conflicts",
         ),
         ([REQ], dict(layers=[1], num_steps=0), "num_steps"),
+        ([REQ], dict(layers=[1], params="ffn"), "unknown part 'ffn'"),
+        ([REQ], dict(layers=[99], params="block"), "unknown layer 99"),
+        ([REQ], dict(layers=[1], params="block", norm_constraint=0.0), "epsilon"),
+        ([REQ], dict(layers=[1], params="block", norm_constraint=-1e-3), "epsilon"),
+        ([REQ], dict(layers=[1], params="block", norm_constraint=float("nan")), "epsilon"),
+        ([REQ], dict(layers=[1], params="block", norm_constraint=float("inf")), "epsilon"),
+        ([REQ], dict(layers=[1], constraint="l2"), "unknown constraint"),
+        ([REQ], dict(layers=[1], constraint="fisher", fisher_weight=-0.5), "fisher_weight"),
+        ([REQ], dict(layers=[1], constraint="fisher", fisher_weight=float("inf")), "fisher_w"),
     ],
 )
 def test_bad_input_raises_before_any_change(toy_models, requests, hp, match):
@@ -253,6 +266,196 @@ def test_bad_input_raises_before_any_change(toy_models, requests, hp, match):
     with pytest.raises(ValueError, match=match):
         finetune_edit(model, prepare_requests(model, requests), FTHparams(**hp), progress=False)
     assert_same(model, saved)
+
+
+# --------------------------------------------------------------------------- whole block parts
+
+
+def storages(model, tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def changed_storages(model, saved: dict[str, torch.Tensor]) -> set[int]:
+    now = model.original_model.state_dict()
+    return storages(model, [now[k] for k, v in saved.items() if not torch.equal(now[k], v)])
+
+
+def test_linf_bound_holds_for_every_tuned_tensor_after_every_step(toy_model, monkeypatch):
+    eps = 2e-3
+    hp = FTHparams(layers=[1, 2], params="block", lr=1e-2, num_steps=4, norm_constraint=eps)
+    tuned, _ = tuned_parameters(toy_model, [1, 2], "block")
+    start = {n: p.detach().clone() for n, p in tuned.items()}
+    moved: list[float] = []
+    real = ft.mean_logprob
+
+    def spy(*args):  # runs before every optimiser step: the weights after the previous one
+        moved.append(max(float((p.detach() - start[n]).abs().max()) for n, p in tuned.items()))
+        per_tensor = [float((p.detach() - start[n]).abs().max()) for n, p in tuned.items()]
+        assert max(per_tensor) <= eps + rounding(toy_model)
+        return real(*args)
+
+    monkeypatch.setattr(ft, "mean_logprob", spy)
+    edit = finetune_edit(toy_model, prepare_requests(toy_model, REQS[:2]), hp, progress=False)
+    assert moved[0] == 0.0 and len(moved) == 4 and max(moved) > 0.5 * eps  # the bound binds
+    assert {d.param for d in edit.deltas} == set(tuned)  # the last step's change
+    assert all(float(d.dense.abs().max()) <= eps + rounding(toy_model) for d in edit.deltas)
+    assert all(torch.equal(p, start[n]) for n, p in tuned.items())
+
+
+def test_parts_name_the_expected_tensors(toy_models):
+    """Every tensor of a block is in exactly one of mlp / attn / the block's norms, each
+    receives a gradient, and together they cover the block's memory (GPT-2's joint c_attn
+    through its q/k/v views)."""
+    for arch, model in toy_models.items():
+        block = block_parameters(model, 1, "block")
+        mlp, attn = block_parameters(model, 1, "mlp"), block_parameters(model, 1, "attn")
+        assert not set(mlp) & set(attn) and set(mlp) | set(attn) <= set(block)
+        norms = set(block) - set(mlp) - set(attn)
+        assert norms and all("norm" in n or ".ln" in n for n in norms), (arch, norms)
+        assert all(n.startswith("blocks.1.") for n in block)
+        hf_block = model.blocks[1].original_component
+        assert storages(model, hf_block.parameters()) == storages(model, block.values()), arch
+        # a down_proj-only run tunes exactly the tensor behind down_proj
+        (name,), _ = tuned_parameters(model, [1], "down_proj")[0], None
+        assert storages(model, [down_proj(model, 1)]) == storages(model, [mlp[name]])
+
+
+def test_block_edit_undo_is_bit_exact_and_touches_only_the_tuned_tensors(toy_model):
+    saved = all_weights(toy_model)
+    hp = FTHparams(layers=[1, 3], params="block", lr=1e-2, num_steps=2, mode="unconstrained")
+    edit = finetune_edit(toy_model, prepare_requests(toy_model, [REQ]), hp, progress=False)
+    assert_same(toy_model, saved)
+    tuned, _ = tuned_parameters(toy_model, [1, 3], "block")
+    assert edit.layers == [1, 3] and sorted(edit.parameters) == sorted(tuned)
+    edit.apply(toy_model)
+    try:
+        assert changed_storages(toy_model, saved) == storages(toy_model, tuned.values())
+        for d in edit.deltas:
+            assert torch.equal(tuned[d.param].detach(), saved_value(saved, toy_model, d) + d.dense)
+    finally:
+        edit.undo(toy_model)
+    assert_same(toy_model, saved)
+
+
+def saved_value(saved, model, delta) -> torch.Tensor:
+    """The tensor ``delta`` changes, from a state-dict snapshot (matched by storage)."""
+    target = block_parameters(model, delta.layer, "block")[delta.param]
+    for k, v in model.original_model.state_dict().items():
+        if v.data_ptr() == target.data_ptr() and v.shape == target.shape:
+            return saved[k]
+    # a view (GPT-2's q/k/v): rebuild it from the joint tensor's snapshot
+    base = target._base if target._base is not None else target
+    for k, v in model.original_model.state_dict().items():
+        if v.untyped_storage().data_ptr() == base.untyped_storage().data_ptr():
+            offset = (target.data_ptr() - v.data_ptr()) // v.element_size()
+            return saved[k].as_strided(target.shape, target.stride(), offset)
+    raise AssertionError(f"no snapshot of {delta.param}")
+
+
+@pytest.mark.parametrize("part", ["attn", "mlp"])
+def test_one_part_changes_only_that_part(toy_models, part):
+    model = toy_models["gemma3"]
+    saved = all_weights(model)
+    hp = FTHparams(layers=[2], params=part, lr=1e-2, num_steps=2, mode="unconstrained")
+    edit = finetune_edit(model, prepare_requests(model, [REQ]), hp, progress=False)
+    wanted = block_parameters(model, 2, part)
+    with edit.applied(model):
+        assert changed_storages(model, saved) == storages(model, wanted.values())
+    assert_same(model, saved)
+
+
+def test_block_edits_save_load_reapply_and_combine(toy_model, tmp_path):
+    saved = all_weights(toy_model)
+    hp = FTHparams(layers=[2], params="block", lr=1e-2, num_steps=2, norm_constraint=0.01)
+    edit = finetune_edit(toy_model, prepare_requests(toy_model, [REQ]), hp, progress=False)
+    with edit.applied(toy_model):
+        after = all_weights(toy_model)
+    loaded = Edit.load(edit.save(tmp_path / "e"))
+    assert [d.param for d in loaded.deltas] == [d.param for d in edit.deltas]
+    assert all(
+        torch.equal(a.dense, b.dense) for a, b in zip(loaded.deltas, edit.deltas, strict=True)
+    )
+    for _ in range(2):  # re-apply after undo
+        with loaded.applied(toy_model):
+            assert_same(toy_model, after)
+        assert_same(toy_model, saved)
+    # with a down-projection edit of another layer, in one value
+    ftl = finetune_edit(
+        toy_model,
+        prepare_requests(toy_model, [REQ]),
+        FTHparams(layers=[0], num_steps=1),
+        progress=False,
+    )
+    both = Edit.combine([ftl, loaded])
+    assert both.layers == [0, 2] and both.deltas[0].param is None
+    again = Edit.load(both.save(tmp_path / "both"))
+    with again.applied(toy_model):
+        now = all_weights(toy_model)
+    assert_same(toy_model, saved)
+    with ftl.applied(toy_model), loaded.applied(toy_model):
+        assert all(torch.equal(now[k], v) for k, v in all_weights(toy_model).items())
+
+
+def test_block_edit_export_loads_without_factscope(toy_dirs, toy_models, tmp_path):
+    """GPT-2's attention is tuned through the bridge's q/k/v views of the joint c_attn: the
+    exported Hugging Face folder holds the change and predicts like the edited bridge."""
+    from transformers import AutoModelForCausalLM
+
+    from tracing.forward import last_token_logits
+
+    model = toy_models["gpt2"]
+    hp = FTHparams(layers=[1], params="block", lr=1e-2, num_steps=3, mode="unconstrained")
+    edit = finetune_edit(model, prepare_requests(model, [REQ]), hp, progress=False)
+    folder = edit.export(model, tmp_path / "exported")
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tokenize(model, REQ.prompt.format(REQ.subject))
+    with torch.no_grad():
+        mine = hf(torch.tensor([ids])).logits[0, -1]
+    with edit.applied(model):
+        theirs = last_token_logits(model, [ids])[0]
+        attn = model.original_model.transformer.h[1].attn
+        joint = getattr(attn, "original_component", attn).c_attn
+        edited = getattr(joint, "original_component", joint).weight.detach().clone()
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hf.transformer.h[1].attn.c_attn.weight, edited)
+
+
+def test_cli_edit_with_block_options_end_to_end(toy_dirs, tmp_path, capsys):
+    import json
+
+    from factscope.cli import main
+
+    reqs = tmp_path / "reqs.json"
+    reqs.write_text(json.dumps([REQ.to_dict()]))
+    out = tmp_path / "edit"
+    argv = ["edit", "--model", toy_dirs["llama"], "--requests", str(reqs), "--method", "ft-l"]
+    code = main([*argv, "--params", "attn", "--blocks", "all", "--epsilon", "1e-3",
+                 "--out", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    edit = Edit.load(out)
+    assert edit.layers == [0, 1, 2, 3] and edit.hparams["params"] == "attn"
+    assert edit.hparams["norm_constraint"] == 1e-3 and edit.hparams["constraint"] == "linf"
+    assert all(".self_attn." in n for n in edit.parameters)
+    assert max(float(d.dense.abs().max()) for d in edit.deltas) <= 1e-3 + 1e-6
+    bad = {
+        "--params bogus": (["--params", "bogus"], "unknown part"),
+        "--epsilon 0": (["--epsilon", "0"], "epsilon"),
+        "--epsilon nan": (["--epsilon", "nan"], "epsilon"),
+        "--fisher-weight -1": (["--constraint", "fisher", "--fisher-weight", "-1"], "fisher_w"),
+        "--constraint l2": (["--constraint", "l2"], "unknown constraint"),
+        "--blocks and --layers": (["--blocks", "1", "--layers", "2"], "not both"),
+        "--blocks x": (["--blocks", "x"], "bad layer spec"),
+    }
+    for what, (extra, message) in bad.items():
+        code = main([*argv, *extra, "--out", str(tmp_path / "no"), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, (what, err)
+        assert not (tmp_path / "no").exists()
+    rome = ["edit", "--requests", str(reqs), "--method", "rome", "--params", "mlp", "--out", "x"]
+    assert main(rome) == 2 and "only for fine-tuning" in capsys.readouterr().err
+    # an unknown block is named (after loading the model, before any work)
+    code = main([*argv, "--blocks", "7", "--out", str(tmp_path / "no")])
+    assert code == 2 and "unknown layer 7" in capsys.readouterr().err
 
 
 def test_bad_neutral_facts_raise(toy_models):
