@@ -125,6 +125,8 @@ def test_trace_dataset_resumes_from_cache(toy_models, tmp_path, monkeypatch):
         {"samples": 3},
         {"seed": 2},
         {"method": "reference"},
+        {"method": "atp"},
+        {"method": "atp+exact"},
         {"kinds": ["mlp", "attn"]},
     ],
 )
@@ -150,6 +152,44 @@ def test_trace_cache_is_keyed_by_every_setting_that_changes_a_score(
     assert calls == []  # same settings: reused
     D.trace_dataset(model, facts, **{**kw, **change})
     assert len(calls) == 1  # any changed setting: recomputed
+
+
+def test_atp_exact_trace_is_not_reused_for_another_share(toy_models, tmp_path, monkeypatch):
+    model = toy_models["gpt2"]
+    facts = [Fact("Paris is the capital of", "Paris", None, known_id=0)]
+    kw = dict(out_dir=tmp_path, only_known=False, samples=1, noise=0.5, kinds=["mlp"])
+    kw.update(progress=False, method="atp+exact")
+    D.trace_dataset(model, facts, **kw)
+    calls = []
+    real = D.trace_fact
+    monkeypatch.setattr(D, "trace_fact", lambda *a, **k: calls.append(k) or real(*a, **k))
+    D.trace_dataset(model, facts, **kw)
+    assert calls == []
+    D.trace_dataset(model, facts, **{**kw, "exact_top": 0.5})
+    assert len(calls) == 1
+
+
+def test_method_auto_is_exact_for_small_runs_and_atp_exact_above(toy_models, monkeypatch):
+    model = toy_models["gpt2"]
+    facts = [Fact("Paris is the capital of", "Paris"), Fact("Rome is the capital of", "Rome")]
+    kw = dict(only_known=False, samples=1, noise=0.5, kinds=["resid"], progress=False)
+    assert {r.settings.method for r in D.trace_dataset(model, facts, **kw)} == {"fast"}
+    monkeypatch.setattr(D, "AUTO_ATP_ABOVE", 1)
+    traced = D.trace_dataset(model, facts, **kw)
+    assert {r.settings.method for r in traced} == {"atp+exact"}
+    assert all(r.exact is not None for r in traced)
+    assert D.trace_dataset(model, facts, **{**kw, "method": "fast"})[0].settings.method == "fast"
+
+
+def test_only_unknown_facts_are_refused_before_tracing(toy_models, monkeypatch):
+    model = toy_models["llama"]
+    facts = [Fact("Paris is the capital of", "Paris", " zzzzqq")]
+    monkeypatch.setattr(D, "trace_fact", lambda *a, **k: pytest.fail("traced an unknown fact"))
+    with pytest.raises(ValueError, match="knows none of the 1 facts") as err:
+        D.trace_dataset(model, facts, progress=False)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="unknown method"):
+        D.trace_dataset(model, facts, method="atp*")
 
 
 def test_known_facts_filter_keeps_only_top1_answers(toy_models):

@@ -18,9 +18,16 @@ from tracing.io import write_json_atomic
 from tracing.models import HookedModel, target_ids
 from tracing.noise import DEFAULT_NOISE
 from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, LayerSelection, TraceResult
-from tracing.trace import trace_fact, trace_settings
+from tracing.trace import DEFAULT_EXACT_TOP, METHODS, trace_fact, trace_settings
 
 log = logging.getLogger(__name__)
+
+#: ``trace_dataset(method="auto")`` traces exactly (``fast``) up to this many facts and with
+#: ``atp+exact`` above. An exact three-kind trace costs ~50 s per fact of the embedded model on
+#: 2 CPU cores, so 20 facts are ~15-20 minutes: still a coffee break, and small runs are where
+#: users look at single traces. Above that, the exact cost grows to hours (all of known_1000)
+#: while atp+exact keeps every peak, its row and column and the top cells exact.
+AUTO_ATP_ABOVE = 20
 
 
 def _same_fact(model: HookedModel, trace: TraceResult, fact: Fact) -> bool:
@@ -48,7 +55,8 @@ def trace_dataset(
     uniform_noise: bool = False,
     samples: int = 10,
     seed: int = 1,
-    method: str = "fast",
+    method: str = "auto",
+    exact_top: float = DEFAULT_EXACT_TOP,
     progress: bool = True,
 ) -> list[TraceResult]:
     """Trace many facts (default: the shipped known_1000), keeping only facts the model gets
@@ -59,11 +67,18 @@ def trace_dataset(
     resumes where it stopped; a stored trace is reused only when it is of the same fact
     (prompt, subject, answer) and its settings cover every one that changes a score (model,
     noise level and kind, samples, seed, engine, kinds and their windows: see
-    :meth:`~tracing.results.TraceSettings.covers`).
+    :meth:`~tracing.results.TraceSettings.covers`): an ``atp`` trace never stands in for an
+    exact one, nor the reverse.
+
+    ``method``: any of :func:`~tracing.trace.trace_fact`'s, or ``"auto"`` (default): exact
+    (``fast``) for up to :data:`AUTO_ATP_ABOVE` facts, ``atp+exact`` above. A fact list of
+    which the model knows none (with ``only_known``) is refused before any tracing.
 
     Under torchrun the facts are sharded across ranks (every rank writes its traces into the
     one ``out_dir``) and every rank returns all the traces, in the order of ``facts``.
     """
+    if method != "auto" and method not in METHODS:
+        raise InvalidInput(f"unknown method {method!r}; expected auto or one of {METHODS}")
     options: dict[str, Any] = dict(
         kinds=kinds,
         window=window,
@@ -71,15 +86,27 @@ def trace_dataset(
         uniform_noise=uniform_noise,
         samples=samples,
         seed=seed,
-        method=method,
+        method="fast" if method == "auto" else method,
+        exact_top=exact_top,
     )
-    wanted, _ = trace_settings(model, **options)
+    trace_settings(model, **options)  # every argument checked before any work
     facts = list(load_known_facts() if facts is None else facts)
     if only_known:
+        given_facts = len(facts)
         facts = known_facts(model, facts)
         log.info("%d facts known to the model", len(facts))
+        if given_facts and not facts:
+            raise InvalidInput(
+                f"the model knows none of the {given_facts} facts (its top-1 next token is "
+                "never the answer's first token): nothing to trace; pass --all-facts "
+                "(only_known=False) to trace them anyway"
+            )
     if n is not None:
         facts = facts[:n]
+    if method == "auto":
+        options["method"] = "atp+exact" if len(facts) > AUTO_ATP_ABOVE else "fast"
+        log.info("method auto: %s for %d facts", options["method"], len(facts))
+    wanted, _ = trace_settings(model, **options)
     folder = Path(out_dir) / "traces" if out_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -39,14 +39,16 @@ class TraceSettings:
     uniform_noise: bool
     samples: int
     seed: int
-    method: str  # "fast" or "reference"
+    method: str  # "fast" or "reference" (exact engines), "atp" or "atp+exact" (estimates)
     model: str = ""
     model_fingerprint: str = ""
+    exact_top: float | None = None  # atp+exact: share of each kind's cells recomputed exactly
 
     def covers(self, wanted: TraceSettings) -> bool:
         """Whether a trace made with these settings has every score a trace with ``wanted``
-        would have: the same model, noise (level and kind), samples, seed and engine, every
-        wanted kind, with the same window."""
+        would have: the same model, noise (level and kind), samples, seed and method (and
+        ``atp+exact`` share), every wanted kind, with the same window. An estimate never
+        stands in for an exact trace, nor one method for another."""
         same = (
             self.model_fingerprint == wanted.model_fingerprint
             and self.noise == wanted.noise
@@ -54,6 +56,7 @@ class TraceSettings:
             and self.samples == wanted.samples
             and self.seed == wanted.seed
             and self.method == wanted.method
+            and self.exact_top == wanted.exact_top
         )
         return same and all(
             k in self.kinds and self.window.get(k) == wanted.window.get(k) for k in wanted.kinds
@@ -67,6 +70,10 @@ class TraceResult:
     ``scores[kind]`` is a ``[tokens, layers]`` array: the mean probability of ``answer`` over the
     noisy runs when that state (for ``mlp``/``attn``: a window of layers centred there) is
     restored from the clean run. ``p_clean`` and ``p_corrupted`` bound it.
+
+    ``exact[kind]`` (a boolean ``[tokens, layers]`` array) says which cells were measured by
+    restoring the state; the others are attribution-patching estimates (methods ``atp`` and
+    ``atp+exact``, :mod:`tracing.attribution`). ``None``: every cell is exact.
     """
 
     prompt: str
@@ -82,6 +89,7 @@ class TraceResult:
     settings: TraceSettings
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    exact: dict[str, np.ndarray] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -97,6 +105,27 @@ class TraceResult:
         t, layer = np.unravel_index(int(np.argmax(s)), s.shape)
         return int(t), int(layer), float(s[t, layer])
 
+    @property
+    def approximate(self) -> bool:
+        """Whether any cell is an estimate rather than a measured restoration."""
+        return self.exact is not None and not all(np.all(m) for m in self.exact.values())
+
+    def exact_mask(self, kind: str) -> np.ndarray:
+        """Boolean ``[tokens, layers]``: which cells of ``kind`` are measured exactly."""
+        shape = np.shape(self.scores[kind])
+        if self.exact is None:
+            return np.ones(shape, dtype=bool)
+        return np.asarray(self.exact[kind], dtype=bool)
+
+    def exactness_caption(self) -> str:
+        """One line for figures: empty for an exact trace, else e.g. ``"atp+exact: 150 of
+        594 cells exact, the rest AtP estimates"``."""
+        if not self.approximate:
+            return ""
+        masks = [self.exact_mask(k) for k in self.scores]
+        done, total = sum(int(m.sum()) for m in masks), sum(m.size for m in masks)
+        return f"{self.settings.method}: {done} of {total} cells exact, the rest AtP estimates"
+
     def token_class(self, index: int) -> str:
         """ROME Fig. 2 class of token ``index`` (see :data:`TOKEN_CLASSES`)."""
         return token_class(index, self.subject_span, len(self.tokens))
@@ -105,6 +134,8 @@ class TraceResult:
         d = asdict(self)
         d["scores"] = {k: np.asarray(v).tolist() for k, v in self.scores.items()}
         d["subject_span"] = list(self.subject_span)
+        if self.exact is not None:
+            d["exact"] = {k: np.asarray(v, dtype=bool).tolist() for k, v in self.exact.items()}
         return d
 
     @classmethod
@@ -112,11 +143,13 @@ class TraceResult:
         d = dict(d)
         settings = dict(d.pop("settings"))
         settings["kinds"] = tuple(settings["kinds"])
+        exact = d.get("exact")
         return cls(
-            **{k: v for k, v in d.items() if k not in ("scores", "subject_span")},
+            **{k: v for k, v in d.items() if k not in ("scores", "subject_span", "exact")},
             subject_span=tuple(d["subject_span"]),
             scores={k: np.asarray(v, dtype=np.float64) for k, v in d["scores"].items()},
             settings=TraceSettings(**settings),
+            exact=None if exact is None else {k: np.asarray(v, bool) for k, v in exact.items()},
         )
 
     def save(self, path: str | Path) -> Path:

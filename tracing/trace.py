@@ -5,7 +5,7 @@ with any set of clean states restored; :func:`trace_fact` builds the paper's [to
 maps on top of it for the residual stream (``resid``), MLP outputs (``mlp``) and attention
 outputs (``attn``), the latter two with a window of layers centred on each layer.
 
-Two engines compute the same numbers with the same noise:
+Two exact engines compute the same numbers with the same noise:
 
 * ``method="reference"``: the plain algorithm of the paper's code: for every point, one batch
   of 1 clean + N noisy runs through the whole model, the clean row's states copied into the
@@ -16,6 +16,16 @@ Two engines compute the same numbers with the same noise:
   the vocabulary projection is computed only at the last position. States before the subject
   are identical in clean and corrupted runs, so restoring them is a no-op and their score is
   ``p_corrupted`` without running anything.
+
+Two methods estimate them instead (:mod:`tracing.attribution`):
+
+* ``method="atp"``: attribution patching, the first-order effect of every restoration from
+  one forward and backward pass of the noisy runs; every cell after the subject's start is
+  an estimate (``result.exact`` says which are not).
+* ``method="atp+exact"``: AtP ranks the cells and the fast engine recomputes the top
+  ``exact_top`` share of each kind (default 10 %) plus every cell of the peak's row and
+  column, until the peak of the map is exact. Those cells are the fast engine's own values:
+  the same interventions, the same batching by restored token, the same numbers.
 """
 
 from __future__ import annotations
@@ -24,12 +34,14 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from tracing.attribution import DEFAULT_EXACT_TOP, atp_exact_map, atp_probs, before_subject
 from tracing.engine import State, fast_probs, run_corrupted, state_hook
 from tracing.errors import InvalidInput
 from tracing.facts import tokenize_fact
@@ -53,7 +65,10 @@ from tracing.noise import DEFAULT_NOISE, NoiseSpec, add_noise, noise_draws, reso
 from tracing.results import KINDS, TraceResult, TraceSettings
 
 DEFAULT_WINDOW = {"resid": 1, "mlp": 10, "attn": 10}
-ENGINES = ("fast", "reference")
+#: What :func:`restored_probs` computes with: two exact engines and the AtP estimate.
+ENGINES = ("fast", "reference", "atp")
+#: What :func:`trace_fact` takes: the exact engines, AtP, and AtP verified by the fast engine.
+METHODS = ("fast", "reference", "atp", "atp+exact")
 
 
 @dataclass
@@ -71,6 +86,7 @@ class PreparedFact:
     corrupt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per block: keys, values
     p_clean: float
     p_corrupted: float
+    attribution: Any = None  # tracing.attribution.Attribution, computed on first use
 
     @property
     def samples(self) -> int:
@@ -194,7 +210,8 @@ def restored_probs(
     """The answer's mean probability over the noisy runs for each intervention.
 
     Each intervention is a set of :data:`State` restored together from the clean run. This
-    is the one generic routine behind every trace; ``method`` picks the engine. ``max_rows``
+    is the one generic routine behind every trace; ``method`` picks the engine (``atp``: the
+    first-order estimate, :func:`tracing.attribution.atp_probs`). ``max_rows``
     (noisy runs per forward pass) defaults to the model's token budget
     (:func:`tracing.memory.batch_tokens`; 256 rows on the CPU).
     """
@@ -216,6 +233,10 @@ def restored_probs(
             return fast_probs(model, prep, interventions, rows, bar)
         if method == "reference":
             return _reference_probs(model, prep, interventions, bar)
+        if method == "atp":
+            out = atp_probs(model, prep, interventions)
+            bar.update(len(interventions))
+            return out
         raise InvalidInput(f"unknown method {method!r}; expected one of {ENGINES}")
     finally:
         bar.close()
@@ -246,6 +267,7 @@ def trace_settings(
     samples: int = 10,
     seed: int = 1,
     method: str = "fast",
+    exact_top: float = DEFAULT_EXACT_TOP,
 ) -> tuple[TraceSettings, NoiseSpec]:
     """The settings a trace with these arguments is made with (checked, noise resolved to a
     level), and the noise specification; see :func:`trace_fact` for the arguments."""
@@ -265,8 +287,12 @@ def trace_settings(
             raise InvalidInput(f"window for {k} must be an integer >= 1, got {w!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InvalidInput(f"samples must be an integer >= 1, got {samples!r}")
-    if method not in ENGINES:
-        raise InvalidInput(f"unknown method {method!r}; expected one of {ENGINES}")
+    if method not in METHODS:
+        raise InvalidInput(f"unknown method {method!r}; expected one of {METHODS}")
+    if not isinstance(exact_top, int | float) or isinstance(exact_top, bool):
+        raise InvalidInput(f"exact_top must be a fraction in [0, 1], got {exact_top!r}")
+    if not 0 <= exact_top <= 1:
+        raise InvalidInput(f"exact_top must be a fraction in [0, 1], got {exact_top!r}")
     spec = resolve_noise(model, noise, uniform_noise)
     settings = TraceSettings(
         kinds=traced,
@@ -280,6 +306,7 @@ def trace_settings(
         method=method,
         model=model_name(model),
         model_fingerprint=fingerprint(model),
+        exact_top=float(exact_top) if method == "atp+exact" else None,
     )
     return settings, spec
 
@@ -298,6 +325,7 @@ def trace_fact(
     seed: int = 1,
     occurrence: int = 0,
     method: str = "fast",
+    exact_top: float = DEFAULT_EXACT_TOP,
     progress: bool = False,
 ) -> TraceResult:
     """Trace one fact: for each kind, a [tokens x layers] map of the answer's probability when
@@ -306,6 +334,12 @@ def trace_fact(
     ``answer`` defaults to the model's top-1 next token (a multi-token answer is cut to its
     first token, noted in ``result.notes``). ``noise`` is a multiple of sigma (``"3s"``) or a
     number; ``window`` an int for mlp/attn or a per-kind dict (defaults: resid 1, mlp/attn 10).
+
+    ``method``: ``"fast"`` (default) or ``"reference"`` measure every cell; ``"atp"``
+    estimates them to first order from one forward and backward pass; ``"atp+exact"``
+    estimates them and recomputes with the fast engine the top ``exact_top`` share of each
+    kind by estimated effect plus the peak's row and column (see :mod:`tracing.attribution`).
+    ``result.exact`` says which cells are measured.
     """
     t0 = time.perf_counter()
     settings, spec = trace_settings(
@@ -317,14 +351,33 @@ def trace_fact(
         samples=samples,
         seed=seed,
         method=method,
+        exact_top=exact_top,
     )
     prep, notes = prepare_fact(model, prompt, subject, answer, spec, samples, seed, occurrence)
     n, T = n_layers(model), len(prep.tokens)
+    notes += [
+        f"{k} window {w} is wider than the model's {n} layers: windows are clipped to the "
+        "model, so many columns restore the same layers"
+        for k, w in settings.window.items()
+        if w > n
+    ]
     scores: dict[str, np.ndarray] = {}
+    exact: dict[str, np.ndarray] | None = None
     for k in settings.kinds:
         grid = grid_interventions(k, T, n, settings.window[k])
+        if method == "atp+exact":
+
+            def measure(cells: list[tuple[int, int]], grid: list[list[State]] = grid):
+                return restored_probs(model, prep, [grid[t * n + lay] for t, lay in cells])
+
+            top = settings.exact_top or 0.0
+            scores[k], mask = atp_exact_map(model, prep, grid, top, measure, notes)
+            exact = {**(exact or {}), k: mask}
+            continue
         probs = restored_probs(model, prep, grid, method=method, progress=progress)
         scores[k] = probs.reshape(T, n)
+        if method == "atp":
+            exact = {**(exact or {}), k: before_subject(prep, n)}
     p_corrupted = prep.p_corrupted
     if method == "reference":  # the reference engine's own corrupted run (batch numerics)
         p_corrupted = float(restored_probs(model, prep, [[]], method="reference")[0])
@@ -342,4 +395,5 @@ def trace_fact(
         settings=settings,
         notes=notes,
         seconds=time.perf_counter() - t0,
+        exact=exact,
     )

@@ -206,6 +206,8 @@ def plot_trace(
             f"Causal trace of {ans!r}: p_clean = {result.p_clean:.3f}, "
             f"p_corrupted = {result.p_corrupted:.3f}\n{short_prompt(result.prompt)}"
         )
+        if result.approximate:
+            title += f"\n{result.exactness_caption()}"
     fig.suptitle(title, fontsize=11)
     return fig
 

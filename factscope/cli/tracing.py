@@ -43,7 +43,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
         args.prompt,
         args.subject,
         args.answer,
-        **given(args, "kinds", "noise", "samples", "seed", "occurrence", "method"),
+        **given(args, "kinds", "noise", "samples", "seed", "occurrence", "method", "exact_top"),
         **given(args, uniform_noise="uniform"),
         **_windows(args),
         progress=not args.no_progress,
@@ -60,9 +60,12 @@ def cmd_trace(args: argparse.Namespace) -> None:
     print(f"p_corrupted {result.p_corrupted:.4f}  (noise {result.settings.noise:.4f})")
     for note in result.notes:
         print(f"note        {note}")
+    if result.approximate:
+        print(f"method      {result.exactness_caption()}")
     for kind in result.scores:
         t, layer, p = result.peak(kind)
-        print(f"peak {kind:<6} token {t} {result.tokens[t]!r} layer {layer}: p = {p:.4f}")
+        how = "" if result.exact_mask(kind)[t, layer] else "  (AtP estimate)"
+        print(f"peak {kind:<6} token {t} {result.tokens[t]!r} layer {layer}: p = {p:.4f}{how}")
     written = ", ".join(f"trace.{s}" for s in args.formats)
     print(f"{result.seconds:.1f} s; wrote {out}/trace.json, trace.html, {written}")
 
@@ -83,7 +86,7 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
         facts,
         out_dir=out,
         only_known=not args.all_facts,
-        **given(args, "n", "kinds", "noise", "samples", "seed", "method"),
+        **given(args, "n", "kinds", "noise", "samples", "seed", "method", "exact_top"),
         **given(args, uniform_noise="uniform"),
         **_windows(args),
         progress=not args.no_progress,
@@ -93,8 +96,9 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
     effects = average_effects(results)
     save_effects(effects, out / "average_effects.json")
     save_figure(plot_average_effects(effects), out / "average_effects.png")
+    methods = ", ".join(sorted({r.settings.method for r in results}))
     print(
-        f"traced {effects.n_facts} facts; mean p_clean {effects.mean_p_clean:.3f}, "
+        f"traced {effects.n_facts} facts ({methods}); mean p_clean {effects.mean_p_clean:.3f}, "
         f"mean p_corrupted {effects.mean_p_corrupted:.3f}"
     )
     for kind, per in effects.effects.items():
@@ -131,8 +135,23 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=UNSET, help="noisy runs (default 10)")
     p.add_argument("--seed", type=int, default=UNSET, help="noise seed (default 1)")
     p.add_argument("--uniform", action="store_true", default=UNSET, help="uniform noise")
-    p.add_argument("--method", choices=["fast", "reference"], default=UNSET, help="default fast")
     add_progress(p)
+
+
+def _method_options(p: argparse.ArgumentParser, methods: list[str], default: str) -> None:
+    p.add_argument(
+        "--method",
+        choices=methods,
+        default=UNSET,
+        help=f"fast/reference: exact; atp: attribution-patching estimate; atp+exact: AtP "
+        f"with the top cells and the peak's row and column recomputed exactly (default {default})",
+    )
+    p.add_argument(
+        "--exact-top",
+        type=float,
+        default=UNSET,
+        help="atp+exact: share of each kind's cells recomputed exactly (default 0.1)",
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -146,6 +165,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--formats", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"])
     p.add_argument("--out", default="out", help="output folder (default out/)")
     _trace_options(p)
+    _method_options(p, ["fast", "reference", "atp", "atp+exact"], "fast")
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("trace-dataset", help="trace many known facts (resumable), average")
@@ -161,6 +181,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all-facts", action="store_true", help="also facts the model gets wrong")
     p.add_argument("--out", default="runs", help="output folder (default runs/)")
     _trace_options(p)
+    _method_options(
+        p,
+        ["auto", "fast", "reference", "atp", "atp+exact"],
+        "auto: fast (exact) up to 20 facts, atp+exact above",
+    )
     p.set_defaults(func=cmd_trace_dataset)
 
     p = sub.add_parser("select-layers", help="pick the contiguous MLP layers to edit")
