@@ -200,6 +200,8 @@ PAIRS = [
     ("The Space Needle is in the city of", " Seattle, Washington"),
     ("Paris is", " a city"),
     ("Paris is", " a city"),  # duplicate: scored once, returned twice
+    ("Paris is", " a"),  # read from the pass of " a city"
+    ("The Eiffel Tower is located in", " Rome"),  # shares the pass of " Paris"
 ]
 
 
@@ -224,6 +226,22 @@ def test_batched_scorer_equals_one_by_one_and_full_logits(toy_model):
         assert b.logprobs == pytest.approx(s.logprobs, abs=1e-5)
         assert b.logprobs == pytest.approx(lp, abs=1e-4)
         assert list(b.argmax) == am
+
+
+def test_scorer_shares_passes_between_targets_of_one_prompt(toy_models):
+    """The pass of ``prompt + target[:-1]`` serves every target whose fed sequence is a
+    prefix of it: fails if the sharing silently stops."""
+    model = toy_models["gpt2"]
+    scorer = ModelScorer(model)
+    prompts = ["The Eiffel Tower is located in", "Paris is"]
+    firsts = [target_ids(model, t)[0] for t in (" Paris", " Rome", " London")]
+    pairs = [(p, model.tokenizer.decode([tok])) for p in prompts for tok in firsts]
+    got = scorer.score(pairs)
+    assert scorer.sequences_run == len(prompts)  # one pass per prompt, not per pair
+    for g, (prompt, target) in zip(got, pairs, strict=True):
+        lp, am = _reference(model, prompt, target)
+        assert g.logprobs == pytest.approx(lp, abs=1e-4)
+        assert list(g.argmax) == am
 
 
 def test_generation_batched_equals_one_by_one_and_is_seeded(toy_models):

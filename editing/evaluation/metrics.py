@@ -125,10 +125,15 @@ def space_target(text: str) -> str:
 class ModelScorer:
     """Teacher-forced scores from a hooked model (TransformerBridge).
 
-    Each ``prompt + target`` sequence is scored in one forward pass; sequences are sorted by
-    length and right-padded into batches of ``batch_size`` (causal attention: padding after
-    a sequence cannot change it). The final residual stream is read by a hook and projected to
-    the vocabulary only at the target positions.
+    The log-probabilities of ``target`` after ``prompt`` are read from one forward pass of
+    ``prompt + target[:-1]`` (the last target token is predicted, never fed). Pairs share
+    passes: a sequence that is a prefix of another needed sequence is read from the longer
+    one (causal attention: later tokens cannot change earlier positions), so a prompt scored
+    against several single-token targets (CounterFact's new and true objects on every
+    neighbourhood prompt) runs once. The remaining sequences are sorted by length and
+    right-padded into batches of ``batch_size``; the final residual stream is read by a hook
+    and projected to the vocabulary only at the positions some target needs.
+    ``sequences_run`` counts the passes made (tests check that sharing happens).
     """
 
     def __init__(self, model: HookedModel, batch_size: int = 16) -> None:
@@ -136,6 +141,7 @@ class ModelScorer:
             raise InvalidInput("batch_size must be at least 1")
         self.model = model
         self.batch_size = batch_size
+        self.sequences_run = 0
         self._resid = hook_name(model, "resid", n_layers(model) - 1)
         pad = getattr(model.tokenizer, "pad_token_id", None)
         self._pad = int(pad) if pad is not None else 0
@@ -154,19 +160,37 @@ class ModelScorer:
         """Scores of each ``(prompt, target)`` pair, in order (duplicates scored once)."""
         unique = list(dict.fromkeys((p, t) for p, t in pairs))
         encoded = [self._encode(p, t) for p, t in unique]
-        order = sorted(range(len(encoded)), key=lambda i: sum(map(len, encoded[i])))
-        results: dict[int, TokenScores] = {}
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            for i, ts in zip(chunk, self._score_batch([encoded[i] for i in chunk]), strict=True):
-                results[i] = ts
-        by_pair = {pair: results[i] for i, pair in enumerate(unique)}
+        fed = [tuple(p + t[:-1]) for p, t in encoded]
+        carrier = _carriers(fed)
+        runs = sorted(set(carrier.values()), key=len)
+        reads: dict[tuple[int, ...], set[tuple[int, int]]] = {seq: set() for seq in runs}
+        for (p, t), seq in zip(encoded, fed, strict=True):
+            reads[carrier[seq]].update(zip(range(len(p) - 1, len(p) + len(t) - 1), t, strict=True))
+        lps: dict[tuple[tuple[int, ...], int, int], float] = {}
+        tops: dict[tuple[tuple[int, ...], int], int] = {}
+        for start in range(0, len(runs), self.batch_size):
+            chunk = runs[start : start + self.batch_size]
+            got_lp, got_top = self._run_batch(chunk, {seq: sorted(reads[seq]) for seq in chunk})
+            lps.update(got_lp)
+            tops.update(got_top)
+        results = []
+        for (p, t), seq in zip(encoded, fed, strict=True):
+            host = carrier[seq]
+            at = range(len(p) - 1, len(p) + len(t) - 1)
+            lp = tuple(lps[(host, pos, tok)] for pos, tok in zip(at, t, strict=True))
+            results.append(TokenScores(tuple(t), lp, tuple(tops[(host, pos)] for pos in at)))
+        by_pair = dict(zip(unique, results, strict=True))
         return [by_pair[(p, t)] for p, t in pairs]
 
-    def _score_batch(self, batch: list[tuple[list[int], list[int]]]) -> list[TokenScores]:
-        seqs = [p + t for p, t in batch]
+    def _run_batch(
+        self, seqs: list[tuple[int, ...]], reads: Mapping[tuple[int, ...], list[tuple[int, int]]]
+    ) -> tuple[
+        dict[tuple[tuple[int, ...], int, int], float], dict[tuple[tuple[int, ...], int], int]
+    ]:
+        """One padded pass over ``seqs``: the log-probability of each ``(position, token)``
+        read of each sequence, and the top-1 token at each position read."""
         width = max(map(len, seqs))
-        rows_ = [s + [self._pad] * (width - len(s)) for s in seqs]
+        rows_ = [list(s) + [self._pad] * (width - len(s)) for s in seqs]
         toks = torch.tensor(rows_, dtype=torch.long, device=model_device(self.model))
         saved: list[torch.Tensor] = []
 
@@ -174,28 +198,40 @@ class ModelScorer:
             saved.append(resid.detach())
             return resid
 
+        at_pos = [(s, pos) for s in seqs for pos in sorted({pos for pos, _ in reads[s]})]
+        row_of = {key: r for r, key in enumerate(at_pos)}
+        index = {s: b for b, s in enumerate(seqs)}
         with torch.no_grad():
             self.model.run_with_hooks(
                 toks, fwd_hooks=[(self._resid, keep)], logits_to_keep=1, use_cache=False
             )
-            resid = saved[-1]
-            rows: list[int] = []
-            cols: list[int] = []
-            for b, (p, t) in enumerate(batch):
-                rows += [b] * len(t)
-                cols += range(len(p) - 1, len(p) + len(t) - 1)
-            at = resid.device
-            picked = resid[torch.tensor(rows, device=at), torch.tensor(cols, device=at)]
+            self.sequences_run += len(seqs)
+            dev = saved[-1].device
+            b_idx = torch.tensor([index[s] for s, _ in at_pos], device=dev)
+            p_idx = torch.tensor([pos for _, pos in at_pos], device=dev)
+            picked = saved[-1][b_idx, p_idx]
             logp = torch.log_softmax(final_logits(self.model, picked[None])[0].float(), dim=-1)
-        target_all = torch.tensor([tok for _, t in batch for tok in t], device=logp.device)
-        lp = logp.gather(1, target_all[:, None])[:, 0].tolist()
-        am = logp.argmax(dim=-1).tolist()
-        out, k = [], 0
-        for _, t in batch:
-            n = len(t)
-            out.append(TokenScores(tuple(t), tuple(lp[k : k + n]), tuple(am[k : k + n])))
-            k += n
-        return out
+            want = [(s, pos, tok) for s in seqs for pos, tok in reads[s]]
+            r_idx = torch.tensor([row_of[(s, pos)] for s, pos, _ in want], device=dev)
+            t_idx = torch.tensor([tok for _, _, tok in want], device=dev)
+            lp = logp[r_idx, t_idx].tolist()
+            top = logp.argmax(dim=-1).tolist()
+        return dict(zip(want, lp, strict=True)), dict(zip(at_pos, top, strict=True))
+
+
+def _carriers(seqs: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """For each sequence, the longest needed sequence it is a prefix of (itself if none).
+
+    In lexicographic order every extension of ``s`` follows ``s`` directly, so if any
+    sequence extends ``s`` its successor does; following successors while they extend the
+    current one ends at a sequence no other extends."""
+    ordered = sorted(set(seqs))
+    host: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for i in reversed(range(len(ordered))):
+        s = ordered[i]
+        nxt = ordered[i + 1] if i + 1 < len(ordered) else None
+        host[s] = host[nxt] if nxt is not None and nxt[: len(s)] == s else s
+    return host
 
 
 # --------------------------------------------------------------------------- CounterFact
