@@ -91,8 +91,14 @@ CONFIGS: tuple[SweepConfig, ...] = (
         "C -> 0.1 C + 0.9 C_subj (subject-final keys of 2,000 other subjects)",
         subject_weight=0.9,
     ),
-    _rome("rome_kl_x16", "KL weight", "kl_factor x16 = 1.0", kl_factor="x16"),
     _rome("rome_clamp_1", "clamp", "clamp_norm_factor 4 -> 1", clamp_norm_factor=1.0),
+    _rome(
+        "rome_nkl_2",
+        "neighbour KL",
+        "KL over 10 neighbour-like prompts (known_1000 subjects of the relation), factor 2",
+        neighbour_kl_factor=2.0,
+    ),
+    _rome("rome_kl_x16", "KL weight", "kl_factor x16 = 1.0", kl_factor="x16"),
     _rome("rome_wd_x4", "weight decay", "weight_decay 0.5 -> 2", weight_decay="x4"),
     SweepConfig(
         "rome_subjcov_0.5",
@@ -207,6 +213,20 @@ def resolve_overrides(
         out[key] = int(scaled) if isinstance(base, int) else float(scaled)
     spec.load_hparams(model_name, **out)  # refuses unknown names and bad values now
     return out
+
+
+def available(config: SweepConfig) -> bool:
+    """Whether every field ``config`` overrides exists in this checkout's hyper-parameters
+    (configurations of options added later, e.g. ``neighbour_kl_factor``, are skipped with a
+    logged note where the option is missing)."""
+    if config.method == "none":
+        return True
+    known = {f for f in get_method(config.method).hparams.__dataclass_fields__}
+    known |= {f for f in TargetHparams.__dataclass_fields__} | {"layers"}
+    missing = sorted(set(config.overrides) - known)
+    if missing:
+        log.info("skipping %s: this checkout has no %s", config.name, missing)
+    return not missing
 
 
 def check_configs(configs: Sequence[SweepConfig], model_name: str = MODEL) -> dict[str, dict]:
@@ -523,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="table and plot of finished rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    configs = list(CONFIGS) + [parse_config(s) for s in args.add]
+    configs = [c for c in CONFIGS if available(c)] + [parse_config(s) for s in args.add]
     if args.only:
         wanted = {x.strip() for x in args.only.split(",") if x.strip()}
         unknown = wanted - {c.name for c in configs}

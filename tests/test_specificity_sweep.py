@@ -85,9 +85,10 @@ def test_bad_overrides_are_refused_by_name(sweep: ModuleType) -> None:
 def test_every_shipped_configuration_changes_what_it_names(sweep: ModuleType) -> None:
     from editing.methods import get_method
 
-    resolved = sweep.check_configs(sweep.CONFIGS)
-    assert len(resolved) == len(sweep.CONFIGS)
-    for c in sweep.CONFIGS:
+    configs = [c for c in sweep.CONFIGS if sweep.available(c)]
+    resolved = sweep.check_configs(configs)
+    assert len(resolved) == len(configs) >= 20
+    for c in configs:
         if c.method == "none":
             continue
         spec = get_method(c.method)
