@@ -82,8 +82,7 @@ class FTHparams(Hparams):
             )
         if self.mode == "constrained" and self.constraint == "linf" and not self.norm_constraint:
             raise InvalidHparams(
-                "constrained fine-tuning with the linf constraint needs a norm_constraint "
-                "(epsilon)"
+                "constrained fine-tuning with the linf constraint needs a norm_constraint (epsilon)"
             )
         check_int("batch_size", self.batch_size, minimum=1)
         check_number("mixed_ratio", self.mixed_ratio, allow_zero=True)
