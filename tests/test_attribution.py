@@ -74,10 +74,11 @@ def test_rank_cells_and_verify_top_by_hand():
     calls: list[list[tuple[int, int]]] = []
 
     def measure(cells):
-        calls.append(list(cells))
-        return np.array([truth[c] for c in cells])
+        calls.append(list(cells["mlp"]))
+        return {"mlp": np.array([truth[c] for c in cells["mlp"]])}
 
-    scores, mask = A.verify_top(estimate, exact, p0, 0.1, measure)
+    out, masks = A.verify_top({"mlp": estimate}, {"mlp": exact}, p0, 0.1, measure)
+    scores, mask = out["mlp"], masks["mlp"]
     assert np.unravel_index(int(np.argmax(scores)), scores.shape) == (1, 2)
     assert mask[1].all() and mask[:, 2].all() and mask[3].all()
     assert scores[1, 2] == 0.6 and scores[3, 4] == 0.2
@@ -97,22 +98,28 @@ def test_atp_exact_cells_are_the_exact_engines_values(toy_models, arch):
     prep, _ = prepare_fact(toy_model, prompt, SUBJECT, None, resolve_noise(toy_model, 0.5), 2, 1)
     full = trace_fact(toy_model, prompt, SUBJECT, **kw)
     T, n = len(prep.tokens), toy_model.cfg.n_layers
-    for kind in ("resid", "mlp", "attn"):
-        w = full.settings.window[kind]
-        grid = grid_interventions(kind, T, n, w)
-        requests: list[list[tuple[int, int]]] = []
+    grids = {k: grid_interventions(k, T, n, w) for k, w in full.settings.window.items()}
+    requests: list[list] = []
 
-        def measure(cells, grid=grid, requests=requests):
-            requests.append(list(cells))
-            return restored_probs(toy_model, prep, [grid[t * n + lay] for t, lay in cells])
+    def measure(interventions):
+        requests.append(list(interventions))
+        return restored_probs(toy_model, prep, interventions)
 
-        scores, mask = A.atp_exact_map(toy_model, prep, grid, 0.1, measure, [])
-        for cells in requests:  # the engine again, on the same requests: the same bits
-            again = restored_probs(toy_model, prep, [grid[t * n + lay] for t, lay in cells])
-            assert np.array_equal(np.array([scores[c] for c in cells]), again)
+    scores, masks = A.atp_exact_maps(toy_model, prep, grids, 0.1, measure, [])
+    for interventions in requests:  # the engine again, on the same requests: the same bits
+        again = restored_probs(toy_model, prep, interventions)
+        got = []
+        for iv in interventions:
+            kind = iv[0][0]  # every state of a grid intervention is of the grid's kind
+            t, layer = divmod(grids[kind].index(iv), n)
+            assert masks[kind][t, layer]
+            got.append(scores[kind][t, layer])
+        assert np.array_equal(np.array(got), again)
+    for kind in grids:
+        mask = masks[kind]
         assert mask.sum() >= math.ceil(0.1 * mask.size)
-        assert np.abs(scores[mask] - full.scores[kind][mask]).max() <= 1e-6
-        t, layer = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        assert np.abs(scores[kind][mask] - full.scores[kind][mask]).max() <= 1e-6
+        t, layer = np.unravel_index(int(np.argmax(scores[kind])), mask.shape)
         assert mask[t].all() and mask[:, layer].all()
         assert (t, layer) == full.peak(kind)[:2]
 

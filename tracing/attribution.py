@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -240,29 +240,6 @@ def peak_cross(scores: Float[np.ndarray, "tokens layers"]) -> set[tuple[int, int
     return {(int(t), j) for j in range(cols)} | {(i, int(layer)) for i in range(rows)}
 
 
-def verify_top(
-    estimate: Float[np.ndarray, "tokens layers"],
-    exact: Bool[np.ndarray, "tokens layers"],
-    p_corrupted: float,
-    top: float,
-    compute: Callable[[list[tuple[int, int]]], np.ndarray],
-) -> tuple[np.ndarray, np.ndarray]:
-    """``atp+exact`` for one kind: recompute the cells :func:`rank_cells` picks with the exact
-    engine (``compute`` maps cells to exact scores), then, while the peak of the mixed map
-    has a row or column cell that is still an estimate, recompute those too. Returns (scores,
-    exact mask); on return the peak and its whole row and column are exact, so the peak a
-    user reads is never an estimate that merely overshot.
-    """
-    scores, mask = estimate.astype(np.float64).copy(), exact.copy()
-    todo = rank_cells(estimate, exact, p_corrupted, top)
-    while todo:
-        values = compute(todo)
-        for cell, value in zip(todo, values, strict=True):
-            scores[cell], mask[cell] = value, True
-        todo = sorted(c for c in peak_cross(scores) if not mask[c])
-    return scores, mask
-
-
 def before_subject(prep: PreparedFact, n: int) -> Bool[np.ndarray, "tokens layers"]:
     """Cells whose restoration is a no-op (tokens before the subject): exact for any method."""
     mask = np.zeros((len(prep.tokens), n), dtype=bool)
@@ -270,30 +247,69 @@ def before_subject(prep: PreparedFact, n: int) -> Bool[np.ndarray, "tokens layer
     return mask
 
 
-def atp_exact_map(
+#: Cells of one kind: (token, layer) pairs.
+Cells = list[tuple[int, int]]
+
+
+def verify_top(
+    estimates: dict[str, np.ndarray],
+    exact: dict[str, np.ndarray],
+    p_corrupted: float,
+    top: float,
+    measure: Callable[[dict[str, Cells]], dict[str, np.ndarray]],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``atp+exact``: for every kind, measure the cells :func:`rank_cells` picks (``measure``
+    maps each kind's cells to exact scores, all kinds in one call: the fast engine then runs
+    each restored token's interventions of every kind in one batch), then, while the peak of
+    a kind's mixed map has a row or column cell that is still an estimate, measure those
+    too. Returns (scores, exact masks) per kind; on return each kind's peak and its whole row
+    and column are exact, so the peak a user reads is never an estimate that overshot.
+    """
+    scores = {k: np.asarray(e, dtype=np.float64).copy() for k, e in estimates.items()}
+    masks = {k: np.asarray(m, dtype=bool).copy() for k, m in exact.items()}
+    todo = {k: rank_cells(estimates[k], masks[k], p_corrupted, top) for k in estimates}
+    while any(todo.values()):
+        values = measure({k: cells for k, cells in todo.items() if cells})
+        for k, cells in todo.items():
+            for cell, value in zip(cells, values.get(k, []), strict=True):
+                scores[k][cell], masks[k][cell] = value, True
+        todo = {k: sorted(c for c in peak_cross(scores[k]) if not masks[k][c]) for k in scores}
+    return scores, masks
+
+
+def atp_exact_maps(
     model: HookedModel,
     prep: PreparedFact,
-    grid: Sequence[Sequence[State]],
+    grids: Mapping[str, Sequence[Sequence[State]]],
     top: float,
-    measure: Callable[[list[tuple[int, int]]], np.ndarray],
+    measure: Callable[[list[Sequence[State]]], np.ndarray],
     notes: list[str],
-) -> tuple[np.ndarray, np.ndarray]:
-    """One kind's ``atp+exact`` map over ``grid`` (row-major [tokens x layers]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The ``atp+exact`` maps of every kind in ``grids`` (each row-major [tokens x layers]
     interventions): AtP estimates, then the cells :func:`verify_top` picks measured by
-    ``measure`` (the fast engine). When the gradient vanishes (the answer has almost no
-    probability in the corrupted runs) AtP cannot rank anything: every cell is measured and
-    a note in ``notes`` says so. Returns (scores, exact mask)."""
+    ``measure`` (the fast engine, given interventions). When the gradient vanishes (the
+    answer has almost no probability in the corrupted runs) AtP cannot rank anything: every
+    cell is measured and a note in ``notes`` says so. Returns (scores, exact masks)."""
     n, T = n_layers(model), len(prep.tokens)
     if prep.attribution is None:
         prep.attribution = attribute(model, prep)
     if prep.attribution.max_p < MIN_GRADIENT_PROB:
-        note = (
+        notes.append(
             f"AtP's gradient vanishes for {decode(model, prep.answer_id)!r} (probability "
             f"below {MIN_GRADIENT_PROB:g} in every corrupted run): every cell measured exactly"
         )
-        if note not in notes:
-            notes.append(note)
-        estimate, top = np.full((T, n), prep.p_corrupted), 1.0
+        estimates = {k: np.full((T, n), prep.p_corrupted) for k in grids}
+        top = 1.0
     else:
-        estimate = atp_probs(model, prep, grid).reshape(T, n)
-    return verify_top(estimate, before_subject(prep, n), prep.p_corrupted, top, measure)
+        estimates = {k: atp_probs(model, prep, g).reshape(T, n) for k, g in grids.items()}
+
+    def by_kind(cells: dict[str, Cells]) -> dict[str, np.ndarray]:
+        flat = [(k, c) for k, cs in cells.items() for c in cs]
+        values = measure([grids[k][t * n + layer] for k, (t, layer) in flat])
+        out: dict[str, list[float]] = {k: [] for k in cells}
+        for (k, _), v in zip(flat, values, strict=True):
+            out[k].append(float(v))
+        return {k: np.array(v) for k, v in out.items()}
+
+    exact = {k: before_subject(prep, n) for k in grids}
+    return verify_top(estimates, exact, prep.p_corrupted, top, by_kind)

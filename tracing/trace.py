@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from tracing.attribution import DEFAULT_EXACT_TOP, atp_exact_map, atp_probs, before_subject
+from tracing.attribution import DEFAULT_EXACT_TOP, atp_exact_maps, atp_probs, before_subject
 from tracing.engine import State, fast_probs, run_corrupted, state_hook
 from tracing.errors import InvalidInput
 from tracing.facts import tokenize_fact
@@ -361,23 +361,24 @@ def trace_fact(
         for k, w in settings.window.items()
         if w > n
     ]
+    grids: dict[str, list[list[State]]] = {
+        k: grid_interventions(k, T, n, settings.window[k]) for k in settings.kinds
+    }
     scores: dict[str, np.ndarray] = {}
     exact: dict[str, np.ndarray] | None = None
-    for k in settings.kinds:
-        grid = grid_interventions(k, T, n, settings.window[k])
-        if method == "atp+exact":
+    if method == "atp+exact":
 
-            def measure(cells: list[tuple[int, int]], grid: list[list[State]] = grid):
-                return restored_probs(model, prep, [grid[t * n + lay] for t, lay in cells])
+        def measure(interventions: list[Sequence[State]]) -> np.ndarray:
+            return restored_probs(model, prep, interventions, progress=progress)
 
-            top = settings.exact_top or 0.0
-            scores[k], mask = atp_exact_map(model, prep, grid, top, measure, notes)
-            exact = {**(exact or {}), k: mask}
-            continue
-        probs = restored_probs(model, prep, grid, method=method, progress=progress)
-        scores[k] = probs.reshape(T, n)
+        top = settings.exact_top or 0.0
+        scores, exact = atp_exact_maps(model, prep, grids, top, measure, notes)
+    else:
+        for k, grid in grids.items():
+            probs = restored_probs(model, prep, grid, method=method, progress=progress)
+            scores[k] = probs.reshape(T, n)
         if method == "atp":
-            exact = {**(exact or {}), k: before_subject(prep, n)}
+            exact = {k: before_subject(prep, n) for k in grids}
     p_corrupted = prep.p_corrupted
     if method == "reference":  # the reference engine's own corrupted run (batch numerics)
         p_corrupted = float(restored_probs(model, prep, [[]], method="reference")[0])
