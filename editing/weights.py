@@ -64,20 +64,26 @@ class restoring_weights:  # noqa: N801  (used like a function: ``with restoring_
 
 
 def weights_checksums(model: HookedModel) -> list[str]:
-    """Per layer, a digest of the down-projection's exact bytes: equal digests mean
-    bit-identical weights, whatever the thread count (float sums are not: their reduction
-    order, and so their last bits, depend on it)."""
+    """Per layer, a digest of the exact bytes of every tensor of the block (attention, MLP,
+    norms: any of them can be edited): equal digests mean bit-identical weights, whatever the
+    thread count (float sums are not: their reduction order, and so their last bits, depend
+    on it). A tensor reachable under two names is hashed once."""
     out = []
     for layer in range(n_layers(model)):
-        w = down_proj(model, layer).detach().contiguous().cpu()
-        out.append(
-            hashlib.blake2b(w.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
-        )
+        h = hashlib.blake2b(digest_size=16)
+        seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+        for p in model.blocks[layer].parameters():
+            key = (p.data_ptr(), tuple(p.shape), tuple(p.stride()))
+            if key in seen:
+                continue
+            seen.add(key)
+            h.update(p.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        out.append(h.hexdigest())
     return out
 
 
 def weights_key(model: HookedModel) -> str:
-    """Short key of the model's identity and current down-projection weights."""
+    """Short key of the model's identity and current block weights."""
     h = hashlib.sha256(fingerprint(model).encode())
     for digest in weights_checksums(model):
         h.update(digest.encode())

@@ -473,3 +473,14 @@ def test_weights_key_sees_one_ulp_and_not_the_thread_count(toy_models):
         with torch.no_grad():
             W[3, 5] = old
     assert weights_key(model) == key
+    for name, p in model.blocks[1].named_parameters():  # every block tensor counts, not only
+        flat = p.data.view(-1)  # the down-projection (fine-tuning edits attention and norms)
+        old = flat[0].clone()
+        with torch.no_grad():
+            flat[0] = torch.nextafter(old, old + 1)
+        try:
+            assert weights_key(model) != key, name
+        finally:
+            with torch.no_grad():
+                flat[0] = old
+    assert weights_key(model) == key

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -64,7 +64,7 @@ from editing.weights import weights_checksums, weights_key
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.facts import known_facts, load_known_facts
 from tracing.io import write_json_atomic
-from tracing.models import HookedModel, down_proj, model_name
+from tracing.models import HookedModel, model_name
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class EditStream:
             edit.apply(self.model)
         except InvalidInput as exc:
             raise EditFailed(str(exc)) from exc
-        bad = [L for L in edit.layers if not torch.isfinite(down_proj(self.model, L)).all()]
+        bad = [L for L in edit.layers if not _finite(self.model.blocks[L].parameters())]
         if bad:
             edit.undo(self.model)
             raise EditFailed(f"applying the batch makes layers {bad} non-finite (refused)")
@@ -220,7 +220,7 @@ def evaluate_sequential(
         unedited = aggregate([task.metrics(pre, pre) for _, pre in applied])
         subjects = [task.request(c).subject for c, _ in applied]
         acc, n_facts = known_fact_accuracy(model, facts, subjects) if facts else (None, 0)
-        weights = [down_proj(model, L) for L in range(model.cfg.n_layers)]
+        weights = [p for block in model.blocks for p in block.parameters()]
         biggest = max(float(w.abs().max()) for w in weights)
         row = {
             "n_processed": n_processed,
@@ -231,7 +231,7 @@ def evaluate_sequential(
             "known_accuracy": acc,
             "known_facts": n_facts,
             "max_abs_weight": biggest,
-            "finite": all(bool(torch.isfinite(w).all()) for w in weights),
+            "finite": _finite(weights),
             "seconds_edit": round(seconds_edit, 2),
             "seconds_checkpoint": round(time.perf_counter() - t0, 2),
         }
@@ -334,3 +334,8 @@ def _read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a torn last line from an interrupted run
     return out
+
+
+def _finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite (any block tensor may be edited)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
