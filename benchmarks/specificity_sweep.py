@@ -329,6 +329,36 @@ def _subject_edit_fn(model: Any, config: SweepConfig, overrides: dict, out: Path
     )
 
 
+def case_relations() -> dict[int, str]:
+    """CounterFact case id -> relation id, as the rebuilt neighbourhoods assigned them
+    (``editing/data/counterfact_neighbourhoods.json.gz``; cases without one are absent)."""
+    import gzip
+
+    from editing.corpus import data_path
+
+    with gzip.open(data_path("counterfact_neighbourhoods.json.gz"), "rt", encoding="utf-8") as f:
+        cases = json.load(f)["cases"]
+    return {int(c["case_id"]): c["relation_id"] for c in cases if c.get("relation_id")}
+
+
+def with_relations(edit_fn: Callable[..., Any], relations: Mapping[int, str]) -> Callable[..., Any]:
+    """``edit_fn`` with each request's missing ``relation_id`` filled from ``relations`` (by
+    case id): the reduced CounterFact records carry none, and the neighbour-KL term finds its
+    other subjects by relation."""
+    from dataclasses import replace
+
+    def edit(model: Any, requests: Any, *args: Any, **kwargs: Any) -> Any:
+        filled = [
+            replace(r, relation_id=relations.get(r.case_id))
+            if r.relation_id is None and r.case_id in relations
+            else r
+            for r in requests
+        ]
+        return edit_fn(model, filled, *args, **kwargs)
+
+    return edit
+
+
 # --------------------------------------------------------------------------- rows and table
 
 #: (column, summary key in ``edited``) in table order; rates shown in percent.
@@ -419,18 +449,22 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]]) -> Figure:
             label=method.upper(),
             zorder=3,
         )
+        labels: dict[tuple[float, float], list[str]] = {}  # rows on one point share a label
         for r in pts:
-            ax.annotate(
-                str(r["name"]).removeprefix(f"{method}_"),
-                (r["ps"], r["ns_drop"]),
-                xytext=(4, 3),
-                textcoords="offset points",
-                fontsize=7,
-            )
+            at = (round(float(r["ps"]), 6), round(float(r["ns_drop"]), 6))
+            labels.setdefault(at, []).append(str(r["name"]).removeprefix(f"{method}_"))
+        for at, names in labels.items():
+            ax.annotate(", ".join(names), at, xytext=(4, 3), textcoords="offset points", fontsize=7)
     ax.axhline(3.0, color="grey", linestyle="--", linewidth=0.8, label="goal: drop ≤ 3")
     ax.set_xlabel("paraphrase success PS (%)")
     ax.set_ylabel("neighbourhood success drop vs unedited (points)")
-    ax.set_title("Specificity sweep, Gemma-3-270M, CounterFact tuning split (10 neighbours)")
+    sizes = sorted({int(r["n"]) for r in rows if r.get("n")})
+    cases = "/".join(map(str, sizes)) or "?"
+    ax.set_title(
+        f"Specificity sweep, Gemma-3-270M, CounterFact tuning split: {cases} cases, "
+        "up to 10 neighbours each",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return fig
@@ -509,6 +543,10 @@ def run_sweep(
             extra = {}
             if c.subject_weight:
                 extra["edit_fn"] = _subject_edit_fn(model, c, resolved[c.name], out)
+            if resolved[c.name].get("neighbour_kl_factor"):
+                from editing.api import make_edit
+
+                extra["edit_fn"] = with_relations(extra.get("edit_fn", make_edit), case_relations())
             summary = run(model, cfg, **extra)
         except Exception:  # one configuration's failure does not stop the sweep
             log.exception("configuration %s failed; its rows so far stay on disk", c.name)
