@@ -4,6 +4,7 @@ engine, windows, ``atp+exact``'s exact cells and peaks, bad input, and the comma
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -33,9 +34,11 @@ def test_atp_is_exact_to_first_order_on_every_architecture(toy_model):
     exact = trace_fact(toy_model, PROMPT, SUBJECT, **kw)
     atp = trace_fact(toy_model, PROMPT, SUBJECT, method="atp", **kw)
     assert atp.p_corrupted == exact.p_corrupted and atp.answer_id == exact.answer_id
-    e, a = _effects(exact), _effects(atp)
+    prob = trace_fact(toy_model, PROMPT, SUBJECT, method="atp", atp_space="prob", **kw)
+    e = _effects(exact)
     assert np.abs(e).max() > 1e-6  # restorations do something: not a vacuous comparison
-    assert np.abs(a - e).max() <= 0.05 * np.abs(e).max()
+    for estimate in (atp, prob):  # the same first-order term in either space
+        assert np.abs(_effects(estimate) - e).max() <= 0.05 * np.abs(e).max()
     # the marking: cells before the subject are exact (restoring them is a no-op), none else
     assert atp.approximate and not exact.approximate
     start = atp.subject_span[0]
@@ -45,12 +48,38 @@ def test_atp_is_exact_to_first_order_on_every_architecture(toy_model):
         assert np.all(atp.scores[kind][:start] == atp.p_corrupted)
 
 
+def test_log_odds_and_prob_steps_in_closed_form(toy_models):
+    """Two noise samples with p = 0.01 and 0.5 and log-space effects 3 and -1: the prob step
+    is p·e, the log-odds step moves logit(p) by e / (1 - p) and maps back through sigma."""
+    attr = A.Attribution(
+        effects={"resid": np.array([[[3.0]], [[-1.0]]])},
+        embed=np.zeros((2, 1)),
+        p=np.array([0.01, 0.5]),
+        seconds=0.0,
+    )
+    prep = SimpleNamespace(attribution=attr, samples=2, p_corrupted=0.255, answer_id=0)
+    model = toy_models["gpt2"]  # not run: the attribution is given
+    states = [[("resid", 0, 0)]]
+
+    def sigma(x):
+        return 1 / (1 + math.exp(-x))
+
+    logit = [math.log(0.01 / 0.99), 0.0]
+    moved = [sigma(logit[0] + 3 / 0.99) - 0.01, sigma(logit[1] - 1 / 0.5) - 0.5]
+    got = A.atp_probs(model, prep, states, "logodds")[0]
+    assert got == pytest.approx(0.255 + sum(moved) / 2, abs=1e-12)
+    assert A.atp_probs(model, prep, states, "prob")[0] == pytest.approx(0.255 + (0.03 - 0.5) / 2)
+    with pytest.raises(ValueError, match="unknown AtP space"):
+        A.atp_probs(model, prep, states, "logit")
+
+
 def test_atp_window_is_the_sum_of_its_single_layer_estimates(toy_models):
     model = toy_models["llama"]
     prep, _ = prepare_fact(model, PROMPT, SUBJECT, None, resolve_noise(model, 0.5), 2, 1)
     T, n = len(prep.tokens), model.cfg.n_layers
-    single = restored_probs(model, prep, grid_interventions("mlp", T, n, 1), method="atp")
-    window = restored_probs(model, prep, grid_interventions("mlp", T, n, 3), method="atp")
+    kw = dict(method="atp", atp_space="prob")  # additive in p (log-odds: inside the sigmoid)
+    single = restored_probs(model, prep, grid_interventions("mlp", T, n, 1), **kw)
+    window = restored_probs(model, prep, grid_interventions("mlp", T, n, 3), **kw)
     single, window = single.reshape(T, n) - prep.p_corrupted, window.reshape(T, n)
     for layer in range(n):
         lo, hi = max(0, layer - 1), min(n, layer + 2)

@@ -18,7 +18,7 @@ from tracing.io import write_json_atomic
 from tracing.models import HookedModel, target_ids
 from tracing.noise import DEFAULT_NOISE
 from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, LayerSelection, TraceResult
-from tracing.trace import DEFAULT_EXACT_TOP, METHODS, trace_fact, trace_settings
+from tracing.trace import DEFAULT_EXACT_TOP, DEFAULT_SPACE, METHODS, trace_fact, trace_settings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def trace_dataset(
     seed: int = 1,
     method: str = "auto",
     exact_top: float = DEFAULT_EXACT_TOP,
+    atp_space: str = DEFAULT_SPACE,
     progress: bool = True,
 ) -> list[TraceResult]:
     """Trace many facts (default: the shipped known_1000), keeping only facts the model gets
@@ -88,6 +89,7 @@ def trace_dataset(
         seed=seed,
         method="fast" if method == "auto" else method,
         exact_top=exact_top,
+        atp_space=atp_space,
     )
     trace_settings(model, **options)  # every argument checked before any work
     facts = list(load_known_facts() if facts is None else facts)

@@ -43,6 +43,7 @@ class TraceSettings:
     model: str = ""
     model_fingerprint: str = ""
     exact_top: float | None = None  # atp+exact: share of each kind's cells recomputed exactly
+    atp_space: str | None = None  # atp, atp+exact: "logodds" or "prob" (tracing.attribution)
 
     def covers(self, wanted: TraceSettings) -> bool:
         """Whether a trace made with these settings has every score a trace with ``wanted``
@@ -57,6 +58,7 @@ class TraceSettings:
             and self.seed == wanted.seed
             and self.method == wanted.method
             and self.exact_top == wanted.exact_top
+            and self.atp_space == wanted.atp_space
         )
         return same and all(
             k in self.kinds and self.window.get(k) == wanted.window.get(k) for k in wanted.kinds

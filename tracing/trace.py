@@ -41,7 +41,14 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from tracing.attribution import DEFAULT_EXACT_TOP, atp_exact_maps, atp_probs, before_subject
+from tracing.attribution import (
+    DEFAULT_EXACT_TOP,
+    DEFAULT_SPACE,
+    SPACES,
+    atp_exact_maps,
+    atp_probs,
+    before_subject,
+)
 from tracing.engine import State, fast_probs, run_corrupted, state_hook
 from tracing.errors import InvalidInput
 from tracing.facts import tokenize_fact
@@ -206,6 +213,7 @@ def restored_probs(
     method: str = "fast",
     max_rows: int | None = None,
     progress: bool = False,
+    atp_space: str = DEFAULT_SPACE,
 ) -> np.ndarray:
     """The answer's mean probability over the noisy runs for each intervention.
 
@@ -234,7 +242,7 @@ def restored_probs(
         if method == "reference":
             return _reference_probs(model, prep, interventions, bar)
         if method == "atp":
-            out = atp_probs(model, prep, interventions)
+            out = atp_probs(model, prep, interventions, atp_space)
             bar.update(len(interventions))
             return out
         raise InvalidInput(f"unknown method {method!r}; expected one of {ENGINES}")
@@ -268,6 +276,7 @@ def trace_settings(
     seed: int = 1,
     method: str = "fast",
     exact_top: float = DEFAULT_EXACT_TOP,
+    atp_space: str = DEFAULT_SPACE,
 ) -> tuple[TraceSettings, NoiseSpec]:
     """The settings a trace with these arguments is made with (checked, noise resolved to a
     level), and the noise specification; see :func:`trace_fact` for the arguments."""
@@ -291,6 +300,8 @@ def trace_settings(
         raise InvalidInput(f"unknown method {method!r}; expected one of {METHODS}")
     if not isinstance(exact_top, int | float) or isinstance(exact_top, bool):
         raise InvalidInput(f"exact_top must be a fraction in [0, 1], got {exact_top!r}")
+    if atp_space not in SPACES:
+        raise InvalidInput(f"unknown AtP space {atp_space!r}; expected one of {SPACES}")
     if not 0 <= exact_top <= 1:
         raise InvalidInput(f"exact_top must be a fraction in [0, 1], got {exact_top!r}")
     spec = resolve_noise(model, noise, uniform_noise)
@@ -307,6 +318,7 @@ def trace_settings(
         model=model_name(model),
         model_fingerprint=fingerprint(model),
         exact_top=float(exact_top) if method == "atp+exact" else None,
+        atp_space=atp_space if method.startswith("atp") else None,
     )
     return settings, spec
 
@@ -326,6 +338,7 @@ def trace_fact(
     occurrence: int = 0,
     method: str = "fast",
     exact_top: float = DEFAULT_EXACT_TOP,
+    atp_space: str = DEFAULT_SPACE,
     progress: bool = False,
 ) -> TraceResult:
     """Trace one fact: for each kind, a [tokens x layers] map of the answer's probability when
@@ -339,7 +352,9 @@ def trace_fact(
     estimates them to first order from one forward and backward pass; ``"atp+exact"``
     estimates them and recomputes with the fast engine the top ``exact_top`` share of each
     kind by estimated effect plus the peak's row and column (see :mod:`tracing.attribution`).
-    ``result.exact`` says which cells are measured.
+    ``atp_space``: where AtP takes its first-order step (``"logodds"``, default, or the
+    papers' ``"prob"``; :data:`tracing.attribution.SPACES`). ``result.exact`` says which cells
+    are measured.
     """
     t0 = time.perf_counter()
     settings, spec = trace_settings(
@@ -352,6 +367,7 @@ def trace_fact(
         seed=seed,
         method=method,
         exact_top=exact_top,
+        atp_space=atp_space,
     )
     prep, notes = prepare_fact(model, prompt, subject, answer, spec, samples, seed, occurrence)
     n, T = n_layers(model), len(prep.tokens)
@@ -372,10 +388,12 @@ def trace_fact(
             return restored_probs(model, prep, interventions, progress=progress)
 
         top = settings.exact_top or 0.0
-        scores, exact = atp_exact_maps(model, prep, grids, top, measure, notes)
+        scores, exact = atp_exact_maps(model, prep, grids, top, measure, notes, atp_space)
     else:
         for k, grid in grids.items():
-            probs = restored_probs(model, prep, grid, method=method, progress=progress)
+            probs = restored_probs(
+                model, prep, grid, method=method, progress=progress, atp_space=atp_space
+            )
             scores[k] = probs.reshape(T, n)
         if method == "atp":
             exact = {k: before_subject(prep, n) for k in grids}

@@ -43,7 +43,8 @@ def cmd_trace(args: argparse.Namespace) -> None:
         args.prompt,
         args.subject,
         args.answer,
-        **given(args, "kinds", "noise", "samples", "seed", "occurrence", "method", "exact_top"),
+        **given(args, "kinds", "noise", "samples", "seed", "occurrence", "method"),
+        **given(args, "exact_top", "atp_space"),
         **given(args, uniform_noise="uniform"),
         **_windows(args),
         progress=not args.no_progress,
@@ -86,7 +87,7 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
         facts,
         out_dir=out,
         only_known=not args.all_facts,
-        **given(args, "n", "kinds", "noise", "samples", "seed", "method", "exact_top"),
+        **given(args, "n", "kinds", "noise", "samples", "seed", "method", "exact_top", "atp_space"),
         **given(args, uniform_noise="uniform"),
         **_windows(args),
         progress=not args.no_progress,
@@ -151,6 +152,13 @@ def _method_options(p: argparse.ArgumentParser, methods: list[str], default: str
         type=float,
         default=UNSET,
         help="atp+exact: share of each kind's cells recomputed exactly (default 0.1)",
+    )
+    p.add_argument(
+        "--atp-space",
+        choices=["logodds", "prob"],
+        default=UNSET,
+        help="where AtP takes its first-order step: the answer's log-odds (default) or its "
+        "probability (the papers' AtP)",
     )
 
 
