@@ -4,7 +4,8 @@ Prints three tables:
 
 1. second-moment statistics: tokens/s collecting every layer in ONE pass vs one pass per layer
    (fresh temporary caches, so nothing is read from disk);
-2. ROME: seconds per edit (statistics already cached; their one-off cost is printed apart);
+2. ROME: seconds per edit, wall and CPU (statistics already cached; their one-off cost is
+   printed apart);
 3. MEMIT scaling: batches of 10, 100 and 1,000 known evaluation-split CounterFact cases
    (``--sizes``; 10000 when there is time), each edited at once through the evaluation runner
    in its own child process, so its peak resident memory (``resource.getrusage``, edit and
@@ -102,19 +103,25 @@ def bench_rome(model, n_edits: int) -> None:
     setup = time.perf_counter() - t
     print(f"\n## ROME (layer {hp.layer}, {len(templates)} templates, {hp.target.num_steps} steps)")
     print(f"statistics + templates (cached after the first run): {setup:.1f} s")
-    print("| request | seconds | steps | target NLL before -> after |")
-    print("|---|---|---|---|")
-    times = []
+    print("| request | seconds | CPU seconds | steps | target NLL before -> after |")
+    print("|---|---|---|---|---|")
+    times, cpu = [], []
     for req in counterfact_requests(model, n_edits):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         edit = make_edit(model, [req], "rome", hp, stats=stats, progress=False)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         md = edit.metadata
         print(
-            f"| {req.subject} -> {req.target_new.strip()} | {times[-1]:.1f} | {md['steps'] + 1} "
-            f"| {md['nll_before']:.2f} -> {md['nll_after']:.3f} |"
+            f"| {req.subject} -> {req.target_new.strip()} | {times[-1]:.1f} | {cpu[-1]:.1f} "
+            f"| {md['steps'] + 1} | {md['nll_before']:.2f} -> {md['nll_after']:.3f} |",
+            flush=True,
         )
-    print(f"mean {sum(times) / len(times):.1f} s per ROME edit")
+    # CPU seconds (all threads) tell whether a slow wall time is the CPUs being shared
+    print(
+        f"mean {sum(times) / len(times):.1f} s per ROME edit "
+        f"({sum(cpu) / len(cpu):.1f} CPU s; {n_edits} edits)"
+    )
 
 
 def memit_child(n: int, method: str, out: Path) -> dict:

@@ -182,6 +182,17 @@ class TargetHparams(Hparams):
       coordinate size of ``init``, so one ``lr`` fits models of any activation scale);
     * ``early_stop_on``: stop a request once its ``"total"`` loss (reference) or its target
       ``"nll"`` alone is below ``early_stop_loss`` (the reference's 5e-2).
+
+    An addition to the papers' objective, off by default (``neighbour_kl_factor`` 0, so
+    every shipped configuration is unchanged): ``neighbour_kl_factor * mean KL`` over
+    ``neighbour_prompts`` neighbour-like prompts, the request's template filled with other
+    subjects of its relation (:func:`editing.prepared.neighbour_prompts`), with ``delta``
+    added at *their* subject's last token and the KL (direction ``kl_direction``) read at
+    their last position, where their own answer is predicted. It asks that the vector, were
+    it to reach another subject of the relation, leave that subject's answer alone: a
+    preservation term on neighbouring inputs as in MEND's locality loss (Mitchell et al. 2022,
+    "Fast Model Editing at Scale", L_loc), on CounterFact's notion of a neighbour (Meng et al.
+    2022). Issue 12's specificity lever; the ``"total"`` early-stop rule includes it.
     """
 
     num_steps: int = 20
@@ -196,9 +207,23 @@ class TargetHparams(Hparams):
     kl_position: str = "subject_last"
     parametrization: str = "direct"
     early_stop_on: str = "total"
+    neighbour_kl_factor: float = 0.0
+    neighbour_prompts: int = 10
+
+    def to_dict(self) -> dict:
+        """As :meth:`Hparams.to_dict`, leaving out the neighbour term's fields while it is
+        off: the records (and target-cache keys) of every configuration without it stay
+        exactly what they were before the term existed."""
+        d = super().to_dict()
+        if self.neighbour_kl_factor == 0:
+            d.pop("neighbour_kl_factor")
+            d.pop("neighbour_prompts")
+        return d
 
     def __post_init__(self) -> None:
         check_int("num_steps", self.num_steps)
+        check_number("neighbour_kl_factor", self.neighbour_kl_factor, allow_zero=True)
+        check_int("neighbour_prompts", self.neighbour_prompts, minimum=1)
         check_number("lr", self.lr)
         check_number("weight_decay", self.weight_decay, allow_zero=True)
         check_number("clamp_norm_factor", self.clamp_norm_factor)

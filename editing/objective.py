@@ -34,9 +34,16 @@ import torch
 from jaxtyping import Bool, Float
 
 from editing.hparams import TargetHparams
-from editing.prepared import PreparedRequest
+from editing.prepared import PreparedRequest, neighbour_prompts
 from editing.target_cache import CachedTarget, TargetCache
-from editing.targets import DeltaRunner, TargetHook, rewrite_prompts
+from editing.targets import (
+    KL_READ,
+    NEIGHBOUR_READ,
+    DeltaRunner,
+    ReadPass,
+    TargetHook,
+    rewrite_prompts,
+)
 from tracing.distributed import Ranks, gather_objects, ranks, together
 from tracing.errors import EditFailed, InvalidInput
 from tracing.memory import batch_tokens, is_out_of_memory
@@ -54,11 +61,13 @@ DEFAULT_GRAD_TOKENS = 1024
 
 @dataclass
 class LossParts:
-    """Per request: the target NLL, the KL term (before ``kl_factor``), the weight decay
-    (with its factor) and the total loss, all detached."""
+    """Per request: the target NLL, the KL term (before ``kl_factor``), the mean KL over the
+    neighbour prompts (before ``neighbour_kl_factor``; zero when that is off), the weight
+    decay (with its factor) and the total loss, all detached."""
 
     nll: Float[torch.Tensor, " n"]
     kl: Float[torch.Tensor, " n"]
+    neighbour_kl: Float[torch.Tensor, " n"]
     weight_decay: Float[torch.Tensor, " n"]
     total: Float[torch.Tensor, " n"]
 
@@ -84,7 +93,14 @@ class TargetObjective:
         if not prepared:
             raise InvalidInput("no requests to compute targets for")
         self.hp, self.n = hp, len(prepared)
-        prompts = rewrite_prompts(prepared, "last" if hp.kl_position == "last" else "subject_last")
+        neighbours = None
+        if hp.neighbour_kl_factor > 0:
+            neighbours = [
+                neighbour_prompts(model, p.request, hp.neighbour_prompts) for p in prepared
+            ]
+        prompts = rewrite_prompts(
+            prepared, "last" if hp.kl_position == "last" else "subject_last", neighbours
+        )
         self.runner = DeltaRunner(
             model, prompts, layer, hook, loss_layer=hp.loss_layer, max_tokens=max_batch_tokens
         )
@@ -95,57 +111,110 @@ class TargetObjective:
         if not torch.isfinite(self.init).all():
             raise EditFailed(f"non-finite activations at layer {layer} for the edit prompts")
         self.init_norm2 = self.init.pow(2).sum(-1)
-        zero = torch.zeros_like(self.init)
-        self.kl_ref: list[torch.Tensor] = []  # per chunk: log p_orig at its KL reads
-        with torch.no_grad():
-            for c in self.runner.chunks:
-                every = torch.arange(len(c.prompts), device=self.device)
-                logp, _ = self.runner.chunk_logprobs(c, zero, every)
-                self.kl_ref.append(logp[(c.read_target < 0).to(logp.device)])
+        # per pass: log p_orig at its distribution reads; taken from the first evaluation
+        # when that is at delta = 0 with every request active (the optimiser's first step:
+        # the same forward pass, not a second one), else computed then
+        self.kl_ref: list[torch.Tensor] | None = None
+        self._pending: list[torch.Tensor] = []  # per pass: per-request losses with their graphs
 
     def evaluate(
         self,
         delta: Float[torch.Tensor, "n d_model"],
         active: Bool[torch.Tensor, " n"] | None = None,
+        *,
+        defer: bool = False,
     ) -> LossParts:
         """Loss parts of every request at ``delta`` (inactive requests: zeros); when ``delta``
         requires a gradient, that of the active requests' summed total loss is accumulated
-        into ``delta.grad`` chunk by chunk (the graph of one chunk at a time is kept)."""
+        into ``delta.grad`` pass by pass (the graph of one pass at a time is kept).
+
+        ``defer``: keep every pass's graph instead and accumulate nothing yet; the caller
+        then decides which requests still need a gradient (:meth:`backward`). The optimiser
+        uses it when the requests fit in one pass, so a request that stops at this step
+        costs no backward pass."""
         hp = self.hp
         dev = self.device
-        active = torch.ones(self.n, dtype=torch.bool, device=dev) if active is None else active
+        # a copy: the caller's mask may change before a deferred backward reads this one
+        active = (
+            torch.ones(self.n, dtype=torch.bool, device=dev) if active is None else active.clone()
+        )
         nll = torch.zeros(self.n, device=dev)
         kl = torch.zeros(self.n, device=dev)
-        for ci, c in enumerate(self.runner.chunks):
-            rows = torch.nonzero(active[c.owner]).flatten()
-            if len(rows) == 0:
+        neighbour_kl = torch.zeros(self.n, device=dev)
+        self._pending = []
+        reuse = self.kl_ref is None and bool(active.all()) and not bool(delta.detach().any())
+        if self.kl_ref is None and not reuse:
+            zero = torch.zeros_like(self.init)
+            with torch.no_grad():
+                self.kl_ref = [
+                    self._dist_reads(p, self.runner.pass_logprobs(p, zero)[0])
+                    for p in self.runner.passes
+                ]
+        refs_now: list[torch.Tensor] = []
+        for pi, p in enumerate(self.runner.passes):
+            if not active[p.read_owner].any():
                 continue
-            logp, keep = self.runner.chunk_logprobs(c, delta, rows)
+            logp, keep = self.runner.pass_logprobs(p, delta, active)
+            if reuse:  # every read of the pass was computed, at delta = 0
+                refs_now.append(self._dist_reads(p, logp.detach()))
             at = logp.device  # the unembedding's device (another one under a device map)
-            tgt, w = c.read_target[keep].to(at), c.read_weight[keep].to(at)
-            own = c.read_owner[keep]
-            is_kl = tgt < 0
-            per = -logp[~is_kl].gather(1, tgt[~is_kl][:, None])[:, 0] * w[~is_kl]
-            loss = per.sum()
-            nll.index_add_(0, own[~is_kl.to(dev)], per.detach().to(dev))
-            if is_kl.any() and hp.kl_factor > 0:
-                ref = self.kl_ref[ci][keep[c.read_target < 0].to(at)]
-                cur = logp[is_kl]
+            tgt, w = p.read_target[keep].to(at), p.read_weight[keep].to(at)
+            own = p.read_owner[keep].to(at)
+            is_nll = tgt >= 0
+            per = -logp[is_nll].gather(1, tgt[is_nll][:, None])[:, 0] * w[is_nll]
+            by_request = torch.zeros(self.n, device=at, dtype=per.dtype)
+            by_request = by_request.index_add(0, own[is_nll], per)
+            nll.index_add_(0, own[is_nll].to(dev), per.detach().to(dev))
+            refs = (refs_now[pi] if reuse else self.kl_ref[pi])[keep[p.read_target < 0].to(at)]  # type: ignore[index]
+            dist_codes = tgt[~is_nll]  # the distribution reads, in the order of refs
+            for code, factor, into in (
+                (KL_READ, hp.kl_factor, kl),
+                (NEIGHBOUR_READ, hp.neighbour_kl_factor, neighbour_kl),
+            ):
+                mine = tgt == code
+                if not mine.any() or factor <= 0:
+                    continue
+                ref, cur = refs[dist_codes == code], logp[mine]
                 if hp.kl_direction == "new_orig":
                     div = (cur.exp() * (cur - ref)).sum(-1)
                 else:
                     div = (ref.exp() * (ref - cur)).sum(-1)
-                loss = loss + hp.kl_factor * div.sum()
-                kl.index_add_(0, own[is_kl.to(dev)], div.detach().to(dev))
-            if loss.requires_grad:
-                loss.backward()
+                div = div * w[mine]  # the mean over the request's prompts of this kind
+                by_request = by_request.index_add(0, own[mine], factor * div)
+                into.index_add_(0, own[mine].to(dev), div.detach().to(dev))
+            if by_request.requires_grad:
+                if defer:
+                    self._pending.append(by_request)
+                else:
+                    by_request.sum().backward()
+        if reuse:
+            self.kl_ref = refs_now
         norm = delta.norm(dim=-1)
         size = norm if hp.weight_decay_form == "norm" else norm.pow(2)
         wd = hp.weight_decay * size / self.init_norm2 * active
         if wd.requires_grad:
-            wd.sum().backward()
+            if defer:
+                self._pending.append(wd)
+            else:
+                wd.sum().backward()
         wd = wd.detach()
-        return LossParts(nll=nll, kl=kl, weight_decay=wd, total=nll + hp.kl_factor * kl + wd)
+        total = nll + hp.kl_factor * kl + hp.neighbour_kl_factor * neighbour_kl + wd
+        return LossParts(nll=nll, kl=kl, neighbour_kl=neighbour_kl, weight_decay=wd, total=total)
+
+    @staticmethod
+    def _dist_reads(p: ReadPass, logp: torch.Tensor) -> torch.Tensor:
+        """The rows of a whole pass's log-probabilities that are distribution reads."""
+        return logp[(p.read_target < 0).to(logp.device)]
+
+    def backward(self, keep: Bool[torch.Tensor, " n"]) -> None:
+        """After ``evaluate(..., defer=True)``: accumulate into ``delta.grad`` the gradient
+        of the summed total loss of the requests in ``keep`` only (the same gradient those
+        requests get without deferring: requests are independent), and free the graphs."""
+        pending, self._pending = self._pending, []
+        sums = [x[keep.to(x.device)].sum() for x in pending]
+        if sums and bool(keep.any()):
+            at = sums[0].device
+            torch.stack([x.to(at) for x in sums]).sum().backward()
 
 
 @dataclass
@@ -332,14 +401,14 @@ def _optimise(
     nll_first = torch.zeros(n, device=obj.device)
     history: list[list[float]] = []
     last = max(1, hp.num_steps) - 1
+    # One pass: decide who stops before the backward pass, so a stopping request costs none.
+    defer = len(obj.runner.passes) == 1
     for step in range(last + 1):
         opt.zero_grad()
         delta = (theta.detach() * scale).requires_grad_()
-        parts = obj.evaluate(delta, active)
-        grad = delta.grad
-        if grad is None or not torch.isfinite(parts.total).all() or not torch.isfinite(grad).all():
+        parts = obj.evaluate(delta, active, defer=defer)
+        if not torch.isfinite(parts.total).all():
             raise EditFailed(f"non-finite loss while optimising targets at layer {layer}")
-        theta.grad = grad * scale  # d loss / d theta, as delta = theta * scale
         if step == 0:
             nll_first = parts.nll.clone()
         history.append(parts.nll.tolist())
@@ -353,6 +422,12 @@ def _optimise(
         active &= ~stopping
         if not active.any():
             break
+        if defer:
+            obj.backward(active)
+        grad = delta.grad
+        if grad is None or not torch.isfinite(grad).all():
+            raise EditFailed(f"non-finite loss while optimising targets at layer {layer}")
+        theta.grad = grad * scale  # d loss / d theta, as delta = theta * scale
         with torch.no_grad():
             theta.grad[~active] = 0
         opt.step()

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from editing.context import check_templates, fill_template
 from editing.requests import EditRequest, validate_requests
-from tracing.errors import InvalidInput
-from tracing.facts import tokenize_fact
+from tracing.errors import InvalidInput, InvalidRequest
+from tracing.facts import Fact, load_known_facts, tokenize_fact
 from tracing.models import HookedModel, target_ids
 
 KL_TEMPLATE = "{} is a"
@@ -119,3 +119,49 @@ def prepare_requests(
             )
         )
     return out
+
+
+def neighbour_prompts(
+    model: HookedModel,
+    request: EditRequest,
+    n: int,
+    facts: Sequence[Fact] | None = None,
+) -> tuple[TemplatedPrompt, ...]:
+    """Up to ``n`` neighbour-like prompts of ``request``: its template filled with *other*
+    subjects of the same relation, tokenised, each with its subject's last token.
+
+    The subjects come from ``facts`` (default: the shipped known_1000 facts,
+    :func:`tracing.facts.load_known_facts`): those with the request's ``relation_id`` or,
+    when the request has none, those whose template is the request's; the first ``n``
+    distinct subjects in file order that differ from the request's (deterministic). These
+    are the prompts CounterFact's neighbourhood measures (Meng et al. 2022: other subjects,
+    same relation), built without its answers. Raises
+    :class:`~tracing.errors.InvalidRequest` when no such subject exists.
+    """
+    pool = load_known_facts() if facts is None else facts
+    if request.relation_id is not None:
+        same = [f for f in pool if f.relation_id == request.relation_id]
+    else:
+        same = [f for f in pool if f.template == request.template]
+    seen = {request.subject.strip().lower()}
+    out: list[TemplatedPrompt] = []
+    for f in same:
+        key = f.subject.strip().lower()
+        if key in seen or "{" in f.subject or "}" in f.subject:
+            continue
+        seen.add(key)
+        ids, last = _subject_ids(
+            model,
+            request.template.replace("{}", f.subject, 1),
+            f.subject,
+            request.template.find("{}"),
+        )
+        out.append(TemplatedPrompt(request.template, ids, last))
+        if len(out) == n:
+            break
+    if not out:
+        raise InvalidRequest(
+            f"{request.describe()}: no other subject of its relation for neighbour prompts "
+            "(it has no relation_id and its template matches no known fact)"
+        )
+    return tuple(out)

@@ -7,10 +7,10 @@ import torch
 
 from editing.context import check_templates, context_templates
 from editing.hparams import TargetHparams
-from editing.objective import compute_targets
-from editing.prepared import prepare_requests
+from editing.objective import TargetObjective, compute_targets
+from editing.prepared import neighbour_prompts, prepare_requests
 from editing.requests import EditRequest
-from editing.targets import DeltaRunner, rewrite_prompts
+from editing.targets import DeltaRunner, RewritePrompt, rewrite_prompts
 from tracing.facts import tokenize_fact
 from tracing.models import down_proj, final_logits, hook_name, target_ids
 
@@ -105,48 +105,89 @@ def _reference_logprobs(model, prompt, layer, hook, delta):
 def test_layer_skipping_path_matches_full_forward(toy_model, hook):
     layer = 1
     prompts = rewrite_prompts(prepare_requests(toy_model, REQUESTS, TEMPLATES))
-    runner = DeltaRunner(toy_model, prompts, layer, hook, max_tokens=64)  # several chunks
-    assert len(runner.chunks) > 1
-    # the prefix-reuse path is taken on every architecture (a silent fallback fails here)
+    # several passes; bin_overhead 0: rows grouped by their cut as finely as it pays
+    runner = DeltaRunner(toy_model, prompts, layer, hook, max_tokens=64, bin_overhead=0)
+    assert len(runner.passes) > 1
+    # the prefix-reuse path is taken on every architecture (a silent fallback fails here),
+    # with rows grouped by where they can be cut
     assert all(c.cut > 0 and c.prefix is not None for c in runner.chunks)
+    assert len({c.cut for c in runner.chunks}) > 1
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(len(REQUESTS), toy_model.cfg.d_model, generator=g) * 3
+    active = torch.tensor([True, False, True])  # a subset of requests, as when some stop
     checked = 0
-    for c in runner.chunks:
-        rows = torch.arange(len(c.prompts))[::2]  # a subset of rows, as when requests stop
+    for p in runner.passes:
         with torch.no_grad():
-            logp, keep = runner.chunk_logprobs(c, delta, rows)
-        got_prompts = c.read_prompt[keep].tolist()
+            logp, keep = runner.pass_logprobs(p, delta, active)
+        got_prompts = p.read_prompt[keep].tolist()
+        assert all(active[prompts[gi].request] for gi in got_prompts)
         for gi in dict.fromkeys(got_prompts):
-            p = prompts[gi]
-            ref = _reference_logprobs(toy_model, p, layer, hook, delta[p.request])
+            pr = prompts[gi]
+            ref = _reference_logprobs(toy_model, pr, layer, hook, delta[pr.request])
             mine = logp[[i for i, x in enumerate(got_prompts) if x == gi]]
             torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
             checked += 1
-    assert checked >= len(prompts) // 2
+    assert checked == sum(bool(active[pr.request]) for pr in prompts)
 
 
 @pytest.mark.parametrize("hook", ["mlp_raw", "resid"])
 def test_prefix_reuse_gives_the_same_loss_gradient(toy_model, hook):
-    """Re-running only the positions from the subject's last token on, against whole
-    sequences: the same log-probabilities and the same gradient with respect to delta."""
+    """Re-running only the positions from each row group's subject-last token on, against
+    whole sequences: the same log-probabilities and the same gradient with respect to delta."""
     prompts = rewrite_prompts(prepare_requests(toy_model, REQUESTS, TEMPLATES))
-    runners = [DeltaRunner(toy_model, prompts, 1, hook, reuse_prefix=r) for r in (True, False)]
+    runners = [
+        DeltaRunner(toy_model, prompts, 1, hook, reuse_prefix=r, bin_overhead=0)
+        for r in (True, False)
+    ]
     g = torch.Generator().manual_seed(1)
     base = torch.randn(len(REQUESTS), toy_model.cfg.d_model, generator=g)
-    grads = []
+    grads, logps = [], []
     for runner in runners:
         delta = base.clone().requires_grad_()
-        total = sum(
-            runner.chunk_logprobs(c, delta, torch.arange(len(c.prompts)))[0][:, :7].sum()
-            for c in runner.chunks
-        )
-        total.backward()
+        outs = [runner.pass_logprobs(p, delta)[0] for p in runner.passes]
+        torch.cat(outs)[:, :7].sum().backward()
         grads.append(delta.grad)
-    assert any(c.prefix is not None for c in runners[0].chunks)
-    assert all(c.prefix is None for c in runners[1].chunks)
+        logps.append(torch.cat(outs).detach())
+    assert all(c.cut > 0 and c.prefix is not None for c in runners[0].chunks)
+    assert len(runners[0].chunks) > len(runners[0].passes)  # rows grouped by their cut
+    assert all(c.prefix is None and c.cut == 0 for c in runners[1].chunks)
+    # the same reads in the same order (one pass each: the default budget)
+    assert len(runners[0].passes) == len(runners[1].passes) == 1
+    p0, p1 = runners[0].passes[0], runners[1].passes[0]
+    order0, order1 = p0.read_prompt.tolist(), p1.read_prompt.tolist()
+    assert sorted(order0) == sorted(order1)
+    where: dict[int, list[int]] = {}
+    for i, x in enumerate(order0):
+        where.setdefault(x, []).append(i)
+    idx = [where[x].pop(0) for x in order1]  # a prompt's reads keep their order
+    torch.testing.assert_close(logps[0][idx], logps[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
     assert float(grads[1].abs().max()) > 0
+
+
+def test_cut_bins_minimise_the_work():
+    """The grouping is the cheapest contiguous one (checked against every grouping)."""
+    import itertools
+
+    from editing.targets import cut_bins
+
+    lookups, lengths = [3, 9, 4, 12, 9, 2], [8, 20, 15, 22, 18, 6]
+    bins = cut_bins(lookups, lengths, overhead=5)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+
+    def cost(groups):
+        return sum(
+            len(b) * (max(lengths[i] for i in b) - min(lookups[i] for i in b)) + 5 for b in groups
+        )
+
+    order = sorted(range(6), key=lambda i: (lookups[i], lengths[i], i))
+    best = min(
+        cost([order[a:b] for a, b in itertools.pairwise((0, *cuts, 6))])
+        for k in range(6)
+        for cuts in itertools.combinations(range(1, 6), k)
+    )
+    assert cost(bins) == best
+    assert len(cut_bins(lookups, lengths, overhead=10**6)) == 1
 
 
 def test_final_logits_only_at_read_positions(toy_model):
@@ -166,13 +207,13 @@ def test_final_logits_only_at_read_positions(toy_model):
 def test_nonfinite_loss_raises(toy_models):
     model = toy_models["gpt2"]
     hp = TargetHparams(num_steps=2)
-    real = DeltaRunner.chunk_logprobs
+    real = DeltaRunner.pass_logprobs
 
-    def broken(self, c, delta, rows):
-        logp, keep = real(self, c, delta, rows)
+    def broken(self, p, delta, active=None):
+        logp, keep = real(self, p, delta, active)
         return logp * float("nan"), keep
 
-    DeltaRunner.chunk_logprobs = broken  # type: ignore[method-assign]
+    DeltaRunner.pass_logprobs = broken  # type: ignore[method-assign]
     try:
         with pytest.raises(ValueError, match="non-finite"):
             compute_targets(
@@ -183,7 +224,7 @@ def test_nonfinite_loss_raises(toy_models):
                 hp=hp,
             )
     finally:
-        DeltaRunner.chunk_logprobs = real  # type: ignore[method-assign]
+        DeltaRunner.pass_logprobs = real  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------- context templates
@@ -275,3 +316,119 @@ def test_cache_resumes_an_interrupted_batch(toy_models, tmp_path, monkeypatch):
     finally:
         with torch.no_grad():
             down_proj(model, 0).copy_(original)
+
+
+# --------------------------------------------------------------------------- fast path details
+
+
+def test_deferred_backward_gives_the_immediate_gradient(toy_models):
+    """evaluate(defer=True) then backward(keep): the kept requests get exactly the gradient
+    they get without deferring; the others none (requests are independent)."""
+    model = toy_models["gemma3"]
+    hp = TargetHparams(kl_factor=0.5, weight_decay=0.3)
+    obj = TargetObjective(model, prepare_requests(model, REQUESTS, TEMPLATES), 1, "resid", hp)
+    base = torch.randn(len(REQUESTS), model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    now = base.clone().requires_grad_()
+    parts_now = obj.evaluate(now)
+    later = base.clone().requires_grad_()
+    parts_later = obj.evaluate(later, defer=True)
+    assert later.grad is None  # nothing accumulated yet
+    torch.testing.assert_close(parts_later.total, parts_now.total, rtol=0, atol=0)
+    keep = torch.tensor([True, False, True])
+    obj.backward(keep)
+    assert later.grad is not None
+    torch.testing.assert_close(later.grad[keep], now.grad[keep], rtol=1e-6, atol=1e-7)
+    assert float(later.grad[~keep].abs().max()) == 0.0
+    assert float(now.grad[~keep].abs().max()) > 0
+
+
+@pytest.mark.model
+def test_prefix_reuse_is_taken_on_the_embedded_model(gemma):
+    """The ROME setting on the embedded model: every row group re-runs only its suffix,
+    attending to recorded keys and values (a silent fallback to whole sequences fails)."""
+    req = EditRequest("{} is located in the city of", "The Space Needle", "Paris")
+    prompts = rewrite_prompts(prepare_requests(gemma, [req], TEMPLATES), "last")
+    runner = DeltaRunner(gemma, prompts, 2, "mlp_raw")
+    assert all(c.cut > 0 and c.prefix is not None for c in runner.chunks)
+    assert len(runner.passes) == 1
+
+
+# --------------------------------------------------------------------------- neighbour term
+
+NB_REQ = EditRequest(
+    "{} is located in the continent of", "Vinson Massif", "Europe", relation_id="P30"
+)
+
+
+def test_neighbour_prompts_are_other_subjects_of_the_relation(toy_models):
+    from tracing.facts import load_known_facts
+
+    model = toy_models["gpt2"]
+    p30 = {f.subject for f in load_known_facts() if f.relation_id == "P30"}
+    got = neighbour_prompts(model, NB_REQ, 5)
+    assert len(got) == 5
+    texts = [model.tokenizer.decode(t.ids).replace("<|endoftext|>", "") for t in got]
+    subjects = [t.removesuffix(" is located in the continent of") for t in texts]
+    assert NB_REQ.subject not in subjects and len(set(subjects)) == 5
+    assert set(subjects) <= p30
+    for t, s in zip(got, subjects, strict=True):
+        assert tokenize_fact(model, s + NB_REQ.template[2:], s).subject_last == t.subject_last
+    with pytest.raises(ValueError, match="no other subject"):
+        neighbour_prompts(model, EditRequest("{} likes the colour", "Bob", "red"), 3)
+
+
+def test_neighbour_hparams_are_checked():
+    with pytest.raises(ValueError, match="neighbour_kl_factor"):
+        TargetHparams(neighbour_kl_factor=-1.0)
+    with pytest.raises(ValueError, match="neighbour_prompts"):
+        TargetHparams(neighbour_prompts=0)
+    assert TargetHparams().neighbour_kl_factor == 0.0  # off by default
+    # off: records and cache keys as before the term existed; on: kept and read back
+    assert "neighbour_kl_factor" not in TargetHparams(neighbour_prompts=3).to_dict()
+    on = TargetHparams(neighbour_kl_factor=0.5, neighbour_prompts=3)
+    assert TargetHparams.from_dict(on.to_dict()) == on
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_neighbour_term_is_the_kl_on_neighbour_prompts(toy_models, arch):
+    """The term equals the mean KL(p_new || p_orig) of full forwards of the neighbour
+    prompts with delta at their subject's last token (read at their last token), and it
+    has a gradient."""
+    model = toy_models[arch]
+    prepared = prepare_requests(model, [NB_REQ], TEMPLATES)
+    hp = TargetHparams(
+        kl_factor=0.0, weight_decay=0.0, neighbour_kl_factor=2.0, neighbour_prompts=3
+    )
+    off = TargetHparams(kl_factor=0.0, weight_decay=0.0)
+    delta = torch.randn(1, model.cfg.d_model, generator=torch.Generator().manual_seed(3)) * 3
+    grads, parts = [], []
+    for h in (hp, off):
+        d = delta.clone().requires_grad_()
+        parts.append(TargetObjective(model, prepared, 1, "resid", h).evaluate(d))
+        grads.append(d.grad)
+    expected = []
+    for t in neighbour_prompts(model, NB_REQ, 3):
+        p = RewritePrompt(0, t.ids, t.subject_last, (len(t.ids) - 1,), (), "neighbour")
+        new = _reference_logprobs(model, p, 1, "resid", delta[0])[0].double()
+        orig = _reference_logprobs(model, p, 1, "resid", 0 * delta[0])[0].double()
+        expected.append(float((new.exp() * (new - orig)).sum()))
+    mean = sum(expected) / len(expected)
+    assert mean > 1e-6
+    assert float(parts[0].neighbour_kl[0]) == pytest.approx(mean, rel=1e-3, abs=1e-6)
+    assert float(parts[0].total[0]) == pytest.approx(float(parts[0].nll[0]) + 2.0 * mean, rel=1e-4)
+    assert float(parts[1].neighbour_kl[0]) == 0.0
+    assert float((grads[0] - grads[1]).abs().max()) > 0  # the term's own gradient
+
+
+def test_neighbour_weight_zero_is_the_current_result(toy_models):
+    """Off (weight 0, whatever the prompt count) gives the plain objective's result bit for
+    bit; on, the optimised vector differs."""
+    model = toy_models["llama"]
+    prepared = prepare_requests(model, [NB_REQ], TEMPLATES)
+    base = dict(num_steps=4, lr=0.5, early_stop_loss=0.0)
+    kw = dict(layer=1, hook="resid")
+    plain = compute_targets(model, prepared, hp=TargetHparams(**base), **kw)
+    zero = compute_targets(model, prepared, hp=TargetHparams(**base, neighbour_prompts=7), **kw)
+    on = compute_targets(model, prepared, hp=TargetHparams(**base, neighbour_kl_factor=5.0), **kw)
+    assert torch.equal(plain.delta, zero.delta) and plain.nll_after == zero.nll_after
+    assert not torch.allclose(plain.delta, on.delta)

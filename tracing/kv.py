@@ -64,6 +64,24 @@ def suffix_kwargs(kwargs: dict, cut: int) -> dict:
     return out
 
 
+def truncated_kwargs(kwargs: dict, length: int) -> dict:
+    """Block keyword arguments for a sequence cut to its first ``length`` positions (the
+    positional tensors and the attention mask, which were captured for the whole sequence).
+    Causal attention makes positions ``:length`` of the shorter sequence exactly those of the
+    longer one, so rows of a batch can be run only as far as their longest real prompt."""
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "position_embeddings" and isinstance(value, tuple):
+            out[key] = tuple(x[..., :length, :] for x in value)
+        elif key in ("position_ids", "cache_position") and torch.is_tensor(value):
+            out[key] = value[..., :length]
+        elif key == "attention_mask" and torch.is_tensor(value) and value.ndim == 4:
+            out[key] = value[..., :length, :length]
+        else:
+            out[key] = value
+    return out
+
+
 def run_recording(
     model: HookedModel,
     resid: Float[torch.Tensor, "batch pos d_model"],

@@ -78,9 +78,31 @@ class RomeHparams(KeyValueHparams):
             self.layer = checked[0]
 
 
+class MomentSolver:
+    """``C`` factored once (LU with partial pivoting, float64, on ``device``), so that each
+    edit's ``C^-1 k`` costs a triangular solve instead of a factorisation (the same
+    factorisation :func:`torch.linalg.solve` makes each time: the same numbers). Sequential
+    ROME (:func:`edit_rome` over many requests) factors once for all of them."""
+
+    def __init__(self, mom2: Float[torch.Tensor, "d_mlp d_mlp"], device: torch.device) -> None:
+        # float64 whatever the model's dtype: C is ill-conditioned.
+        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(mom2.to(device, torch.float64))
+        self.singular = bool(info.item() != 0)
+
+    def solve(self, key: Float[torch.Tensor, " d_mlp"]) -> Float[torch.Tensor, " d_mlp"]:
+        """``C^-1 key`` in float64; :class:`~tracing.errors.EditFailed` when ``C`` is
+        singular."""
+        if self.singular:
+            raise EditFailed(
+                "the second-moment matrix is singular: use more tokens for the statistics"
+            )
+        k = key.to(self.lu.device, torch.float64)[:, None]
+        return torch.linalg.lu_solve(self.lu, self.pivots, k)[:, 0]
+
+
 def rank_one_update(
     weight: Float[torch.Tensor, "d_mlp d_model"],
-    mom2: Float[torch.Tensor, "d_mlp d_mlp"],
+    mom2: Float[torch.Tensor, "d_mlp d_mlp"] | MomentSolver,
     key_u: Float[torch.Tensor, " d_mlp"],
     value: Float[torch.Tensor, " d_model"],
     *,
@@ -91,21 +113,17 @@ def rank_one_update(
     ``delta W = outer(left, right)``, ``left = C^-1 k_u / (k_res . C^-1 k_u)`` and
     ``right = v - k_res W - b``, so that ``k_res (W + delta W) + b = v``.
 
+    ``mom2``: ``C``, or a :class:`MomentSolver` of it (factored once for many edits).
     ``key_res`` defaults to ``key_u`` (the consistent-key form). Raises
     :class:`~tracing.errors.EditFailed` when ``C`` is singular in the key's direction or the
     result is not finite.
     """
     k_res = key_u if key_res is None else key_res
-    # float64 on the weight's device whatever the model's dtype: C is ill-conditioned.
     dev = weight.device
-    w, c = weight.double(), mom2.to(dev, torch.float64)
+    solver = mom2 if isinstance(mom2, MomentSolver) else MomentSolver(mom2, dev)
+    w = weight.double()
     key_u, k_res, value = key_u.to(dev), k_res.to(dev), value.to(dev)
-    try:
-        u = torch.linalg.solve(c, key_u.double())
-    except torch.linalg.LinAlgError as exc:
-        raise EditFailed(
-            "the second-moment matrix is singular: use more tokens for the statistics"
-        ) from exc
+    u = solver.solve(key_u).to(dev)
     denom = torch.dot(u, k_res.double())
     current = k_res.double() @ w + (0 if bias is None else bias.double())
     right = value.double() - current
@@ -121,12 +139,13 @@ def rome_edit(
     model: HookedModel,
     prepared: PreparedRequest,
     hp: RomeHparams,
-    mom2: Float[torch.Tensor, "d_mlp d_mlp"],
+    mom2: Float[torch.Tensor, "d_mlp d_mlp"] | MomentSolver,
     *,
     progress: bool = False,
 ) -> Edit:
-    """A ROME edit of one prepared request at ``hp.layer`` with statistics ``mom2``, computed
-    on the model's current weights (which are not changed)."""
+    """A ROME edit of one prepared request at ``hp.layer`` with statistics ``mom2`` (or its
+    :class:`MomentSolver`), computed on the model's current weights (which are not
+    changed)."""
     if hp.layer is None:
         raise InvalidHparams("ROME needs a layer: set hp.layer (or pass layers=[L])")
     layer = check_layer(model, hp.layer)
@@ -180,11 +199,12 @@ def edit_rome(
     if hp.layer is None:
         raise InvalidHparams("ROME needs a layer: set hp.layer (or pass layers=[L])")
     mom2 = layer_stats(model, [hp.layer], hp, given=inputs.stats, progress=inputs.progress)
+    solver = MomentSolver(mom2[hp.layer], down_proj(model, hp.layer).device)  # one for all
     edits = []
     for i, p in enumerate(prepared):
         if len(prepared) > 1:
             log.info("ROME request %d/%d: %s", i + 1, len(prepared), p.request.describe(i))
-        edit = rome_edit(model, p, hp, mom2[hp.layer], progress=inputs.progress)
+        edit = rome_edit(model, p, hp, solver, progress=inputs.progress)
         edits.append(edit)
         if i + 1 < len(prepared):  # later requests see the earlier edits
             for d in edit.deltas:
