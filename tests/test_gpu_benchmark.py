@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,22 +11,14 @@ from types import ModuleType
 
 import pytest
 import torch
+from script_loader import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmarks_gpu", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def gpu() -> ModuleType:
-    return _load()
+    return load_script("benchmarks/gpu.py")
 
 
 def _rows(table: str) -> tuple[list[str], list[list[str]]]:

@@ -166,6 +166,37 @@ def test_cache_completeness_marker(tmp_path):
     assert not L._cache_is_complete(folder)
 
 
+def test_processes_starting_together_build_the_cache_once(tmp_path, monkeypatch):
+    """Two loaders racing (torchrun ranks, test workers): the second waits for the first's lock
+    and finds a complete cache instead of deleting it and building again."""
+    import threading
+
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path))
+    builds: list[str] = []
+
+    def slow_build(name: str, target: Path) -> None:
+        builds.append(name)
+        time.sleep(0.3)  # long enough for the other thread to reach the lock
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"x" * 10)
+        marker = {"format": L.CACHE_FORMAT, "files": {"model.safetensors": 10}}
+        (target / L._COMPLETE_MARKER).write_text(json.dumps(marker))
+
+    monkeypatch.setattr(L, "_build_embedded_cache", slow_build)
+    folders: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: folders.append(L.build_embedded_cache("gemma-3-270m")))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert builds == ["gemma-3-270m"]
+    assert folders == [L.embedded_cache_path("gemma-3-270m")] * 2
+    assert L._cache_is_complete(folders[0])
+
+
 # ----------------------------------------------------------------------- the embedded model
 
 

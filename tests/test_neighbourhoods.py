@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import importlib.util
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
 from editing.corpus import data_path
 from editing.evaluation import evaluate
@@ -22,21 +20,7 @@ from editing.evaluation.metrics import TokenScores, counterfact_metrics, score_c
 from editing.evaluation.tasks import load_cases, split_cases, tuning_case_ids
 from tracing.errors import InvalidInput
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _builder():
-    spec = importlib.util.spec_from_file_location(
-        "build_neighbourhoods", ROOT / "scripts" / "build_neighbourhoods.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bn = _builder()
+bn = load_script("scripts/build_neighbourhoods.py")
 
 
 @pytest.fixture(scope="module")

@@ -4,29 +4,21 @@ computed from a run's summary, and finished configurations skipped on a rerun.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
+from script_loader import load_script
 
 from editing.hparams import defaults_dir
 from tracing.errors import InvalidHparams, InvalidInput
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "specificity_sweep.py"
-
 
 @pytest.fixture(scope="module")
 def sweep() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmarks_specificity_sweep", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/specificity_sweep.py")
 
 
 def _shipped(method: str) -> dict:

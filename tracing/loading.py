@@ -9,11 +9,14 @@ Nothing here touches the network: the Hugging Face hub is put offline around eve
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,15 +128,38 @@ def build_embedded_cache(name: str, *, force: bool = False) -> Path:
 
     The folder is written under a temporary name and renamed into place only after a
     completion marker (file sizes) is written, so a killed process never leaves a folder that
-    looks complete. Returns the folder.
+    looks complete. Processes that start together (torchrun ranks) take turns through a lock
+    file, so the cache is built once. Returns the folder.
     """
-    spec = EMBEDDED_MODELS[name]
     target = embedded_cache_path(name)
     if not force and _cache_is_complete(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{name}.lock"):
+        # Another process (a torchrun rank, a test worker) may have built it while we waited.
+        if not force and _cache_is_complete(target):
+            return target
+        _build_embedded_cache(name, target)
+    return target
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_file`` (created if needed) for the block, so
+    that processes starting together build a cache once instead of replacing it under each
+    other's feet."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_embedded_cache(name: str, target: Path) -> None:
+    spec = EMBEDDED_MODELS[name]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("building the float32 cache of %s under %s (once; about a minute)", name, target)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as tmp:
         tmp_path = Path(tmp)
@@ -158,7 +184,6 @@ def build_embedded_cache(name: str, *, force: bool = False) -> Path:
         if target.exists():
             shutil.rmtree(target)
         out.rename(target)
-    return target
 
 
 class _hub_offline:
