@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/mypy
-.venv/bin/python -m pytest -q "$@"
+# Two pytest-xdist workers, one torch thread each (tests/conftest.py): the tiny-model tests are
+# bound by Python, not arithmetic, so two workers halve the wall time on two cores.
+# FACTSCOPE_TEST_WORKERS=0 runs in one process.
+.venv/bin/python -m pytest -q -n "${FACTSCOPE_TEST_WORKERS:-2}" "$@"
