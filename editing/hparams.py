@@ -164,7 +164,7 @@ class TargetHparams(Hparams):
     """The optimisation of ROME's v* / MEMIT's z (shared by both methods).
 
     Per request, Adam minimises ``NLL + kl_factor * KL + weight decay`` over ``delta`` (see
-    :mod:`editing.objective`), ``num_steps`` steps at most, keeping ``||delta|| <=
+    :mod:`editing.target_loss`), ``num_steps`` steps at most, keeping ``||delta|| <=
     clamp_norm_factor * ||init||``. ``loss_layer`` -1 means the last layer.
 
     The defaults are the reference code's (ROME's ``compute_v``, MEMIT's ``compute_z``); each

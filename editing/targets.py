@@ -14,7 +14,7 @@ KL prompt ``"{subject} is a"``. Where ``delta`` goes:
 gradient; each call re-runs only the blocks from the edit point up to ``loss_layer``, and the
 vocabulary projection is applied only at the positions the loss reads. Prompts are grouped
 by length into right-padded chunks (causal attention: right padding never changes a real
-position). The loss itself is :mod:`editing.objective`.
+position). The loss itself is :mod:`editing.target_loss`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ naming a device that does not exist), so a command fails before a model is loade
 Precision policy (said again where it happens): the model runs in its dtype; the numerically
 sensitive parts of editing run in float32 or float64 whatever that dtype is: second-moment
 accumulation (:mod:`editing.stats`), the ROME and MEMIT solves, the v*/z deltas
-(:mod:`editing.objective`) and FT-L's l-infinity projection (:mod:`editing.methods.finetune`).
+(:mod:`editing.target_loss`) and FT-L's l-infinity projection (:mod:`editing.methods.finetune`).
 """
 
 from __future__ import annotations

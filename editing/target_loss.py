@@ -1,0 +1,201 @@
+"""The loss behind ROME's v* and MEMIT's z, at any ``delta``, with its gradient.
+
+For each request, with ``delta`` added at the subject's last token of every rewriting prompt
+and of the KL prompt (:mod:`editing.targets`), the loss is
+
+    NLL(target_new | rewriting prompts)                   (mean over prompts of the mean
+                                                            NLL of the target's tokens)
+    + kl_factor * KL(p_new || p_orig) at the KL prompt "{subject} is a"
+    + weight_decay * ||delta|| / ||init||^2
+
+where ``init`` is the changed state at the bare prompt's subject-last token before any
+change. That is the reference code (ROME's ``compute_v``, MEMIT's ``compute_z``) and the
+default; the departures factscope offers (the squared weight decay, the other KL direction,
+the KL read at the last position, the neighbour KL term) are named choices of
+:class:`~editing.hparams.TargetHparams`.
+
+:class:`TargetObjective` computes the loss and its gradient at any ``delta`` (the parity tests
+compare both with an independent implementation); :mod:`editing.objective` runs Adam on it
+(the clamp of ``||delta||``, early stopping, the scale-free parametrisation of ``delta``).
+Requests are independent: their losses add, so the gradient of one request's loss does not
+depend on which other requests are evaluated with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+
+from editing.hparams import TargetHparams
+from editing.prepared import PreparedRequest, neighbour_prompts
+from editing.targets import (
+    KL_READ,
+    NEIGHBOUR_READ,
+    DeltaRunner,
+    ReadPass,
+    TargetHook,
+    rewrite_prompts,
+)
+from tracing.errors import EditFailed, InvalidInput
+from tracing.models import HookedModel
+
+
+@dataclass
+class LossParts:
+    """Per request: the target NLL, the KL term (before ``kl_factor``), the mean KL over the
+    neighbour prompts (before ``neighbour_kl_factor``; zero when that is off), the weight
+    decay (with its factor) and the total loss, all detached."""
+
+    nll: Float[torch.Tensor, " n"]
+    kl: Float[torch.Tensor, " n"]
+    neighbour_kl: Float[torch.Tensor, " n"]
+    weight_decay: Float[torch.Tensor, " n"]
+    total: Float[torch.Tensor, " n"]
+
+
+class TargetObjective:
+    """The v*/z loss of some prepared requests at one edit point (see the module docstring).
+
+    Built once (the states below the edit point and the original KL distributions are
+    computed then); :meth:`evaluate` gives the loss parts at a ``delta`` and accumulates the
+    gradient of the summed total loss of the active requests into ``delta.grad``.
+    """
+
+    def __init__(
+        self,
+        model: HookedModel,
+        prepared: Sequence[PreparedRequest],
+        layer: int,
+        hook: TargetHook,
+        hp: TargetHparams,
+        *,
+        max_batch_tokens: int | None = None,
+    ) -> None:
+        if not prepared:
+            raise InvalidInput("no requests to compute targets for")
+        self.hp, self.n = hp, len(prepared)
+        neighbours = None
+        if hp.neighbour_kl_factor > 0:
+            neighbours = [
+                neighbour_prompts(model, p.request, hp.neighbour_prompts) for p in prepared
+            ]
+        prompts = rewrite_prompts(
+            prepared, "last" if hp.kl_position == "last" else "subject_last", neighbours
+        )
+        self.runner = DeltaRunner(
+            model, prompts, layer, hook, loss_layer=hp.loss_layer, max_tokens=max_batch_tokens
+        )
+        # The deltas and everything they are measured against are float32 whatever the
+        # model's dtype, on the edit layer's device.
+        self.init = self.runner.init_values(self.n).detach().float()
+        self.device = self.init.device
+        if not torch.isfinite(self.init).all():
+            raise EditFailed(f"non-finite activations at layer {layer} for the edit prompts")
+        self.init_norm2 = self.init.pow(2).sum(-1)
+        # per pass: log p_orig at its distribution reads; taken from the first evaluation
+        # when that is at delta = 0 with every request active (the optimiser's first step:
+        # the same forward pass, not a second one), else computed then
+        self.kl_ref: list[torch.Tensor] | None = None
+        self._pending: list[torch.Tensor] = []  # per pass: per-request losses with their graphs
+
+    def evaluate(
+        self,
+        delta: Float[torch.Tensor, "n d_model"],
+        active: Bool[torch.Tensor, " n"] | None = None,
+        *,
+        defer: bool = False,
+    ) -> LossParts:
+        """Loss parts of every request at ``delta`` (inactive requests: zeros); when ``delta``
+        requires a gradient, that of the active requests' summed total loss is accumulated
+        into ``delta.grad`` pass by pass (the graph of one pass at a time is kept).
+
+        ``defer``: keep every pass's graph instead and accumulate nothing yet; the caller
+        then decides which requests still need a gradient (:meth:`backward`). The optimiser
+        uses it when the requests fit in one pass, so a request that stops at this step
+        costs no backward pass."""
+        hp = self.hp
+        dev = self.device
+        # a copy: the caller's mask may change before a deferred backward reads this one
+        active = (
+            torch.ones(self.n, dtype=torch.bool, device=dev) if active is None else active.clone()
+        )
+        nll = torch.zeros(self.n, device=dev)
+        kl = torch.zeros(self.n, device=dev)
+        neighbour_kl = torch.zeros(self.n, device=dev)
+        self._pending = []
+        reuse = self.kl_ref is None and bool(active.all()) and not bool(delta.detach().any())
+        if self.kl_ref is None and not reuse:
+            zero = torch.zeros_like(self.init)
+            with torch.no_grad():
+                self.kl_ref = [
+                    self._dist_reads(p, self.runner.pass_logprobs(p, zero)[0])
+                    for p in self.runner.passes
+                ]
+        refs_now: list[torch.Tensor] = []
+        for pi, p in enumerate(self.runner.passes):
+            if not active[p.read_owner].any():
+                continue
+            logp, keep = self.runner.pass_logprobs(p, delta, active)
+            if reuse:  # every read of the pass was computed, at delta = 0
+                refs_now.append(self._dist_reads(p, logp.detach()))
+            at = logp.device  # the unembedding's device (another one under a device map)
+            tgt, w = p.read_target[keep].to(at), p.read_weight[keep].to(at)
+            own = p.read_owner[keep].to(at)
+            is_nll = tgt >= 0
+            per = -logp[is_nll].gather(1, tgt[is_nll][:, None])[:, 0] * w[is_nll]
+            by_request = torch.zeros(self.n, device=at, dtype=per.dtype)
+            by_request = by_request.index_add(0, own[is_nll], per)
+            nll.index_add_(0, own[is_nll].to(dev), per.detach().to(dev))
+            refs = (refs_now[pi] if reuse else self.kl_ref[pi])[keep[p.read_target < 0].to(at)]  # type: ignore[index]
+            dist_codes = tgt[~is_nll]  # the distribution reads, in the order of refs
+            for code, factor, into in (
+                (KL_READ, hp.kl_factor, kl),
+                (NEIGHBOUR_READ, hp.neighbour_kl_factor, neighbour_kl),
+            ):
+                mine = tgt == code
+                if not mine.any() or factor <= 0:
+                    continue
+                ref, cur = refs[dist_codes == code], logp[mine]
+                if hp.kl_direction == "new_orig":
+                    div = (cur.exp() * (cur - ref)).sum(-1)
+                else:
+                    div = (ref.exp() * (ref - cur)).sum(-1)
+                div = div * w[mine]  # the mean over the request's prompts of this kind
+                by_request = by_request.index_add(0, own[mine], factor * div)
+                into.index_add_(0, own[mine].to(dev), div.detach().to(dev))
+            if by_request.requires_grad:
+                if defer:
+                    self._pending.append(by_request)
+                else:
+                    by_request.sum().backward()
+        if reuse:
+            self.kl_ref = refs_now
+        norm = delta.norm(dim=-1)
+        size = norm if hp.weight_decay_form == "norm" else norm.pow(2)
+        wd = hp.weight_decay * size / self.init_norm2 * active
+        if wd.requires_grad:
+            if defer:
+                self._pending.append(wd)
+            else:
+                wd.sum().backward()
+        wd = wd.detach()
+        total = nll + hp.kl_factor * kl + hp.neighbour_kl_factor * neighbour_kl + wd
+        return LossParts(nll=nll, kl=kl, neighbour_kl=neighbour_kl, weight_decay=wd, total=total)
+
+    @staticmethod
+    def _dist_reads(p: ReadPass, logp: torch.Tensor) -> torch.Tensor:
+        """The rows of a whole pass's log-probabilities that are distribution reads."""
+        return logp[(p.read_target < 0).to(logp.device)]
+
+    def backward(self, keep: Bool[torch.Tensor, " n"]) -> None:
+        """After ``evaluate(..., defer=True)``: accumulate into ``delta.grad`` the gradient
+        of the summed total loss of the requests in ``keep`` only (the same gradient those
+        requests get without deferring: requests are independent), and free the graphs."""
+        pending, self._pending = self._pending, []
+        sums = [x[keep.to(x.device)].sum() for x in pending]
+        if sums and bool(keep.any()):
+            at = sums[0].device
+            torch.stack([x.to(at) for x in sums]).sum().backward()
