@@ -11,15 +11,15 @@
 
 With the deltas it keeps the model fingerprint, requests, hyper-parameters and method.
 ``apply`` / ``undo`` restore the original weights bit for bit, ``save`` / ``load`` use
-safetensors + JSON (format version 2; version-1 files, which hold down-projection deltas
-only, still load), and an edit is refused by a model with another fingerprint.
+safetensors + JSON (:mod:`editing.edit_format`: format version 2; version-1 files, which hold
+down-projection deltas only, still load), and an edit is refused by a model with another
+fingerprint. :class:`LayerDelta` lives in :mod:`editing.layer_delta`.
 :func:`editing.weights.restoring_weights` and :func:`editing.params.snapshot_targets` protect
 weights around code that changes them in place.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 
+from editing.edit_format import FORMAT, READABLE_VERSIONS, VERSION, jsonable, read_edit, write_edit
+from editing.layer_delta import LayerDelta
 from editing.params import (
     TargetKey,
     parse_name,
@@ -40,118 +40,11 @@ from editing.params import (
 from editing.requests import EditRequest
 from editing.weights import add_to_weight
 from tracing.errors import EditFailed, InvalidInput
-from tracing.io import atomic_path, write_json_atomic
 from tracing.models import HookedModel, fingerprint, model_name
 
-FORMAT = "factscope-edit"
-VERSION = 2
-#: Format versions :meth:`Edit.load` reads (1: down-projection deltas only, no ``param``).
-READABLE_VERSIONS = (1, 2)
+__all__ = ["FORMAT", "READABLE_VERSIONS", "VERSION", "Edit", "LayerDelta"]
+
 _STACK_ATTR = "_factscope_applied_edits"  # edits applied to a model, oldest first
-
-
-@dataclass(eq=False)
-class LayerDelta:
-    """The change of one tensor of block ``layer``.
-
-    With ``param`` None: the change of ``down_proj(model, layer)`` ([d_mlp, d_model]), either
-    ``left @ right`` (low rank, ``left`` [d_mlp, r], ``right`` [r, d_model]; 1-D vectors mean
-    rank one) or ``dense``. With ``param`` a block parameter name (``blocks.{layer}.…``, see
-    :mod:`editing.params`): the ``dense`` change of that tensor, in its own shape (any number
-    of dimensions)."""
-
-    layer: int
-    # Shapes are checked in __post_init__ with messages naming the layer: rank-one factors
-    # may come as vectors ([d_mlp] and [d_model]), factors as [d_mlp, r] and [r, d_model].
-    left: torch.Tensor | None = None
-    right: torch.Tensor | None = None
-    dense: torch.Tensor | None = None
-    param: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
-            raise InvalidInput(f"LayerDelta.layer must be an int, got {self.layer!r}")
-        if self.param is not None:
-            if parse_name(self.param) != self.layer:
-                raise InvalidInput(
-                    f"LayerDelta of {self.param!r} must have layer {parse_name(self.param)}, "
-                    f"got {self.layer}"
-                )
-            if self.dense is None or self.left is not None or self.right is not None:
-                raise InvalidInput(f"{self.param}: a parameter delta must be one dense tensor")
-            self.dense = self.dense.detach()
-            if self.dense.ndim < 1:
-                raise InvalidInput(f"{self.param}: a dense delta must have at least one dimension")
-            return
-        low = self.left is not None or self.right is not None
-        if low == (self.dense is not None) or (low and (self.left is None or self.right is None)):
-            raise InvalidInput(
-                f"layer {self.layer}: a LayerDelta needs either both left and right factors "
-                "or one dense matrix"
-            )
-        if low:
-            left, right = self.left.detach(), self.right.detach()  # type: ignore[union-attr]
-            left = left.unsqueeze(1) if left.ndim == 1 else left
-            right = right.unsqueeze(0) if right.ndim == 1 else right
-            if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
-                raise InvalidInput(
-                    f"layer {self.layer}: factors of shapes {tuple(left.shape)} and "
-                    f"{tuple(right.shape)} do not multiply to a matrix"
-                )
-            self.left, self.right = left, right
-        else:
-            self.dense = self.dense.detach()  # type: ignore[union-attr]
-            if self.dense.ndim != 2:
-                raise InvalidInput(f"layer {self.layer}: a dense delta must be a matrix")
-
-    @property
-    def key(self) -> TargetKey:
-        """What it changes: the layer (its down-projection) or the parameter name."""
-        return self.layer if self.param is None else self.param
-
-    @property
-    def rank(self) -> int | None:
-        """Number of factor columns (None for a dense delta)."""
-        return None if self.left is None else int(self.left.shape[1])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of the full delta."""
-        if self.dense is not None:
-            return tuple(self.dense.shape)
-        return (int(self.left.shape[0]), int(self.right.shape[1]))  # type: ignore[union-attr]
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The stored tensors (factors or the dense matrix)."""
-        return [self.dense] if self.dense is not None else [self.left, self.right]  # type: ignore[list-item]
-
-    def matrix(self, dtype: torch.dtype = torch.float32) -> Float[torch.Tensor, "..."]:
-        """The full delta in ``dtype`` (float32 by default); factors are multiplied in the
-        wider of their own dtype and ``dtype``, then cast. (A parameter delta may be a vector
-        or any other shape: it is returned as stored.)"""
-        if self.dense is not None:
-            return self.dense.to(dtype)
-        work = torch.promote_types(torch.promote_types(self.left.dtype, self.right.dtype), dtype)  # type: ignore[union-attr]
-        return (self.left.to(work) @ self.right.to(work)).to(dtype)  # type: ignore[union-attr]
-
-
-def _jsonable(value: Any, what: str) -> Any:
-    if value is None:
-        return {}
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-
-    def default(o: Any) -> Any:
-        if hasattr(o, "tolist"):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-
-    try:
-        return json.loads(json.dumps(value, default=default))
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"edit {what} must be JSON-serialisable: {exc}") from exc
 
 
 @dataclass(eq=False, repr=False)
@@ -183,8 +76,8 @@ class Edit:
         if not all(isinstance(d, LayerDelta) for d in self.deltas):
             raise InvalidInput("Edit.deltas must be LayerDelta objects")
         self.requests = list(self.requests)
-        self.hparams = _jsonable(self.hparams, "hparams")
-        self.metadata = _jsonable(self.metadata, "metadata")
+        self.hparams = jsonable(self.hparams, "hparams")
+        self.metadata = jsonable(self.metadata, "metadata")
 
     def __repr__(self) -> str:
         state = "applied" if self.is_applied else "not applied"
@@ -327,81 +220,16 @@ class Edit:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``deltas.safetensors`` and ``edit.json`` (method, model, requests,
-        hyper-parameters, metadata, delta layout) into ``folder``; returns the folder."""
-        out = Path(folder)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        layout = []
-        for i, d in enumerate(self.deltas):
-            if d.dense is not None:
-                tensors[f"{i}.dense"] = d.dense.contiguous()
-            else:
-                tensors[f"{i}.left"] = d.left.contiguous()  # type: ignore[union-attr]
-                tensors[f"{i}.right"] = d.right.contiguous()  # type: ignore[union-attr]
-            kind = "dense" if d.dense is not None else "low_rank"
-            entry = {"layer": d.layer, "kind": kind, "rank": d.rank, "shape": list(d.shape)}
-            layout.append(entry if d.param is None else {**entry, "param": d.param})
-        tensors.update({f"keys.{L}": k.contiguous() for L, k in self.keys.items()})
-        with atomic_path(out / "deltas.safetensors") as tmp:
-            save_file(tensors, str(tmp))
-        info = {
-            "format": FORMAT,
-            "version": VERSION,
-            "method": self.method,
-            "model_name": self.model_name,
-            "model_fingerprint": self.model_fingerprint,
-            "deltas": layout,
-            "requests": [r.to_dict() for r in self.requests],
-            "hparams": self.hparams,
-            "metadata": self.metadata,
-        }
-        write_json_atomic(out / "edit.json", info)
-        return out
+        hyper-parameters, metadata, delta layout) into ``folder``; returns the folder
+        (:func:`editing.edit_format.write_edit`)."""
+        return write_edit(self, folder)
 
     @classmethod
     def load(cls, folder: str | Path) -> Edit:
         """Read an edit written by :meth:`save` (not applied to anything yet). Files of
         format version 1 (down-projection deltas only) load unchanged; a newer version is
-        refused with a one-line error."""
-        src = Path(folder)
-        meta_path, data_path = src / "edit.json", src / "deltas.safetensors"
-        for p in (meta_path, data_path):
-            if not p.is_file():
-                raise InvalidInput(f"{src} is not a saved edit: {p.name} is missing")
-        try:
-            info = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InvalidInput(f"{meta_path}: not readable ({exc})") from exc
-        if info.get("format") != FORMAT or info.get("version") not in READABLE_VERSIONS:
-            raise InvalidInput(
-                f"{meta_path}: not a factscope edit of a readable version {READABLE_VERSIONS} "
-                f"(found format {info.get('format')!r}, version {info.get('version')!r})"
-            )
-        tensors = load_file(str(data_path))
-        deltas = []
-        for i, entry in enumerate(info["deltas"]):
-            try:
-                if entry["kind"] == "dense":
-                    dense = tensors[f"{i}.dense"]
-                    deltas.append(LayerDelta(entry["layer"], dense=dense, param=entry.get("param")))
-                else:
-                    deltas.append(
-                        LayerDelta(
-                            entry["layer"], left=tensors[f"{i}.left"], right=tensors[f"{i}.right"]
-                        )
-                    )
-            except KeyError as exc:
-                raise InvalidInput(f"{data_path}: delta {i} is missing tensor {exc}") from exc
-        return cls(
-            deltas=deltas,
-            method=info["method"],
-            requests=[EditRequest.from_dict(r) for r in info["requests"]],
-            hparams=info["hparams"],
-            model_fingerprint=info["model_fingerprint"],
-            model_name=info["model_name"],
-            metadata=info.get("metadata", {}),
-            keys={int(k[5:]): v for k, v in tensors.items() if k.startswith("keys.")},
-        )
+        refused with a one-line error (:func:`editing.edit_format.read_edit`)."""
+        return cls(**read_edit(folder))
 
     # ------------------------------------------------------------------ constructors
 
