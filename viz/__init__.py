@@ -1,9 +1,10 @@
 """Pictures of factscope results: paper-style heatmaps (matplotlib), interactive heatmaps
-(plotly) and line / bar / scaling plots. ``viz`` only renders result values; it never runs a
-model."""
+(plotly) and line / bar / scaling / layer-sweep plots. ``viz`` only renders result values;
+it never runs a model."""
 
 from viz.heatmap import plot_before_after, plot_trace, save_figure, token_labels
 from viz.interactive import before_after_figure, edit_bars_figure, trace_figure, write_html
+from viz.layer_sweep import plot_layer_sweep
 from viz.plots import (
     EditBar,
     plot_average_effects,
@@ -21,6 +22,7 @@ __all__ = [
     "plot_before_after",
     "plot_edit_bars",
     "plot_layer_selection",
+    "plot_layer_sweep",
     "plot_scaling",
     "plot_sequential",
     "plot_trace",

@@ -1,9 +1,9 @@
 """The ``factscope`` command line: parses arguments, calls the library, prints results.
 
 One module per area (:mod:`~factscope.cli.models`, :mod:`~factscope.cli.tracing`,
-:mod:`~factscope.cli.editing`, :mod:`~factscope.cli.evaluation`), each registering its
-commands; every command is a function ``cmd_*(args)``. Options the user leaves out are not
-passed on, so the library's defaults apply. Bad input (a
+:mod:`~factscope.cli.editing`, :mod:`~factscope.cli.evaluation`, :mod:`~factscope.cli.sweep`),
+each registering its commands; every command is a function ``cmd_*(args)``. Options the
+user leaves out are not passed on, so the library's defaults apply. Bad input (a
 :class:`~tracing.errors.FactscopeError`) prints one ``error: ...`` line and exits 2; any
 other exception is a bug and shows its traceback.
 """
@@ -17,12 +17,12 @@ import sys
 from collections.abc import Sequence
 
 from factscope import __version__
-from factscope.cli import editing, evaluation, models, tracing
+from factscope.cli import editing, evaluation, models, sweep, tracing
 from factscope.cli.common import check_placement
 from tracing.distributed import init_from_env, leave
 from tracing.errors import FactscopeError
 
-SECTIONS = (models, tracing, editing, evaluation)
+SECTIONS = (models, tracing, editing, evaluation, sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:
