@@ -90,13 +90,16 @@ def plot_layer_sweep(
         if "failed" not in r and r.get(effect) is not None and r.get(score) is not None
     ]
     layers = sorted(means)
-    cmap = colormaps["viridis"]
-    bounds = np.arange(layers[0] - 0.5, layers[-1] + 1.5)
-    norm = BoundaryNorm(bounds, cmap.N)
+    index = {L: i for i, L in enumerate(layers)}  # one colour per swept layer, gaps skipped
+    cmap = colormaps["viridis"].resampled(len(layers))
+    norm = BoundaryNorm(np.arange(len(layers) + 1) - 0.5, cmap.N)
+    pts = [p for p in pts if p[0] in index]
     if pts:
         arr = np.asarray(pts, dtype=np.float64)
-        sc = right.scatter(arr[:, 1], arr[:, 2], c=arr[:, 0], cmap=cmap, norm=norm, s=14)
-        bar = fig.colorbar(sc, ax=right, ticks=layers if len(layers) <= 20 else None)
+        colour = [index[p[0]] for p in pts]
+        sc = right.scatter(arr[:, 1], arr[:, 2], c=colour, cmap=cmap, norm=norm, s=14)
+        bar = fig.colorbar(sc, ax=right, ticks=np.arange(len(layers)))
+        bar.ax.set_yticklabels([str(L) for L in layers], fontsize=8)
         bar.set_label("edited layer", fontsize=9)
     right.set_xlabel(f"tracing effect ({effect})", fontsize=9)
     right.set_ylabel(score.replace("_", " "), fontsize=9)
