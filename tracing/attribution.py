@@ -79,7 +79,7 @@ from tracing.models import HookedModel, decode, final_logits, n_layers
 from tracing.results import KINDS
 
 if TYPE_CHECKING:
-    from tracing.trace import PreparedFact
+    from tracing.prepared_fact import PreparedFact
 
 #: Below this answer probability in every corrupted run, ∂p/∂h ∝ p vanishes: AtP's estimates
 #: are ~0 whatever the true effect, so factscope refuses to report them (``atp``) or computes

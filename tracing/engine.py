@@ -58,7 +58,7 @@ def fast_probs(
 ) -> np.ndarray:
     """Mean answer probability over the noisy runs for each intervention (see module doc).
 
-    ``prep`` is a :class:`tracing.trace.PreparedFact`.
+    ``prep`` is a :class:`tracing.prepared_fact.PreparedFact`.
     """
     S = prep.samples
     out = np.full(len(interventions), np.nan)

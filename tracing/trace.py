@@ -5,11 +5,13 @@ with any set of clean states restored; :func:`trace_fact` builds the paper's [to
 maps on top of it for the residual stream (``resid``), MLP outputs (``mlp``) and attention
 outputs (``attn``), the latter two with a window of layers centred on each layer.
 
-Two exact engines compute the same numbers with the same noise:
+Every engine starts from the same prepared fact (tokens, noise, clean and corrupted runs:
+:func:`tracing.prepared_fact.prepare_fact`). Two exact engines compute the same numbers with
+the same noise:
 
-* ``method="reference"``: the plain algorithm of the paper's code: for every point, one batch
-  of 1 clean + N noisy runs through the whole model, the clean row's states copied into the
-  noisy rows, logits at every position.
+* ``method="reference"`` (:mod:`tracing.reference`): the plain algorithm of the paper's code:
+  for every point, one batch of 1 clean + N noisy runs through the whole model, the clean
+  row's states copied into the noisy rows, logits at every position.
 * ``method="fast"`` (default, :mod:`tracing.engine`): the clean and corrupted runs are made
   once and cached; each point recomputes only the blocks from its lowest restored layer and
   the positions from its restored token on, batched with the points that share that token;
@@ -31,14 +33,9 @@ Two methods estimate them instead (:mod:`tracing.attribution`):
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import torch
-from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from tracing.attribution import (
@@ -49,161 +46,41 @@ from tracing.attribution import (
     atp_probs,
     before_subject,
 )
-from tracing.engine import State, fast_probs, run_corrupted, state_hook
+from tracing.engine import State, fast_probs
 from tracing.errors import InvalidInput
-from tracing.facts import tokenize_fact
-from tracing.forward import capture_block_kwargs
 from tracing.memory import batch_tokens
 from tracing.models import (
     HookedModel,
     HookKind,
     check_layer,
-    context_length,
     decode,
-    final_logits,
     fingerprint,
-    hook_name,
-    model_device,
     model_name,
     n_layers,
-    target_ids,
 )
-from tracing.noise import DEFAULT_NOISE, NoiseSpec, add_noise, noise_draws, resolve_noise
+from tracing.noise import DEFAULT_NOISE, NoiseSpec, resolve_noise
+from tracing.prepared_fact import PreparedFact, prepare_fact
+from tracing.reference import reference_probs
 from tracing.results import KINDS, TraceResult, TraceSettings
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "ENGINES",
+    "METHODS",
+    "PreparedFact",
+    "grid_interventions",
+    "prepare_fact",
+    "restored_probs",
+    "trace_fact",
+    "trace_settings",
+    "window_layers",
+]
 
 DEFAULT_WINDOW = {"resid": 1, "mlp": 10, "attn": 10}
 #: What :func:`restored_probs` computes with: two exact engines and the AtP estimate.
 ENGINES = ("fast", "reference", "atp")
 #: What :func:`trace_fact` takes: the exact engines, AtP, and AtP verified by the fast engine.
 METHODS = ("fast", "reference", "atp", "atp+exact")
-
-
-@dataclass
-class PreparedFact:
-    """Everything the engines share for one prompt: tokens, noise, clean and corrupted runs."""
-
-    ids: torch.Tensor  # [1, pos]
-    tokens: list[str]
-    span: tuple[int, int]
-    answer_id: int
-    noise: torch.Tensor  # [samples, span_len, d_model], float64
-    block_kwargs: list[dict]
-    clean: dict[str, torch.Tensor]  # hook name -> [1, pos, d]
-    corrupt_resid: list[torch.Tensor]  # [n_layers + 1] block inputs, [samples, pos, d]
-    corrupt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per block: keys, values
-    p_clean: float
-    p_corrupted: float
-    attribution: Any = None  # tracing.attribution.Attribution, computed on first use
-
-    @property
-    def samples(self) -> int:
-        return int(self.noise.shape[0])
-
-
-def prepare_fact(
-    model: HookedModel,
-    prompt: str,
-    subject: str,
-    answer: str | None,
-    noise: NoiseSpec,
-    samples: int,
-    seed: int,
-    occurrence: int = 0,
-) -> tuple[PreparedFact, list[str]]:
-    """Tokenise, pick the answer token, draw the noise, and make the clean and corrupted runs.
-
-    Returns the prepared fact and notes for the user (e.g. a multi-token answer cut to its
-    first token).
-    """
-    notes: list[str] = []
-    fact = tokenize_fact(model, prompt, subject, occurrence)
-    if len(fact.ids) > context_length(model):
-        raise InvalidInput(
-            f"prompt has {len(fact.ids)} tokens, longer than the context ({context_length(model)})"
-        )
-    ids = torch.tensor([fact.ids], device=model_device(model))
-    n = n_layers(model)
-    names = {hook_name(model, "resid_pre", 0)}
-    for layer in range(n):
-        names.update(hook_name(model, k, layer) for k in KINDS)
-    final = hook_name(model, "resid", n - 1)
-    names.add(final)
-    clean, kwargs = capture_block_kwargs(model, ids, lambda nm: nm in names)
-    with torch.no_grad():
-        logits = final_logits(model, clean[final][:, -1:])
-    probs = torch.softmax(logits[0, -1].float(), -1)
-    if answer is None:
-        answer_id = int(probs.argmax())
-    else:
-        answer_tokens = target_ids(model, answer)
-        answer_id = answer_tokens[0]
-        if len(answer_tokens) > 1:
-            notes.append(
-                f"answer {answer!r} is {len(answer_tokens)} tokens; traced its first token "
-                f"{decode(model, answer_id)!r}"
-            )
-    d_model = int(model.cfg.d_model)
-    span_len = fact.subject_span[1] - fact.subject_span[0]
-    draws = noise_draws(samples, span_len, d_model, noise, seed)
-    h = add_noise(clean[hook_name(model, "resid_pre", 0)], draws, fact.subject_span)
-    corrupt, corrupt_kv = run_corrupted(model, h, kwargs)
-    with torch.no_grad():
-        p_corrupted = _answer_prob(model, corrupt[-1], answer_id).mean().item()
-    prepared = PreparedFact(
-        ids=ids,
-        tokens=list(fact.tokens),
-        span=fact.subject_span,
-        answer_id=answer_id,
-        noise=draws,
-        block_kwargs=kwargs,
-        clean=clean,
-        corrupt_resid=corrupt,
-        corrupt_kv=corrupt_kv,
-        p_clean=float(probs[answer_id]),
-        p_corrupted=float(p_corrupted),
-    )
-    return prepared, notes
-
-
-def _answer_prob(
-    model: HookedModel, resid: Float[torch.Tensor, "rows pos d"], answer_id: int
-) -> torch.Tensor:
-    logits = final_logits(model, resid[:, -1:])[:, 0].float()
-    return torch.softmax(logits, -1)[:, answer_id]
-
-
-def _reference_probs(
-    model, prep: PreparedFact, interventions: Sequence[Sequence[State]], bar
-) -> np.ndarray:
-    S = prep.samples
-    ids = prep.ids.repeat(S + 1, 1)
-    start, end = prep.span
-    embed = hook_name(model, "embed")
-
-    def corrupt(x, hook):
-        x = x.clone()
-        x[1:, start:end] = (x[1:, start:end].double() + prep.noise.to(x.device)).to(x.dtype)
-        return x
-
-    out = np.empty(len(interventions))
-    for i, states in enumerate(interventions):
-        by_hook: dict[str, list[int]] = defaultdict(list)
-        for kind, layer, tok in states:
-            by_hook[state_hook(model, kind, layer)].append(tok)
-        hooks = [(embed, corrupt)]
-        for name, toks in by_hook.items():
-
-            def restore(x, hook, toks=toks):
-                x = x.clone()
-                x[1:, toks] = x[0, toks]
-                return x
-
-            hooks.append((name, restore))
-        with torch.no_grad():
-            logits = model.run_with_hooks(ids, fwd_hooks=hooks, use_cache=False)
-        out[i] = torch.softmax(logits[1:, -1].float(), -1)[:, prep.answer_id].mean().item()
-        bar.update(1)
-    return out
 
 
 def restored_probs(
@@ -240,7 +117,7 @@ def restored_probs(
         if method == "fast":
             return fast_probs(model, prep, interventions, rows, bar)
         if method == "reference":
-            return _reference_probs(model, prep, interventions, bar)
+            return reference_probs(model, prep, interventions, bar)
         if method == "atp":
             out = atp_probs(model, prep, interventions, atp_space)
             bar.update(len(interventions))

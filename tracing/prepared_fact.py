@@ -1,0 +1,127 @@
+"""One fact made ready for causal tracing: :func:`prepare_fact` and :class:`PreparedFact`.
+
+Every engine of :mod:`tracing.trace` (the reference engine, the fast one of
+:mod:`tracing.engine`, attribution patching of :mod:`tracing.attribution`) starts from the
+same prepared fact: the prompt's tokens and subject span, the answer token, the noise drawn
+once for the subject's embeddings, the clean run's states and the corrupted runs' block
+inputs (and keys/values), and the answer's probability in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tracing.engine import run_corrupted
+from tracing.errors import InvalidInput
+from tracing.facts import tokenize_fact
+from tracing.forward import capture_block_kwargs
+from tracing.models import (
+    HookedModel,
+    context_length,
+    decode,
+    final_logits,
+    hook_name,
+    model_device,
+    n_layers,
+    target_ids,
+)
+from tracing.noise import NoiseSpec, add_noise, noise_draws
+from tracing.results import KINDS
+
+
+@dataclass
+class PreparedFact:
+    """Everything the engines share for one prompt: tokens, noise, clean and corrupted runs."""
+
+    ids: torch.Tensor  # [1, pos]
+    tokens: list[str]
+    span: tuple[int, int]
+    answer_id: int
+    noise: torch.Tensor  # [samples, span_len, d_model], float64
+    block_kwargs: list[dict]
+    clean: dict[str, torch.Tensor]  # hook name -> [1, pos, d]
+    corrupt_resid: list[torch.Tensor]  # [n_layers + 1] block inputs, [samples, pos, d]
+    corrupt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per block: keys, values
+    p_clean: float
+    p_corrupted: float
+    attribution: Any = None  # tracing.attribution.Attribution, computed on first use
+
+    @property
+    def samples(self) -> int:
+        return int(self.noise.shape[0])
+
+
+def prepare_fact(
+    model: HookedModel,
+    prompt: str,
+    subject: str,
+    answer: str | None,
+    noise: NoiseSpec,
+    samples: int,
+    seed: int,
+    occurrence: int = 0,
+) -> tuple[PreparedFact, list[str]]:
+    """Tokenise, pick the answer token, draw the noise, and make the clean and corrupted runs.
+
+    Returns the prepared fact and notes for the user (e.g. a multi-token answer cut to its
+    first token).
+    """
+    notes: list[str] = []
+    fact = tokenize_fact(model, prompt, subject, occurrence)
+    if len(fact.ids) > context_length(model):
+        raise InvalidInput(
+            f"prompt has {len(fact.ids)} tokens, longer than the context ({context_length(model)})"
+        )
+    ids = torch.tensor([fact.ids], device=model_device(model))
+    n = n_layers(model)
+    names = {hook_name(model, "resid_pre", 0)}
+    for layer in range(n):
+        names.update(hook_name(model, k, layer) for k in KINDS)
+    final = hook_name(model, "resid", n - 1)
+    names.add(final)
+    clean, kwargs = capture_block_kwargs(model, ids, lambda nm: nm in names)
+    with torch.no_grad():
+        logits = final_logits(model, clean[final][:, -1:])
+    probs = torch.softmax(logits[0, -1].float(), -1)
+    if answer is None:
+        answer_id = int(probs.argmax())
+    else:
+        answer_tokens = target_ids(model, answer)
+        answer_id = answer_tokens[0]
+        if len(answer_tokens) > 1:
+            notes.append(
+                f"answer {answer!r} is {len(answer_tokens)} tokens; traced its first token "
+                f"{decode(model, answer_id)!r}"
+            )
+    d_model = int(model.cfg.d_model)
+    span_len = fact.subject_span[1] - fact.subject_span[0]
+    draws = noise_draws(samples, span_len, d_model, noise, seed)
+    h = add_noise(clean[hook_name(model, "resid_pre", 0)], draws, fact.subject_span)
+    corrupt, corrupt_kv = run_corrupted(model, h, kwargs)
+    with torch.no_grad():
+        p_corrupted = _answer_prob(model, corrupt[-1], answer_id).mean().item()
+    prepared = PreparedFact(
+        ids=ids,
+        tokens=list(fact.tokens),
+        span=fact.subject_span,
+        answer_id=answer_id,
+        noise=draws,
+        block_kwargs=kwargs,
+        clean=clean,
+        corrupt_resid=corrupt,
+        corrupt_kv=corrupt_kv,
+        p_clean=float(probs[answer_id]),
+        p_corrupted=float(p_corrupted),
+    )
+    return prepared, notes
+
+
+def _answer_prob(
+    model: HookedModel, resid: Float[torch.Tensor, "rows pos d"], answer_id: int
+) -> torch.Tensor:
+    logits = final_logits(model, resid[:, -1:])[:, 0].float()
+    return torch.softmax(logits, -1)[:, answer_id]
