@@ -144,36 +144,6 @@ def _subject_edit_fn(model: Any, config: SweepConfig, overrides: dict, out: Path
     )
 
 
-def case_relations() -> dict[int, str]:
-    """CounterFact case id -> relation id, as the rebuilt neighbourhoods assigned them
-    (``editing/data/counterfact_neighbourhoods.json.gz``; cases without one are absent)."""
-    import gzip
-
-    from editing.corpus import data_path
-
-    with gzip.open(data_path("counterfact_neighbourhoods.json.gz"), "rt", encoding="utf-8") as f:
-        cases = json.load(f)["cases"]
-    return {int(c["case_id"]): c["relation_id"] for c in cases if c.get("relation_id")}
-
-
-def with_relations(edit_fn: Callable[..., Any], relations: Mapping[int, str]) -> Callable[..., Any]:
-    """``edit_fn`` with each request's missing ``relation_id`` filled from ``relations`` (by
-    case id): the reduced CounterFact records carry none, and the neighbour-KL term finds its
-    other subjects by relation."""
-    from dataclasses import replace
-
-    def edit(model: Any, requests: Any, *args: Any, **kwargs: Any) -> Any:
-        filled = [
-            replace(r, relation_id=relations.get(r.case_id))
-            if r.relation_id is None and r.case_id in relations
-            else r
-            for r in requests
-        ]
-        return edit_fn(model, filled, *args, **kwargs)
-
-    return edit
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -247,10 +217,6 @@ def run_sweep(
             extra = {}
             if c.subject_weight:
                 extra["edit_fn"] = _subject_edit_fn(model, c, resolved[c.name], out)
-            if resolved[c.name].get("neighbour_kl_factor"):
-                from editing.api import make_edit
-
-                extra["edit_fn"] = with_relations(extra.get("edit_fn", make_edit), case_relations())
             summary = run(model, cfg, **extra)
         except Exception:  # one configuration's failure does not stop the sweep
             log.exception("configuration %s failed; its rows so far stay on disk", c.name)

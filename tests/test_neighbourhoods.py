@@ -198,6 +198,24 @@ def test_load_cases_gives_both_forms_under_different_labels(shipped, reduced):
         assert len(split_cases(label, cases, "eval")) == 21919 - len(tuning)
 
 
+def test_counterfact_requests_carry_their_relation_id(shipped):
+    """Every request the CounterFact task builds from the shipped cases, in both forms, has the
+    relation id the neighbourhood builder assigned to its case (the reduced records name none);
+    the five full-schema records, which name theirs, agree with it."""
+    assigned = {int(c["case_id"]): c["relation_id"] for c in shipped["cases"]}
+    assert all(assigned.values())
+    for dataset in ("counterfact", "counterfact-1"):
+        _, task, cases = load_cases(dataset)
+        requests = [task.request(c) for c in cases]
+        assert [r.case_id for r in requests if not r.relation_id] == []
+        assert {r.case_id: r.relation_id for r in requests} == assigned
+    _, task, full = load_cases("counterfact-full")
+    own = {c.case_id: task.request(c).relation_id for c in full}
+    assert own == {0: "P103", 1: "P140", 2: "P1303", 3: "P17", 4: "P190"}
+    assert own == {i: assigned[i] for i in own}
+    assert load_counterfact()[3].relation_id == "P17"  # "{}, which is located in" Spain
+
+
 def test_neighbourhoods_only_for_the_shipped_reduced_cases(tmp_path):
     with pytest.raises(InvalidInput, match="only for the shipped"):
         load_counterfact(full_sample=True, neighbourhoods=True)

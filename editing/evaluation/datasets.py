@@ -9,6 +9,8 @@ CounterFact comes in two shapes and both load into :class:`CounterFactRecord`:
   prompt each. ``load_counterfact(neighbourhoods=True)`` gives them up to ten instead, rebuilt
   from the shipped cases by ``scripts/build_neighbourhoods.py`` (other subjects with the same
   relation and the same true object; ``editing/data/counterfact_neighbourhoods.json.gz``).
+  The reduced form names no relation; that file holds the relation id the script assigned to
+  every case (:func:`load_relations`), and both forms of the shipped cases load with it.
 """
 
 from __future__ import annotations
@@ -140,15 +142,18 @@ REDUCED_FILE = "counterfact_reduced.json.gz"
 NEIGHBOURHOODS_FILE = "counterfact_neighbourhoods.json.gz"
 
 
-def load_neighbourhoods(path: str | Path | None = None) -> dict[int, tuple[str, ...]]:
-    """Case id -> the rebuilt neighbourhood prompts of a shipped reduced CounterFact case (at
-    most ten; none for a case without a neighbour). The file must have been built from the
-    shipped reduced cases (its recorded SHA-256 of them is checked) and cover every case."""
+def _neighbourhood_tables(
+    path: str | Path | None = None,
+) -> tuple[dict[int, tuple[str, ...]], dict[int, str]]:
+    """(case id -> rebuilt neighbourhood prompts, case id -> relation id) of the rebuilt
+    neighbourhood file, after checking that it was built from the shipped reduced cases (its
+    recorded SHA-256 of them)."""
     src = Path(path) if path is not None else data_path(NEIGHBOURHOODS_FILE)
     raw = _read_json(src)
     try:
         recorded = raw["source"]["sha256_decompressed"]
-        table = {int(c["case_id"]): tuple(c["prompts"]) for c in raw["cases"]}
+        prompts = {int(c["case_id"]): tuple(c["prompts"]) for c in raw["cases"]}
+        relations = {int(c["case_id"]): str(c["relation_id"]) for c in raw["cases"]}
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidInput(f"{src}: not a CounterFact neighbourhood file ({exc!r})") from exc
     with gzip.open(data_path(REDUCED_FILE), "rb") as f:
@@ -158,19 +163,37 @@ def load_neighbourhoods(path: str | Path | None = None) -> dict[int, tuple[str, 
             f"{src} was built from other CounterFact cases than the shipped {REDUCED_FILE}; "
             "rebuild it with scripts/build_neighbourhoods.py"
         )
-    return table
+    return prompts, relations
+
+
+def load_neighbourhoods(path: str | Path | None = None) -> dict[int, tuple[str, ...]]:
+    """Case id -> the rebuilt neighbourhood prompts of a shipped reduced CounterFact case (at
+    most ten; none for a case without a neighbour). The file must have been built from the
+    shipped reduced cases (its recorded SHA-256 of them is checked) and cover every case."""
+    return _neighbourhood_tables(path)[0]
+
+
+def load_relations(path: str | Path | None = None) -> dict[int, str]:
+    """Case id -> the relation id of a shipped reduced CounterFact case. The reduced records
+    carry none; ``scripts/build_neighbourhoods.py`` assigned one to every case (a Wikidata id
+    such as ``P17``; ``P131|P276`` where the case's templates and true object leave two;
+    ``unmapped:<template>`` for the few templates no source names) and the neighbourhood file
+    holds it. Checked like :func:`load_neighbourhoods`."""
+    return _neighbourhood_tables(path)[1]
 
 
 def load_counterfact(
     path: str | Path | None = None, *, full_sample: bool = False, neighbourhoods: bool = False
 ) -> list[CounterFactRecord]:
     """Load CounterFact. Default: all 21,919 shipped cases (reduced form), sorted by case_id,
-    each with its one shipped neighbourhood prompt.
+    each with its one shipped neighbourhood prompt and its relation id (:func:`load_relations`:
+    the reduced records carry none, so it comes from the rebuilt neighbourhood file).
 
-    ``neighbourhoods=True`` (shipped reduced cases only) replaces it by the rebuilt ones of
-    :func:`load_neighbourhoods` (up to ten); a case without a rebuilt neighbour keeps its
-    shipped prompt. ``full_sample=True`` loads the 5 shipped records in the full ROME schema.
-    ``path`` loads any JSON (or .json.gz) list of CounterFact-shaped records, full or reduced.
+    ``neighbourhoods=True`` (shipped reduced cases only) replaces the neighbourhood prompt by
+    the rebuilt ones of :func:`load_neighbourhoods` (up to ten); a case without a rebuilt
+    neighbour keeps its shipped prompt. ``full_sample=True`` loads the 5 shipped records in the
+    full ROME schema (their relation ids are their own). ``path`` loads any JSON (or .json.gz)
+    list of CounterFact-shaped records, full or reduced, as they are.
     """
     if neighbourhoods and (path is not None or full_sample):
         raise InvalidInput("rebuilt neighbourhoods exist only for the shipped reduced cases")
@@ -179,16 +202,21 @@ def load_counterfact(
     else:
         src = data_path("counterfact_full_first5.json.gz" if full_sample else REDUCED_FILE)
     records = _parse_all(src, parse_counterfact, "CounterFact")
-    if not neighbourhoods:
+    if path is not None or full_sample:
         return records
-    table = load_neighbourhoods()
-    missing = [r.case_id for r in records if r.case_id not in table]
+    table, relations = _neighbourhood_tables()
+    missing = [r.case_id for r in records if r.case_id not in relations]
     if missing:
         raise InvalidInput(f"no rebuilt neighbourhood for case ids {missing[:10]}")
-    return [
-        dataclasses.replace(r, neighborhood_prompts=table[r.case_id]) if table[r.case_id] else r
-        for r in records
-    ]
+    out = []
+    for r in records:
+        prompts = (table[r.case_id] if neighbourhoods else ()) or r.neighborhood_prompts
+        out.append(
+            dataclasses.replace(
+                r, relation_id=r.relation_id or relations[r.case_id], neighborhood_prompts=prompts
+            )
+        )
+    return out
 
 
 @dataclass(frozen=True)
