@@ -27,6 +27,19 @@ def pytest_report_header() -> list[str]:
     return ["factscope deps: " + ", ".join(f"{n} {version(n)}" for n in names)]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: notebooks, then the embedded model's tests, then the tiny models' (stable
+    within each). With two xdist workers the long tests start at once and the short ones fill
+    the gaps, instead of a notebook running alone at the end."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("notebook"):
+            return 0
+        return 1 if item.get_closest_marker("model") else 2
+
+    items.sort(key=rank)
+
+
 class NetworkAccessError(RuntimeError):
     pass
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -56,6 +57,8 @@ def run_notebook(name: str, workdir: Path, **overrides) -> list[dict]:
     )
     nb.cells.insert(0, nbformat.v4.new_code_cell(check))
     env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # the kernel takes the test process's share of the cores (one thread per xdist worker)
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     client = nbclient.NotebookClient(
         nb,
         timeout=CELL_TIMEOUT,
