@@ -107,7 +107,7 @@ def gemma():
     return load_model("gemma-3-270m")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def reduced_record():
     """A function turning a CounterFact record into the shipped reduced form (one
     paraphrase, one neighbour), the shape of a user's own ``--dataset cases.json`` file."""

@@ -11,7 +11,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import _reduced_record
 
 import editing.evaluation.layer_sweep as sweep_module
 import tracing.models
@@ -64,10 +63,10 @@ def cache(module_cache):
 
 
 @pytest.fixture(scope="module")
-def cf_path(tmp_path_factory):
+def cf_path(tmp_path_factory, reduced_record):
     """Three reduced CounterFact records (the toy model knows none: ``only_known=False``)."""
     path = tmp_path_factory.mktemp("data") / "cases.json"
-    path.write_text(json.dumps([_reduced_record(r) for r in load_counterfact()[:3]]))
+    path.write_text(json.dumps([reduced_record(r) for r in load_counterfact()[:3]]))
     return path
 
 
