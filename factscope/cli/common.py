@@ -53,6 +53,24 @@ def add_model(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_case_selection(p: argparse.ArgumentParser) -> None:
+    """Which CounterFact cases a run takes: ``--split``, ``--all-cases``, ``--known-rule``
+    (``eval`` and ``layer-sweep`` choose cases the same way)."""
+    p.add_argument(
+        "--split",
+        default=UNSET,
+        choices=("eval", "tuning", "all"),
+        help="CounterFact cases: eval (default: the tuning split left out), tuning, or all",
+    )
+    p.add_argument("--all-cases", action="store_true", help="keep cases the model does not know")
+    p.add_argument(
+        "--known-rule",
+        default=UNSET,
+        choices=("prefers", "top1"),
+        help="'known': P(true) > P(new) (prefers, default) or true target top-1 (top1)",
+    )
+
+
 def add_progress(p: argparse.ArgumentParser) -> None:
     """``--no-progress``: no progress bars."""
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from factscope.cli.common import (
     UNSET,
+    add_case_selection,
     add_model,
     add_progress,
     given,
@@ -195,20 +196,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="results", help="output folder (default results/)")
     p.add_argument("--name", default=UNSET, help="run folder inside --out (default DATASET_METHOD)")
     add_model(p)
-    p.add_argument("--all-cases", action="store_true", help="keep cases the model does not know")
-    p.add_argument(
-        "--known-rule",
-        default=UNSET,
-        choices=("prefers", "top1"),
-        help="'known': P(true) > P(new) (prefers, default) or true target top-1 (top1)",
-    )
+    add_case_selection(p)
     p.add_argument("--seed", type=int, default=UNSET, help="default 0")
-    p.add_argument(
-        "--split",
-        default=UNSET,
-        choices=("eval", "tuning", "all"),
-        help="CounterFact cases: eval (default: the tuning split left out), tuning, or all",
-    )
     p.add_argument(
         "--gen-tokens",
         type=int,

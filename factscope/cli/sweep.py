@@ -7,7 +7,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from factscope.cli.common import UNSET, add_model, add_progress, given, input_file, load
+from factscope.cli.common import (
+    UNSET,
+    add_case_selection,
+    add_model,
+    add_progress,
+    given,
+    input_file,
+    load,
+)
 
 FIGURE = "layer_sweep.png"
 
@@ -82,20 +90,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=UNSET,
         help="counterfact (default) | counterfact-1 | counterfact-full | PATH.json",
     )
-    p.add_argument(
-        "--split",
-        default=UNSET,
-        choices=("eval", "tuning", "all"),
-        help="CounterFact cases: eval (default: the tuning split left out), tuning, or all",
-    )
+    add_case_selection(p)
     p.add_argument("--hparams", help="ROME hyper-parameter JSON (default: the model's)")
-    p.add_argument("--all-cases", action="store_true", help="keep facts the model does not know")
-    p.add_argument(
-        "--known-rule",
-        default=UNSET,
-        choices=("prefers", "top1"),
-        help="'known': P(true) > P(new) (prefers, default) or true target top-1 (top1)",
-    )
     p.add_argument("--seed", type=int, default=UNSET, help="edit seed (default 0)")
     p.add_argument("--samples", type=int, default=UNSET, help="noisy runs per trace (default 10)")
     p.add_argument("--noise", default=UNSET, help="trace noise: 3s (default) or a number")
