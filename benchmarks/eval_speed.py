@@ -18,8 +18,8 @@ from pathlib import Path
 
 from editing.evaluation.cases import UneditedCache, select_cases
 from editing.evaluation.generation import GenerationSettings
-from editing.evaluation.metrics import ModelScorer
 from editing.evaluation.runner import evaluate
+from editing.evaluation.scoring import ModelScorer
 from editing.evaluation.tasks import load_cases
 from tracing.models import load_model
 

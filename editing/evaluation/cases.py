@@ -12,9 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from editing.evaluation.generation import GenerationSettings, generate_texts, generation_prompts
-from editing.evaluation.metrics import Scorer
 from editing.evaluation.results import append_rows
+from editing.evaluation.scoring import Scorer
 from editing.evaluation.tasks import Case, Task
 from editing.requests import ConflictIndex
 from tracing.models import HookedModel
@@ -115,6 +117,7 @@ def select_cases(
     rule: str,
     cache: UneditedCache,
     skip_conflicts: bool = True,
+    progress: bool = False,
 ) -> tuple[list[tuple[Case, Any]], list[dict], int]:
     """The first ``n`` usable (and, with ``only_known``, known) cases with their unedited
     scores; the skipped cases (with reasons) and the number dropped as not known, counted
@@ -124,11 +127,14 @@ def select_cases(
     subject and prompt template, or same subject and relation; CounterFact has such pairs)
     is skipped, as MEMIT's multi-edit CounterFact does, so that any number of the selected
     cases can be edited in one batch and every method sees the same cases. With
-    ``skip_conflicts=False`` they are kept (a sequential stream meets them as they come)."""
+    ``skip_conflicts=False`` they are kept (a sequential stream meets them as they come).
+    ``progress``: a bar of the cases selected so far (scoring the unedited model on a
+    thousand cases takes minutes; cached scores are read back at once)."""
     selected: list[tuple[Case, Any]] = []
     skipped: list[dict] = []
     taken = ConflictIndex()
     unknown, pos = 0, 0
+    bar = tqdm(total=n, desc="select cases (unedited scores)", disable=not progress)
     while pos < len(cases) and len(selected) < n:
         need = n - len(selected)
         size = min(_CHUNK, max(8, 3 * need)) if only_known else need
@@ -152,4 +158,6 @@ def select_cases(
                     continue
                 taken.add(req)
                 selected.append((c, pres[c.case_id]))
+                bar.update()
+    bar.close()
     return selected, skipped, unknown

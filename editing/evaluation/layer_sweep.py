@@ -44,9 +44,9 @@ from tqdm.auto import tqdm
 from editing.api import HparamsLike, make_edit, resolve_hparams
 from editing.edit import Edit
 from editing.evaluation.cases import UneditedCache, case_seed, select_cases
-from editing.evaluation.metrics import ModelScorer, Scorer, space_target
 from editing.evaluation.results import append_rows, write_csv
 from editing.evaluation.runner import check_run
+from editing.evaluation.scoring import ModelScorer, Scorer, space_target
 from editing.evaluation.sweep_analysis import markdown_table, summarize
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.stats import layer_second_moments
@@ -274,7 +274,14 @@ def run_layer_sweep(
     scorer = scorer or ModelScorer(model)
     cache = UneditedCache(run_dir / "unedited.jsonl", task, scorer, model)
     selected, skipped, n_unknown = select_cases(
-        model, task, cases, config.n, config.only_known, config.known_rule, cache
+        model,
+        task,
+        cases,
+        config.n,
+        config.only_known,
+        config.known_rule,
+        cache,
+        progress=config.progress,
     )
     if not selected:
         raise InvalidInput(

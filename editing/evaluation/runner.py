@@ -39,7 +39,7 @@ from editing.evaluation.cases import (
     select_cases,
 )
 from editing.evaluation.generation import GenerationSettings, fluency
-from editing.evaluation.metrics import ModelScorer, Scorer, aggregate
+from editing.evaluation.metrics import aggregate
 from editing.evaluation.results import (
     EvalSummary,
     append_rows,
@@ -49,6 +49,7 @@ from editing.evaluation.results import (
     split_prefixed,
     write_csv,
 )
+from editing.evaluation.scoring import ModelScorer, Scorer
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.methods import get_method
 from editing.weights import weights_checksums, weights_key
@@ -281,7 +282,16 @@ def evaluate(
     cache = UneditedCache(Path(cfg.out_dir) / f"unedited_{label}_{wkey}.jsonl", task, scorer, model)
     here = ranks()  # under torchrun: rank 0 fills the unedited cache, the others read it
     selected, skipped, n_unknown = main_first(
-        lambda: select_cases(model, task, cases, cfg.n, filtered, cfg.known_rule, cache)
+        lambda: select_cases(
+            model,
+            task,
+            cases,
+            cfg.n,
+            filtered,
+            cfg.known_rule,
+            cache,
+            progress=cfg.progress and here.is_main,
+        )
     )
     if not selected:
         raise InvalidInput(

@@ -53,9 +53,10 @@ from editing.evaluation.ability import (
     perplexity,
 )
 from editing.evaluation.cases import UneditedCache, select_cases
-from editing.evaluation.metrics import ModelScorer, Scorer, aggregate
+from editing.evaluation.metrics import aggregate
 from editing.evaluation.results import append_rows
 from editing.evaluation.runner import EditFn, check_run
+from editing.evaluation.scoring import ModelScorer, Scorer
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, load_cases, split_cases
 from editing.hparams import KeyValueHparams
 from editing.methods import get_method
@@ -202,7 +203,15 @@ def evaluate_sequential(
     cache = UneditedCache(Path(cfg.out_dir) / f"unedited_{label}_{wkey}.jsonl", task, scorer, model)
     filtered = cfg.only_known and task.kind == "counterfact"
     selected, _, _ = select_cases(
-        model, task, cases, cfg.n, filtered, cfg.known_rule, cache, skip_conflicts=False
+        model,
+        task,
+        cases,
+        cfg.n,
+        filtered,
+        cfg.known_rule,
+        cache,
+        skip_conflicts=False,
+        progress=cfg.progress,
     )
     heldout = heldout_sequences(model, cfg.ppl_tokens)
     facts = known_facts(model, load_known_facts(cfg.facts))
