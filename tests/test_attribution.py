@@ -48,6 +48,26 @@ def test_atp_is_exact_to_first_order_on_every_architecture(toy_model):
         assert np.all(atp.scores[kind][:start] == atp.p_corrupted)
 
 
+def test_atp_alone_makes_no_recorded_corrupted_run(toy_models, monkeypatch):
+    """``atp`` takes the corrupted runs' answer probability from its own pass with gradients,
+    so a trace with it alone never runs the recorded corrupted pass the exact engine needs
+    (a third of an AtP trace's time on the embedded model), and its ``p_corrupted`` is that
+    of the exact trace: the same forward, the same definition, to the bit."""
+    import tracing.prepared_fact as P
+
+    model = toy_models["gpt2"]
+    kw = dict(samples=3, noise="3s", seed=5)
+    exact = trace_fact(model, PROMPT, SUBJECT, **kw)
+    calls = []
+    real = P.run_corrupted
+    monkeypatch.setattr(P, "run_corrupted", lambda *a: calls.append(1) or real(*a))
+    atp = trace_fact(model, PROMPT, SUBJECT, method="atp", **kw)
+    assert calls == []
+    assert atp.p_corrupted == exact.p_corrupted and not math.isnan(atp.p_corrupted)
+    trace_fact(model, PROMPT, SUBJECT, method="atp+exact", **kw)  # the exact cells need it
+    assert calls == [1]
+
+
 def test_log_odds_and_prob_steps_in_closed_form(toy_models):
     """Two noise samples with p = 0.01 and 0.5 and log-space effects 3 and -1: the prob step
     is p·e, the log-odds step moves logit(p) by e / (1 - p) and maps back through sigma."""

@@ -111,13 +111,16 @@ class Attribution:
     layer, token t) in noisy run ``s``; ``embed[s, t]`` the same for the input of block 0
     (resid at layer -1). ``p[s]`` is the answer's probability in run ``s`` (the prob-space
     term is ``p_s`` times the log-space one: ``∂p = p ∂log p``); ``seconds`` the forward and
-    backward time.
+    backward time. ``p_corrupted`` is the mean of ``p`` as
+    :func:`~tracing.prepared_fact.answer_probs` computes it (a prepared fact made without
+    corrupted runs takes it from here).
     """
 
     effects: dict[str, np.ndarray]
     embed: np.ndarray
     p: np.ndarray
     seconds: float
+    p_corrupted: float = math.nan
 
     @property
     def max_p(self) -> float:
@@ -166,6 +169,8 @@ def attribute(model: HookedModel, prep: PreparedFact) -> Attribution:
         h = run_blocks(model, h0, prep.block_kwargs, 0)
         logits = final_logits(model, h[:, -1:])[:, 0].float()
         logp = torch.log_softmax(logits, -1)[:, prep.answer_id]
+        with torch.no_grad():  # answer_probs' definition, from the logits at hand
+            p_corrupted = torch.softmax(logits.detach(), -1)[:, prep.answer_id].mean().item()
         missing = sorted(set(names) - set(deltas))
         if missing or not logp.requires_grad:
             raise InvalidInput(
@@ -197,6 +202,7 @@ def attribute(model: HookedModel, prep: PreparedFact) -> Attribution:
         embed=embed,
         p=logp.detach().double().exp().cpu().numpy(),
         seconds=time.perf_counter() - t0,
+        p_corrupted=p_corrupted,
     )
 
 
@@ -239,6 +245,8 @@ def atp_probs(
     if prep.attribution is None:
         prep.attribution = attribute(model, prep)
     attr = prep.attribution
+    if math.isnan(prep.p_corrupted):  # prepared without corrupted runs: this pass is one
+        prep.p_corrupted = attr.p_corrupted
     check_gradient(model, prep, attr)
     out = np.empty(len(interventions))
     for i, states in enumerate(interventions):

@@ -44,7 +44,8 @@ class PreparedFact:
     noise: torch.Tensor  # [samples, span_len, d_model], float64
     block_kwargs: list[dict]
     clean: dict[str, torch.Tensor]  # hook name -> [1, pos, d]
-    corrupt_resid: list[torch.Tensor]  # [n_layers + 1] block inputs, [samples, pos, d]
+    # [n_layers + 1] block inputs, [samples, pos, d] (only block 0's without corrupted_runs)
+    corrupt_resid: list[torch.Tensor]
     corrupt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per block: keys, values
     p_clean: float
     p_corrupted: float
@@ -64,11 +65,16 @@ def prepare_fact(
     samples: int,
     seed: int,
     occurrence: int = 0,
+    *,
+    corrupted_runs: bool = True,
 ) -> tuple[PreparedFact, list[str]]:
     """Tokenise, pick the answer token, draw the noise, and make the clean and corrupted runs.
 
     Returns the prepared fact and notes for the user (e.g. a multi-token answer cut to its
-    first token).
+    first token). ``corrupted_runs=False`` (attribution patching alone, which makes its own
+    corrupted pass with gradients) skips the corrupted runs through the blocks: then
+    ``corrupt_resid`` holds only the noisy block-0 input, ``corrupt_kv`` is None and
+    ``p_corrupted`` is NaN until :func:`tracing.attribution.attribute` fills it in.
     """
     notes: list[str] = []
     fact = tokenize_fact(model, prompt, subject, occurrence)
@@ -101,9 +107,12 @@ def prepare_fact(
     span_len = fact.subject_span[1] - fact.subject_span[0]
     draws = noise_draws(samples, span_len, d_model, noise, seed)
     h = add_noise(clean[hook_name(model, "resid_pre", 0)], draws, fact.subject_span)
-    corrupt, corrupt_kv = run_corrupted(model, h, kwargs)
-    with torch.no_grad():
-        p_corrupted = _answer_prob(model, corrupt[-1], answer_id).mean().item()
+    corrupt: list[torch.Tensor] = [h]
+    corrupt_kv, p_corrupted = None, float("nan")
+    if corrupted_runs:
+        corrupt, corrupt_kv = run_corrupted(model, h, kwargs)
+        with torch.no_grad():
+            p_corrupted = answer_probs(model, corrupt[-1], answer_id).mean().item()
     prepared = PreparedFact(
         ids=ids,
         tokens=list(fact.tokens),
@@ -120,8 +129,10 @@ def prepare_fact(
     return prepared, notes
 
 
-def _answer_prob(
+def answer_probs(
     model: HookedModel, resid: Float[torch.Tensor, "rows pos d"], answer_id: int
-) -> torch.Tensor:
+) -> Float[torch.Tensor, " rows"]:
+    """The answer's probability after the last position of each row of a final residual
+    stream (the one definition of ``p_corrupted``, whichever pass made the stream)."""
     logits = final_logits(model, resid[:, -1:])[:, 0].float()
     return torch.softmax(logits, -1)[:, answer_id]

@@ -246,7 +246,18 @@ def trace_fact(
         exact_top=exact_top,
         atp_space=atp_space,
     )
-    prep, notes = prepare_fact(model, prompt, subject, answer, spec, samples, seed, occurrence)
+    # atp alone makes its own corrupted pass (with gradients): no recorded corrupted runs
+    prep, notes = prepare_fact(
+        model,
+        prompt,
+        subject,
+        answer,
+        spec,
+        samples,
+        seed,
+        occurrence,
+        corrupted_runs=method != "atp",
+    )
     n, T = n_layers(model), len(prep.tokens)
     notes += [
         f"{k} window {w} is wider than the model's {n} layers: windows are clipped to the "
