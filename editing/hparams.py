@@ -12,6 +12,13 @@ numbers come from (the published ROME / MEMIT hparams files, or tuning on the em
 A model without its own file gets ``{family}_default.json``, whose layer choice is empty
 (``null``): pass the layers explicitly (e.g. from ``select-layers``).
 
+A file may hold ``"variants"``: settings that hold only when a field takes a value, keyed
+``"field=value"`` (``ft_gemma-3-270m.json``: ``"params=block"`` tunes block 2 with its own
+bound, as Zhu et al.'s study on this model chose, while the down-projection form keeps its
+layer). The field's value is the caller's override, else the file's; a variant's settings
+replace the file's and are themselves replaced by what the method's name fixes and by the
+caller's overrides.
+
 Mapping from the published files: ``v_num_grad_steps`` -> ``target.num_steps``, ``v_lr`` ->
 ``target.lr``, ``v_loss_layer`` -> ``target.loss_layer``, ``v_weight_decay`` ->
 ``target.weight_decay``, ``clamp_norm_factor`` and ``kl_factor`` -> the same names under
@@ -335,8 +342,9 @@ def read_hparams(
     src = Path(path) if path is not None else default_file(cls.family, model_name)
     data = _read(src)
     top = {f.name for f in fields(cls)}
-    if fixed and "mode" not in overrides:
-        data.update(fixed)
+    implied = dict(fixed) if fixed and "mode" not in overrides else {}
+    data.update(_variant(src, data.pop("variants", {}), {**data, **implied, **overrides}, top))
+    data.update(implied)
     if "layers" in overrides and "layers" not in top and "layer" in top:
         layers = check_layers("layers", overrides.pop("layers"))
         if layers is not None and len(layers) != 1:
@@ -360,3 +368,20 @@ def read_hparams(
         return cls.from_dict(data)
     except InvalidHparams as exc:
         raise InvalidHparams(f"{src}: {exc}") from exc
+
+
+def _variant(src: Path, variants: Any, values: Mapping[str, Any], known: set[str]) -> dict:
+    """The settings of every variant of a file (``{"field=value": {...}}``) whose field has
+    that value in ``values`` (the file's fields with the caller's overrides)."""
+    if not isinstance(variants, Mapping):
+        raise InvalidHparams(f"{src}: variants must be an object of 'field=value' keys")
+    out: dict[str, Any] = {}
+    for key, settings in variants.items():
+        name, sep, value = str(key).partition("=")
+        if not sep or name not in known or not isinstance(settings, Mapping):
+            raise InvalidHparams(
+                f"{src}: variant {key!r} must be 'field=value' (a known field) with an object"
+            )
+        if str(values.get(name)) == value:
+            out.update(settings)
+    return out

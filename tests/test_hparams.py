@@ -121,6 +121,37 @@ def test_bad_files_and_methods(tmp_path):
         MemitHparams(layers=[1, 1])
 
 
+def test_variants_hold_only_when_their_field_has_the_value(tmp_path):
+    path = tmp_path / "ft.json"
+    path.write_text(
+        json.dumps(
+            {
+                "layers": [1],
+                "norm_constraint": 2e-4,
+                "params": "down_proj",
+                "variants": {"params=block": {"layers": [2], "norm_constraint": 1e-3}},
+            }
+        )
+    )
+    plain = load_hparams("ft-l", path=path)
+    assert plain.layers == [1] and plain.norm_constraint == 2e-4
+    block = load_hparams("ft-l", path=path, params="block")
+    assert block.layers == [2] and block.norm_constraint == 1e-3
+    # the caller's overrides beat the variant; what the name fixes beats it too (ft: no bound)
+    assert load_hparams("ft-l", path=path, params="block", layers=[5]).layers == [5]
+    assert load_hparams("ft", path=path, params="block").norm_constraint is None
+    for variants, message in (
+        ({"params": {}}, "must be 'field=value'"),
+        ({"colour=red": {}}, "must be 'field=value'"),
+        ({"params=block": [2]}, "must be 'field=value'"),
+        ([1], "variants must be an object"),
+        ({"params=block": {"wobble": 1}}, r"\['wobble'\]"),
+    ):
+        path.write_text(json.dumps({"layers": [1], "variants": variants}))
+        with pytest.raises(ValueError, match=message):
+            load_hparams("ft-l", path=path, params="block")
+
+
 def test_dataclass_round_trip_in_code():
     hp = MemitHparams(layers=[2, 3], target=TargetHparams(lr=0.1), context_templates=[(4, 2)])
     d = hp.to_dict()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -39,16 +38,14 @@ from editing.evaluation.cases import (
     select_cases,
 )
 from editing.evaluation.generation import GenerationSettings, fluency
-from editing.evaluation.metrics import aggregate
 from editing.evaluation.results import (
     EvalSummary,
     append_rows,
     merge_rank_rows,
     rank_rows_path,
     read_done,
-    split_prefixed,
-    write_csv,
 )
+from editing.evaluation.run_summary import NO_EDIT, finish_run, hparams_dict
 from editing.evaluation.scoring import ModelScorer, Scorer
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.methods import get_method
@@ -56,11 +53,9 @@ from editing.weights import weights_checksums, weights_key
 from tracing.distributed import barrier, gather_objects, main_first, ranks, together
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.io import write_json_atomic, write_text_atomic
-from tracing.models import HookedModel, fingerprint, model_name
+from tracing.models import HookedModel, model_name
 
 log = logging.getLogger(__name__)
-
-NO_EDIT = "none"
 
 
 @dataclass(frozen=True)
@@ -222,12 +217,6 @@ def _run_unit(run: _Run, unit: list[tuple[Case, Any]], todo: set[int]) -> list[d
     return rows
 
 
-def _hparams_dict(hp: Any) -> dict | None:
-    if hp is None:
-        return None
-    return hp.to_dict() if hasattr(hp, "to_dict") else dict(hp)
-
-
 def evaluate(
     model: HookedModel,
     config: EvalConfig | None = None,
@@ -268,7 +257,7 @@ def evaluate(
         "method": cfg.method,
         "model": model_name(model),
         "weights": wkey,
-        "hparams": _hparams_dict(hp),
+        "hparams": hparams_dict(hp),
         "layers": list(cfg.layers) if cfg.layers is not None else None,
         "only_known": filtered,
         "known_rule": cfg.known_rule,
@@ -339,7 +328,9 @@ def evaluate(
             theirs: EvalSummary = gather_objects(cast(Any, None))[0]
             return theirs
         done = merge_rank_rows(run_dir)
-    summary = _finish(cfg, model, label, task, run, run_dir, selected, done, unit_size, hp)
+    summary = finish_run(
+        cfg, model, label, task, run.edit_hparams, run_dir, selected, done, unit_size, hp
+    )
     summary.n_requested, summary.n_skipped, summary.n_unknown = cfg.n, len(skipped), n_unknown
     summary.skipped = skipped
     summary.seconds_total = time.perf_counter() - t_start
@@ -350,99 +341,3 @@ def evaluate(
     if here.world > 1:
         gather_objects(summary)
     return summary
-
-
-def _finish(
-    cfg: EvalConfig,
-    model: HookedModel,
-    label: str,
-    task: Any,
-    run: _Run,
-    run_dir: Path,
-    selected: list,
-    done: dict[int, dict],
-    unit_size: int,
-    hp: Any,
-) -> EvalSummary:
-    """Write the resolved hyper-parameters and the rows table; the summary of the run."""
-    hp_file = run_dir / "hparams.json"
-    if run.edit_hparams is not None:
-        write_json_atomic(hp_file, run.edit_hparams)
-    resolved = json.loads(hp_file.read_text(encoding="utf-8")) if hp_file.exists() else None
-    rows = [done[c.case_id] for c, _ in selected]
-    write_csv(run_dir / "cases.csv", rows)
-    return _summary(cfg, model, label, task, rows, run_dir, unit_size, hp, resolved)
-
-
-def _summary(
-    cfg: EvalConfig,
-    model: HookedModel,
-    label: str,
-    task: Task,
-    rows: list[dict],
-    run_dir: Path,
-    unit_size: int,
-    hp: Any,
-    resolved: dict | None,
-) -> EvalSummary:
-    ok = [r for r in rows if "failed" not in r]
-    edited = cfg.method != NO_EDIT
-    edit_s = [r["edit_seconds"] for r in ok]
-    layers = list(cfg.layers) if cfg.layers is not None else None
-    if layers is None and hp is not None:
-        chosen = hp.get("layers") if isinstance(hp, dict) else hp.layers
-        layers = list(chosen) if chosen else None
-    notes = [f"split {cfg.split!r}"]
-    if cfg.only_known and task.kind == "counterfact":
-        notes.append(f"only cases the unedited model knows (rule {cfg.known_rule!r})")
-    if task.kind == "counterfact":
-        notes.append(
-            "ROME's reference score (tf-idf consistency) is not computed: ROME's "
-            "tf-idf files are not available here"
-        )
-    gen = cfg.generation
-    return EvalSummary(
-        dataset=label,
-        method=cfg.method,
-        model=model_name(model),
-        fingerprint=fingerprint(model),
-        n=len(ok),
-        n_requested=cfg.n,
-        n_skipped=0,
-        n_unknown=0,
-        n_failed=len(rows) - len(ok),
-        only_known=cfg.only_known and task.kind == "counterfact",
-        known_rule=cfg.known_rule,
-        seed=cfg.seed,
-        batch=unit_size,
-        joint=cfg.is_joint,
-        layers=layers,
-        hparams=resolved if resolved is not None else _hparams_dict(hp),
-        edited=aggregate(split_prefixed(ok, "post_")),
-        unedited=aggregate(split_prefixed(ok, "pre_")),
-        seconds_per_edit=sum(edit_s) / len(edit_s) if edit_s and edited else None,
-        seconds_per_case=(
-            sum(r["edit_seconds"] + r["eval_seconds"] for r in ok) / len(ok) if ok else None
-        ),
-        seconds_total=0.0,
-        seconds_per_edit_median=statistics.median(edit_s) if edit_s and edited else None,
-        generation=None
-        if not gen
-        else {
-            **asdict(gen),
-            "sources": {
-                src: sum(r.get("gen_source") == src for r in ok) for src in ("record", "subject")
-            },
-        },
-        failures=[{"case_id": r["case_id"], "error": r["failed"]} for r in rows if "failed" in r],
-        files={
-            k: str(run_dir / f)
-            for k, f in (
-                ("rows", "cases.jsonl"),
-                ("csv", "cases.csv"),
-                ("summary", "summary.json"),
-                ("table", "summary.md"),
-            )
-        },
-        notes=notes,
-    )
