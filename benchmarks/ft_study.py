@@ -21,12 +21,13 @@ block's tensors is computed once, cached, and each run uses its own tensors' ent
 One row per setting is appended to ``<out>/rows.jsonl`` as soon as it is done, so an
 interrupted study resumes where it stopped (settings already there are skipped; the settings
 of a row are its key). The unedited model's numbers are one more row per ``K``. At the end a
-table is printed and a plot written (``<out>/ft_study.png``, or ``--plot``): one panel per
-``K``, modified (solid) and unmodified (dashed) accuracy against the tuned block, one colour
-per constraint.
+table is printed and a plot written (``<out>/ft_study.png``, or ``--plot``): one column per
+``K``, modified facts (ES, PS) above and unmodified ones (NS, known-fact top-1) below, against
+the tuned block, one colour per constraint. ``--report`` only redraws both from the rows.
 
     nice -n 10 .venv/bin/python benchmarks/ft_study.py --k 32 --blocks 0,4,8,12,17
     .venv/bin/python benchmarks/ft_study.py --k 32,128,512 --blocks all-each --whole
+    .venv/bin/python benchmarks/ft_study.py --k 32,128 --report --plot docs/ft_study.png
 """
 
 from __future__ import annotations
@@ -136,40 +137,56 @@ def _table(rows: Sequence[dict]) -> str:
 
 
 def _plot(rows: Sequence[dict], path: Path) -> None:
+    """One column per K: modified facts on top (ES solid, PS dashed), unmodified facts
+    below (NS solid, known-fact top-1 dashed), against the tuned block; one colour per
+    constraint, the unedited model's values in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ks = sorted({r["k"] for r in rows})
-    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
+    fig, axes = plt.subplots(2, len(ks), figsize=(4.2 * len(ks) + 0.6, 6.4), squeeze=False)
     colours = dict(zip(CONSTRAINTS, ("C0", "C1", "C2", "C3"), strict=True))
-    for ax, k in zip(axes[0], ks, strict=True):
+    panels = (
+        ("modified facts", (("efficacy", "-o", "ES"), ("paraphrase", "--s", "PS"))),
+        ("unmodified facts", (("neighborhood", "-o", "NS"), ("known_top1", "--^", "known"))),
+    )
+    for col, k in enumerate(ks):
         here = [r for r in rows if r["k"] == k and r["constraint"] != "unedited"]
         blocks = sorted({r["blocks"] for r in here if r["blocks"] != "all"}, key=int)
-        xs = {b: i for i, b in enumerate([*blocks, "all"])}
-        for c in CONSTRAINTS:
-            mine = sorted((r for r in here if r["constraint"] == c), key=lambda r: xs[r["blocks"]])
-            if not mine:
-                continue
-            x = [xs[r["blocks"]] for r in mine]
-            ax.plot(x, [r["efficacy"] for r in mine], "-o", color=colours[c], label=f"{c}: ES")
-            ax.plot(x, [r["neighborhood"] for r in mine], "--s", color=colours[c], label=f"{c}: NS")
-            ax.plot(x, [r["known_top1"] for r in mine], ":^", color=colours[c], label=f"{c}: known")
-        base = [r for r in rows if r["k"] == k and r["constraint"] == "unedited"]
-        if base:
-            ax.axhline(base[0]["known_top1"], color="grey", lw=0.8, ls=":")
-            ax.axhline(base[0]["neighborhood"], color="grey", lw=0.8, ls="--")
-        ax.set_xticks(list(xs.values()), [str(b) for b in xs])
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("fine-tuned block")
-        ax.set_title(f"{k} modified facts")
-    axes[0][0].set_ylabel("accuracy")
-    fig.suptitle("solid: modified facts (ES); dashed: neighbourhood (NS); dotted: known facts")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+        has_all = any(r["blocks"] == "all" for r in here)
+        xs = {b: i for i, b in enumerate([*blocks, *(["all"] if has_all else [])])}
+        base = next((r for r in rows if r["k"] == k and r["constraint"] == "unedited"), None)
+        for row, (title, series) in enumerate(panels):
+            ax = axes[row][col]
+            for c in CONSTRAINTS:
+                mine = sorted(
+                    (r for r in here if r["constraint"] == c), key=lambda r: xs[r["blocks"]]
+                )
+                if not mine:
+                    continue
+                x = [xs[r["blocks"]] for r in mine]
+                for key, style, label in series:
+                    ax.plot(
+                        x, [r[key] for r in mine], style, color=colours[c], label=f"{c}: {label}"
+                    )
+            if base is not None:
+                for key, style, _ in series:
+                    ax.axhline(base[key], color="grey", lw=0.8, ls=style[:-1])
+            ax.set_xticks(list(xs.values()), [str(b) for b in xs])
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"K = {k}: {title}", fontsize=10)
+            if row == 1:
+                ax.set_xlabel("fine-tuned block")
+            if col == 0:
+                ax.set_ylabel("accuracy")
+            ax.legend(fontsize=7, loc="best")
+    fig.text(0.5, 0.005, "grey: the unedited model", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -200,8 +217,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--out", default="results/ft_study")
     p.add_argument("--plot", default=None, help="plot file (default <out>/ft_study.png)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="only print the table and draw the plot of the rows in --out (no model)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ks = [int(k) for k in args.k.split(",")]
+    out = Path(args.out)
+    rows_path = out / "rows.jsonl"
+    plot = Path(args.plot) if args.plot else out / "ft_study.png"
+    if args.report:
+        _report([r for r in _read_rows(rows_path) if r["k"] in ks], plot, rows_path)
+        return
 
     from editing.evaluation.tasks import TASKS
     from editing.fisher import FACTS_SEED, FisherSettings, answered_facts, fisher_diagonal
@@ -216,10 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(constraints) - set(CONSTRAINTS))
     if unknown:
         raise SystemExit(f"unknown constraints {unknown}; expected some of {CONSTRAINTS}")
-    ks = [int(k) for k in args.k.split(",")]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
     chooses = ("k", "blocks", "whole", "constraints", "out", "plot")  # which rows, not how
     settings = {k: v for k, v in vars(args).items() if k not in chooses}
     settings_path = out / "settings.json"
@@ -271,9 +297,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             row.update(scores, seconds=seconds, final_loss=edit.metadata["losses"][-1])
             _append(rows_path, row)
             log.info("%s", row)
-    rows = [r for r in _read_rows(rows_path) if r["k"] in ks]
+    _report([r for r in _read_rows(rows_path) if r["k"] in ks], plot, rows_path)
+
+
+def _report(rows: Sequence[dict], plot: Path, rows_path: Path) -> None:
+    """Print the table of ``rows`` and draw their plot."""
+    if not rows:
+        raise SystemExit(f"no rows for these K in {rows_path}")
     print(_table(rows))
-    plot = Path(args.plot) if args.plot else out / "ft_study.png"
     _plot(rows, plot)
     print(f"plot: {plot}")
 

@@ -1,0 +1,61 @@
+"""benchmarks/ft_study.py (Zhu et al.'s study): ``--report`` prints the table of the rows of
+the asked numbers of facts and draws their plot without a model, and a study folder made
+with other settings is refused before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from script_loader import load_script
+
+
+@pytest.fixture(scope="module")
+def study() -> ModuleType:
+    return load_script("benchmarks/ft_study.py")
+
+
+def _row(k: int, blocks: str, constraint: str, es: float) -> dict:
+    return {
+        "k": k,
+        "blocks": blocks,
+        "constraint": constraint,
+        "efficacy": es,
+        "paraphrase": es / 2,
+        "strict_efficacy": es / 3,
+        "neighborhood": 1 - es / 4,
+        "known_top1": 0.5,
+        "known_n": 10,
+        "seconds": 1.5,
+    }
+
+
+def test_report_tables_and_plots_only_the_asked_k(
+    study: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rows = [_row(k, "-", "unedited", 0.0) for k in (32, 128, 512)]
+    rows += [
+        _row(k, b, c, 0.9)
+        for k in (32, 128)
+        for b in ("0", "17", "all")
+        for c in ("linf", "fisher")
+    ]
+    rows.append(_row(512, "0", "linf", 0.25))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot = tmp_path / "plot.png"
+    study.main(["--k", "32,128", "--report", "--out", str(tmp_path), "--plot", str(plot)])
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if "|" in ln][1:]
+    assert len(lines) == 2 * (1 + 3 * 2)  # per K: the unedited row and 3 targets x 2
+    assert {ln[0] for ln in lines} == {"32", "128"}
+    assert all(ln[4] == "90" for ln in lines if ln[2] != "unedited")  # ES in percent
+    assert plot.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no rows"):
+        study.main(["--k", "2048", "--report", "--out", str(tmp_path)])
+
+
+def test_other_settings_are_refused_before_the_model(study: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "settings.json").write_text(json.dumps({"model": "gemma-3-270m", "lr": 1.0}))
+    with pytest.raises(SystemExit, match="other settings"):
+        study.main(["--k", "32", "--out", str(tmp_path), "--model", "no-such-model"])
