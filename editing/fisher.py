@@ -37,7 +37,11 @@ Cache. ``<cache_dir>/fisher/<fingerprint>/<key>/`` where ``key`` hashes the weig
 (:func:`editing.weights.weights_key` plus a digest of the chosen tensors themselves), the
 parameter names and shapes, and the settings. Partial sums are checkpointed, so an
 interrupted run resumes; a cache whose recorded model, weights or parameter set differ from
-the request is refused with a logged warning and recomputed.
+the request is refused with a logged warning and recomputed. A finished cache made for a
+*superset* of the asked tensors, with the same model, weights and settings, serves the subset:
+a tensor's diagonal Fisher does not depend on which other tensors were estimated with it (the
+labels are sampled from the model's output, the squared gradients are per number), so the
+study's every-block Fisher gives any one block's at no cost.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -254,6 +259,33 @@ def _read_cached(stem: Path, record: dict) -> tuple[dict, dict[str, torch.Tensor
     return meta, load_file(str(data_path))
 
 
+def _from_superset(root: Path, record: dict) -> dict[str, torch.Tensor] | None:
+    """The asked tensors' entries of a finished cache under ``root`` made for a superset of
+    them with the same model, weights and settings (see the module docstring), or None."""
+    want = record["parameters"]
+    for meta_path in sorted(root.glob("*/fisher.json")):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        have = meta.get("parameters") or {}
+        same = all(
+            meta.get(k) == record[k] for k in ("model_fingerprint", "weights_key", "settings")
+        )
+        data = meta_path.with_suffix(".safetensors")
+        if same and data.is_file() and all(have.get(n) == shape for n, shape in want.items()):
+            with safe_open(str(data), framework="pt") as f:
+                tensors = {n: f.get_tensor(n) for n in want}
+            log.info(
+                "Fisher of %d tensors read from %s (made for %d)",
+                len(want),
+                meta_path.parent,
+                len(have),
+            )
+            return tensors
+    return None
+
+
 def _write(stem: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(stem.with_suffix(".safetensors")) as tmp:
@@ -291,6 +323,9 @@ def fisher_diagonal(
     if done is not None:
         log.info("Fisher of %d tensors read from %s", len(params), folder)
         return {n: done[1][n].to(p.device) for n, p in params.items()}
+    wider = _from_superset(folder.parent, record)
+    if wider is not None:
+        return {n: wider[n].to(p.device) for n, p in params.items()}
     texts = fisher_texts(model, settings)
     sources = sorted({t.source for t in texts})
     sums = {

@@ -196,6 +196,40 @@ def test_cache_is_reused_and_an_interrupted_run_resumes(
     assert not (cache_folder(model, params, settings, tmp_path / "b") / "partial.json").exists()
 
 
+def test_a_cache_of_a_superset_serves_a_subset_without_recomputing(
+    toy_models, two_facts, tmp_path, monkeypatch
+):
+    model = toy_models["llama"]
+    settings = FisherSettings(**SMALL)
+    both = {**block_parameters(model, 1, "block"), **block_parameters(model, 2, "mlp")}
+    wide = fisher_diagonal(model, both, settings, cache_dir=tmp_path, progress=False)
+    sub = block_parameters(model, 2, "mlp")
+    ref = plain_fisher(model, sub, settings)  # an independent loop over block 2 alone
+    real, seen = fisher_mod._sequence_grads, []
+
+    def counting(model, text, tensors, start, settings, index):
+        seen.append(index)
+        return real(model, text, tensors, start, settings, index)
+
+    monkeypatch.setattr(fisher_mod, "_sequence_grads", counting)
+    got = fisher_diagonal(model, sub, settings, cache_dir=tmp_path, progress=False)
+    assert seen == [] and set(got) == set(sub)
+    assert all(torch.equal(got[n], wide[n]) for n in sub)
+    scale = max(float(r.abs().max()) for r in ref.values())
+    for n in sub:
+        torch.testing.assert_close(got[n].double(), ref[n], rtol=1e-4, atol=1e-6 * scale)
+    # other settings, or a tensor the cache does not hold: computed afresh
+    fisher_diagonal(
+        model, sub, FisherSettings(**{**SMALL, "n_facts": 1}), cache_dir=tmp_path, progress=False
+    )
+    assert seen
+    seen.clear()
+    fisher_diagonal(
+        model, block_parameters(model, 3, "mlp"), settings, cache_dir=tmp_path, progress=False
+    )
+    assert seen
+
+
 def test_a_cache_made_for_another_parameter_set_is_refused_and_recomputed(
     toy_models, two_facts, tmp_path, caplog
 ):

@@ -121,6 +121,15 @@ def test_bad_files_and_methods(tmp_path):
         MemitHparams(layers=[1, 1])
 
 
+def test_gemma_whole_block_fine_tuning_takes_the_study_choice():
+    plain = load_hparams("ft-l", "gemma-3-270m")
+    assert (plain.params, plain.layers, plain.norm_constraint) == ("down_proj", [1], 2e-4)
+    block = load_hparams("ft-l", "gemma-3-270m", params="block")
+    assert (block.layers, block.norm_constraint, block.lr, block.num_steps) == ([2], 1e-3, 1e-3, 10)
+    assert load_hparams("ft-l", "gemma-3-270m", params="block", constraint="fisher").uses_fisher
+    assert load_hparams("ft-l", "gemma-3-270m", params="mlp").layers == [1]
+
+
 def test_variants_hold_only_when_their_field_has_the_value(tmp_path):
     path = tmp_path / "ft.json"
     path.write_text(
