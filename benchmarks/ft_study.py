@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown constraints {unknown}; expected some of {CONSTRAINTS}")
     out.mkdir(parents=True, exist_ok=True)
-    chooses = ("k", "blocks", "whole", "constraints", "out", "plot")  # which rows, not how
+    chooses = ("k", "blocks", "whole", "constraints", "out", "plot", "report")  # not how
     settings = {k: v for k, v in vars(args).items() if k not in chooses}
     settings_path = out / "settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:

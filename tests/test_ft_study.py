@@ -59,3 +59,17 @@ def test_other_settings_are_refused_before_the_model(study: ModuleType, tmp_path
     (tmp_path / "settings.json").write_text(json.dumps({"model": "gemma-3-270m", "lr": 1.0}))
     with pytest.raises(SystemExit, match="other settings"):
         study.main(["--k", "32", "--out", str(tmp_path), "--model", "no-such-model"])
+    # which rows and where the report goes are not settings: a folder made by the defaults
+    # is resumed with other K, blocks or plot (the model is loaded next: refused by name)
+    (tmp_path / "settings.json").unlink()
+    with pytest.raises(Exception, match="no-such-model"):
+        study.main(["--out", str(tmp_path), "--model", "no-such-model"])
+    # the settings a study records (studies made before keep resuming): how, not which rows
+    how = {"model", "params", "epsilon", "fisher_weight", "fisher_sequences", "fisher_facts"}
+    how |= {"lr", "steps", "batch_size", "split", "dataset", "known"}
+    assert set(json.loads((tmp_path / "settings.json").read_text())) == how
+    with pytest.raises(Exception, match="no-such-model"):
+        study.main(
+            ["--k", "512", "--blocks", "9", "--plot", "x.png", "--out", str(tmp_path)]
+            + ["--model", "no-such-model"]
+        )
