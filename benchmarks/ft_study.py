@@ -2,7 +2,7 @@
 constraint, for how many modified facts (a benchmark, not a test).
 
 For each number of facts ``K`` (``--k``, e.g. 32,128,512) the first ``K`` usable CounterFact
-cases of the chosen split (default: the tuning split; distinct prompts) are modified *jointly*
+cases of the chosen split (default: the tuning split; no two in conflict) are modified *jointly*
 by fine-tuning the tensors ``--params`` (default: whole blocks) of each block of ``--blocks``
 in turn, and of every block at once (``all``), under each constraint of ``--constraints``:
 ``linf`` (``--epsilon``), ``fisher`` (``--fisher-weight``; the diagonal Fisher of every
@@ -48,17 +48,19 @@ CONSTRAINTS = ("linf", "fisher", "none", "mixed")
 
 
 def _cases(task, model, dataset: str, split: str, k: int) -> list:
-    """The first ``k`` usable cases of ``split`` with distinct (prompt, subject)."""
+    """The first ``k`` usable cases of ``split`` that can be edited together: a case whose
+    request conflicts with an earlier one (same prompt and subject, or same subject and
+    relation with another target) is left out."""
     from editing.evaluation.tasks import load_cases, split_cases
+    from editing.requests import ConflictIndex
 
     label, _, cases = load_cases(dataset)
-    out, seen = [], set()
+    out, chosen = [], ConflictIndex()
     for case in split_cases(label, cases, split):
         req = task.request(case)
-        key = (req.template, req.subject)
-        if key in seen or task.problem(model, case) is not None:
+        if chosen.problem(req) is not None or task.problem(model, case) is not None:
             continue
-        seen.add(key)
+        chosen.add(req)
         out.append(case)
         if len(out) == k:
             return out

@@ -73,3 +73,29 @@ def test_other_settings_are_refused_before_the_model(study: ModuleType, tmp_path
             ["--k", "512", "--blocks", "9", "--plot", "x.png", "--out", str(tmp_path)]
             + ["--model", "no-such-model"]
         )
+
+
+def test_cases_edited_together_never_conflict(study: ModuleType, monkeypatch) -> None:
+    import editing.evaluation.tasks as tasks
+    from editing.requests import EditRequest
+
+    reqs = [
+        EditRequest("{} is a twin city of", "Lyon", " Toronto", relation_id="P190"),
+        EditRequest("{}'s twin city is", "Lyon", " Manila", relation_id="P190"),  # conflicts
+        EditRequest("{} is a twin city of", "Lyon", " Toronto", relation_id="P190"),  # repeat
+        EditRequest("{} plays", "Messi", " cricket", relation_id="P641"),
+        EditRequest("{} plays", "Kane", " golf", relation_id="P641"),
+    ]
+    monkeypatch.setattr(tasks, "load_cases", lambda dataset: ("cf", None, list(range(5))))
+    monkeypatch.setattr(tasks, "split_cases", lambda label, cases, split: cases)
+
+    class Task:
+        def request(self, case: int) -> EditRequest:
+            return reqs[case]
+
+        def problem(self, model, case: int) -> None:
+            return None
+
+    assert study._cases(Task(), None, "counterfact", "tuning", 3) == [0, 3, 4]
+    with pytest.raises(SystemExit, match="only 3 usable cases"):
+        study._cases(Task(), None, "counterfact", "tuning", 4)
