@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows_path = out / "rows.jsonl"
     plot = Path(args.plot) if args.plot else out / "ft_study.png"
     if args.report:
-        _report([r for r in _read_rows(rows_path) if r["k"] in ks], plot, rows_path)
+        _report(rows_path, ks, plot)
         return
 
     from editing.evaluation.tasks import TASKS
@@ -301,11 +301,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             row.update(scores, seconds=seconds, final_loss=edit.metadata["losses"][-1])
             _append(rows_path, row)
             log.info("%s", row)
-    _report([r for r in _read_rows(rows_path) if r["k"] in ks], plot, rows_path)
+    _report(rows_path, ks, plot)
 
 
-def _report(rows: Sequence[dict], plot: Path, rows_path: Path) -> None:
-    """Print the table of ``rows`` and draw their plot."""
+def _report(rows_path: Path, ks: Sequence[int], plot: Path) -> None:
+    """Print the table of the rows of ``rows_path`` for the numbers of facts ``ks`` and draw
+    their plot."""
+    rows = [r for r in _read_rows(rows_path) if r["k"] in ks]
     if not rows:
         raise SystemExit(f"no rows for these K in {rows_path}")
     print(_table(rows))
