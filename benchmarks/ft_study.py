@@ -121,20 +121,27 @@ def _append(path: Path, row: dict) -> None:
 
 
 def _table(rows: Sequence[dict]) -> str:
-    def pct(x: float | None) -> str:
-        return "   -" if x is None else f"{100 * x:4.0f}"
+    """The rows as the Markdown table ``docs/RESULTS.md`` shows (percentages, one decimal):
+    by K, then the unedited row, the blocks in order and every block at once, l-inf first."""
 
-    head = (
-        f"{'K':>4} {'blocks':>6} {'constraint':>10} | {'ES':>4} {'PS':>4} {'strict':>6} | "
-        f"{'NS':>4} {'known':>5} | {'seconds':>7}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["k"], str(r["blocks"]), r["constraint"])):
-        lines.append(
-            f"{r['k']:>4} {r['blocks']!s:>6} {r['constraint']:>10} | {pct(r['efficacy'])} "
-            f"{pct(r['paraphrase'])} {pct(r['strict_efficacy']):>6} | {pct(r['neighborhood'])} "
-            f"{pct(r['known_top1']):>5} | {r['seconds']:7.1f}"
-        )
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    def order(r: dict) -> tuple:
+        b = str(r["blocks"])
+        where = -1 if b == "-" else 10**6 if b == "all" else int(b)
+        how = ("unedited", *CONSTRAINTS)
+        return (r["k"], where, how.index(r["constraint"]) if r["constraint"] in how else 99)
+
+    lines = [
+        "| K | blocks | constraint | ES | PS | strict ES | NS | known top-1 | s |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=order):
+        cells = (r["k"], r["blocks"], r["constraint"], pct(r["efficacy"]))
+        cells += (pct(r["paraphrase"]), pct(r["strict_efficacy"]), pct(r["neighborhood"]))
+        cells += (pct(r["known_top1"]), f"{r['seconds']:.0f}")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 

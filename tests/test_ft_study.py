@@ -46,10 +46,15 @@ def test_report_tables_and_plots_only_the_asked_k(
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot = tmp_path / "plot.png"
     study.main(["--k", "32,128", "--report", "--out", str(tmp_path), "--plot", str(plot)])
-    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if "|" in ln][1:]
+    out = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
+    lines = [[c.strip() for c in ln.strip("|").split("|")] for ln in out]
     assert len(lines) == 2 * (1 + 3 * 2)  # per K: the unedited row and 3 targets x 2
     assert {ln[0] for ln in lines} == {"32", "128"}
-    assert all(ln[4] == "90" for ln in lines if ln[2] != "unedited")  # ES in percent
+    assert all(ln[3] == "90.0" for ln in lines if ln[2] != "unedited")  # ES in percent
+    # the order docs/RESULTS.md shows: unedited first, blocks by number, all last, l-inf first
+    assert [(ln[1], ln[2]) for ln in lines[:7]] == [("-", "unedited")] + [
+        (b, c) for b in ("0", "17", "all") for c in ("linf", "fisher")
+    ]
     assert plot.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no rows"):
         study.main(["--k", "2048", "--report", "--out", str(tmp_path)])
