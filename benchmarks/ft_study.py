@@ -138,9 +138,9 @@ def _table(rows: Sequence[dict]) -> str:
         "|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=order):
-        cells = (r["k"], r["blocks"], r["constraint"], pct(r["efficacy"]))
-        cells += (pct(r["paraphrase"]), pct(r["strict_efficacy"]), pct(r["neighborhood"]))
-        cells += (pct(r["known_top1"]), f"{r['seconds']:.0f}")
+        scores = ("efficacy", "paraphrase", "strict_efficacy", "neighborhood", "known_top1")
+        cells = [r["k"], r["blocks"], r["constraint"], *(pct(r[s]) for s in scores)]
+        cells.append(f"{r['seconds']:.0f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
