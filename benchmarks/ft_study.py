@@ -21,7 +21,8 @@ block's tensors is computed once, cached, and each run uses its own tensors' ent
 One row per setting is appended to ``<out>/rows.jsonl`` as soon as it is done, so an
 interrupted study resumes where it stopped (settings already there are skipped; the settings
 of a row are its key). The unedited model's numbers are one more row per ``K``. At the end a
-table is printed and a plot written (``<out>/ft_study.png``, or ``--plot``): one column per
+table is printed, then the best single block per K and constraint (the most neighbourhood
+accuracy kept among the blocks with efficacy >= 90 %), and a plot written (``<out>/ft_study.png``, or ``--plot``): one column per
 ``K``, modified facts (ES, PS) above and unmodified ones (NS, known-fact top-1) below, against
 the tuned block, one colour per constraint. ``--report`` only redraws both from the rows.
 
@@ -142,6 +143,33 @@ def _table(rows: Sequence[dict]) -> str:
         cells = [r["k"], r["blocks"], r["constraint"], *(pct(r[s]) for s in scores)]
         cells.append(f"{r['seconds']:.0f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _best(rows: Sequence[dict], min_efficacy: float = 0.9) -> str:
+    """Which single block to tune, per K and constraint: the one that keeps the most
+    unmodified facts (CounterFact neighbourhood) among the blocks whose efficacy is at least
+    ``min_efficacy`` (a Markdown table; "none" where no block writes the facts that well)."""
+    lines = [
+        f"| K | constraint | best block (NS among ES >= {100 * min_efficacy:.0f}) | ES | NS |",
+        "|---:|---|---|---:|---:|",
+    ]
+    pairs = {(r["k"], r["constraint"]) for r in rows if r["constraint"] in CONSTRAINTS}
+    settings = sorted(pairs, key=lambda kc: (kc[0], CONSTRAINTS.index(kc[1])))
+    for k, constraint in settings:
+        ok = [
+            r
+            for r in rows
+            if (r["k"], r["constraint"]) == (k, constraint)
+            and r["blocks"] not in ("-", "all")
+            and (r["efficacy"] or 0.0) >= min_efficacy
+        ]
+        if not ok:
+            lines.append(f"| {k} | {constraint} | none | - | - |")
+            continue
+        r = max(ok, key=lambda r: r["neighborhood"] or 0.0)
+        es, ns = 100 * r["efficacy"], 100 * (r["neighborhood"] or 0.0)
+        lines.append(f"| {k} | {constraint} | {r['blocks']} | {es:.1f} | {ns:.1f} |")
     return "\n".join(lines)
 
 
@@ -318,6 +346,7 @@ def _report(rows_path: Path, ks: Sequence[int], plot: Path) -> None:
     if not rows:
         raise SystemExit(f"no rows for these K in {rows_path}")
     print(_table(rows))
+    print(_best(rows))
     _plot(rows, plot)
     print(f"plot: {plot}")
 

@@ -46,8 +46,10 @@ def test_report_tables_and_plots_only_the_asked_k(
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot = tmp_path / "plot.png"
     study.main(["--k", "32,128", "--report", "--out", str(tmp_path), "--plot", str(plot)])
-    out = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")][1:]
-    lines = [[c.strip() for c in ln.strip("|").split("|")] for ln in out]
+    out = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in out]
+    lines = [c for c in cells if len(c) == 9][1:]  # the study's table; the best blocks follow
+    assert sum(len(c) == 5 for c in cells) == 1 + 2 * 2  # best block per K and constraint
     assert len(lines) == 2 * (1 + 3 * 2)  # per K: the unedited row and 3 targets x 2
     assert {ln[0] for ln in lines} == {"32", "128"}
     assert all(ln[3] == "90.0" for ln in lines if ln[2] != "unedited")  # ES in percent
@@ -58,6 +60,32 @@ def test_report_tables_and_plots_only_the_asked_k(
     assert plot.stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no rows"):
         study.main(["--k", "2048", "--report", "--out", str(tmp_path)])
+
+
+def test_best_block_keeps_most_unmodified_facts_among_those_that_write_them(
+    study: ModuleType,
+) -> None:
+    def row(k: int, blocks: str, constraint: str, es: float, ns: float) -> dict:
+        return {**_row(k, blocks, constraint, es), "neighborhood": ns}
+
+    rows = [
+        row(32, "-", "unedited", 0.1, 0.99),
+        row(32, "0", "linf", 0.95, 0.60),
+        row(32, "5", "linf", 0.85, 0.90),  # keeps more, but does not write the facts
+        row(32, "9", "linf", 1.00, 0.50),
+        row(32, "all", "linf", 1.00, 0.95),  # not a single block
+        row(32, "0", "fisher", 0.50, 0.70),
+        row(128, "17", "linf", 0.92, 0.40),
+        row(128, "3", "linf", 0.90, 0.45),  # exactly at the bar counts
+    ]
+    lines = [ln for ln in study._best(rows).splitlines() if ln.startswith("| ")][1:]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    assert [c[:3] for c in cells] == [
+        ["32", "linf", "0"],
+        ["32", "fisher", "none"],
+        ["128", "linf", "3"],
+    ]
+    assert cells[0][3:] == ["95.0", "60.0"]
 
 
 def test_other_settings_are_refused_before_the_model(study: ModuleType, tmp_path: Path) -> None:
