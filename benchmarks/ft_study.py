@@ -22,9 +22,10 @@ One row per setting is appended to ``<out>/rows.jsonl`` as soon as it is done, s
 interrupted study resumes where it stopped (settings already there are skipped; the settings
 of a row are its key). The unedited model's numbers are one more row per ``K``. At the end a
 table is printed, then the best single block per K and constraint (the most neighbourhood
-accuracy kept among the blocks with efficacy >= 90 %), and a plot written (``<out>/ft_study.png``, or ``--plot``): one column per
-``K``, modified facts (ES, PS) above and unmodified ones (NS, known-fact top-1) below, against
-the tuned block, one colour per constraint. ``--report`` only redraws both from the rows.
+accuracy kept among the blocks with efficacy >= 90 %), and a plot written
+(``<out>/ft_study.png``, or ``--plot``): one column per ``K``, modified facts (ES, PS) above
+and unmodified ones (NS, known-fact top-1) below, against the tuned block, one colour per
+constraint. ``--report`` only redraws both from the rows.
 
     nice -n 10 .venv/bin/python benchmarks/ft_study.py --k 32 --blocks 0,4,8,12,17
     .venv/bin/python benchmarks/ft_study.py --k 32,128,512 --blocks all-each --whole
