@@ -67,7 +67,8 @@ def add_case_selection(p: argparse.ArgumentParser) -> None:
         "--known-rule",
         default=UNSET,
         choices=("prefers", "top1"),
-        help="'known': P(true) > P(new) (prefers, default) or true target top-1 (top1)",
+        help="'known': P(true) > P(new) (prefers; eval's default) or true target top-1 "
+        "(top1; layer-sweep's default)",
     )
 
 
