@@ -9,8 +9,8 @@ The everyday API, in one namespace (``import factscope as fs``):
   :data:`METHODS`;
 * evaluation: :func:`evaluate`, :class:`EvalConfig`, :func:`scaling`;
 * pictures: :func:`plot_trace`, :func:`plot_before_after`, :func:`trace_figure`,
-  :func:`plot_average_effects`, :func:`plot_layer_selection`, :func:`plot_edit_bars`,
-  :func:`plot_scaling`, :func:`save_figure`;
+  :func:`plot_average_effects`, :func:`plot_average_heatmap`, :func:`plot_layer_selection`,
+  :func:`plot_edit_bars`, :func:`plot_scaling`, :func:`save_figure`;
 * errors: :class:`FactscopeError` and its kinds.
 
 Names are imported on first use, so ``factscope --help`` stays fast. The packages behind
@@ -44,6 +44,7 @@ _NAMES: dict[str, str] = {
     "scaling": "editing.evaluation.scaling",
     "plot_trace": "viz.heatmap",
     "plot_before_after": "viz.heatmap",
+    "plot_average_heatmap": "viz.heatmap",
     "save_figure": "viz.heatmap",
     "trace_figure": "viz.interactive",
     "plot_average_effects": "viz.plots",

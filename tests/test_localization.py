@@ -221,6 +221,7 @@ def test_cli_trace_dataset_and_select_layers(toy_dirs, tmp_path, capsys):
     assert main([*args, "--no-progress"]) == 0
     assert "traced 2 facts" in capsys.readouterr().out
     assert (runs / "average_effects.png").stat().st_size > 1000
+    assert (runs / "average_heatmap.png").stat().st_size > 1000
     assert main(["select-layers", str(runs), "--k", "2"]) == 0
     sel = LayerSelection.load(runs / "layers.json")
     assert len(sel.layers) == 2 and sel.n_facts == 2

@@ -28,6 +28,7 @@ from viz import (  # noqa: E402
     before_after_figure,
     edit_bars_figure,
     plot_average_effects,
+    plot_average_heatmap,
     plot_before_after,
     plot_edit_bars,
     plot_layer_selection,
@@ -279,6 +280,29 @@ def test_plot_average_effects(tmp_path):
     assert save_figure(fig, tmp_path / "avg.pdf").stat().st_size > 5_000
     with pytest.raises(ValueError, match="attn"):
         plot_average_effects(eff, kinds=["attn"])
+
+
+def test_plot_average_heatmap_rows_are_classes_with_facts():
+    eff = make_effects()
+    eff.settings = {"window": {"resid": 1, "mlp": 10}}
+    fig = plot_average_heatmap(eff)
+    axes = heat_axes(fig)
+    assert len(axes) == 2  # only the kinds present
+    present = [c for c in TOKEN_CLASSES if c != "middle_subject"]  # no facts: row left out
+    for ax, kind in zip(axes, ("resid", "mlp"), strict=True):
+        want = np.stack([eff.effects[kind][c] for c in present])
+        np.testing.assert_array_equal(ax.get_images()[0].get_array(), want)
+    labels = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert labels[1] == "last subject token (40)" and len(labels) == len(present)
+    assert "window 10" in axes[1].get_xlabel() and "window" not in axes[0].get_xlabel()
+    lo, hi = axes[1].get_images()[0].get_clim()
+    assert lo == 0.0 and hi == pytest.approx(want.max())
+    eff.effects["mlp"]["last"] = eff.effects["mlp"]["last"] - 1.0  # negative effects: floor < 0
+    assert heat_axes(plot_average_heatmap(eff, kinds=["mlp"]))[0].get_images()[0].get_clim()[
+        0
+    ] == pytest.approx(eff.effects["mlp"]["last"].min())
+    with pytest.raises(ValueError, match="attn"):
+        plot_average_heatmap(eff, kinds=["attn"])
 
 
 def test_plot_layer_selection(tmp_path):

@@ -2,7 +2,13 @@
 (plotly) and line / bar / scaling / layer-sweep plots. ``viz`` only renders result values;
 it never runs a model."""
 
-from viz.heatmap import plot_before_after, plot_trace, save_figure, token_labels
+from viz.heatmap import (
+    plot_average_heatmap,
+    plot_before_after,
+    plot_trace,
+    save_figure,
+    token_labels,
+)
 from viz.interactive import before_after_figure, edit_bars_figure, trace_figure, write_html
 from viz.layer_sweep import plot_layer_sweep
 from viz.plots import (
@@ -19,6 +25,7 @@ __all__ = [
     "before_after_figure",
     "edit_bars_figure",
     "plot_average_effects",
+    "plot_average_heatmap",
     "plot_before_after",
     "plot_edit_bars",
     "plot_layer_selection",

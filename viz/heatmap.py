@@ -1,6 +1,8 @@
-"""Paper-style causal-trace heatmaps (Meng et al. 2022, Fig. 1) with matplotlib.
+"""Paper-style causal-trace heatmaps with matplotlib: one fact (Meng et al. 2022, Fig. 1) and
+the average over many facts by token class (Fig. 2).
 
-Everything here renders :class:`tracing.results.TraceResult` values; nothing runs a model.
+Everything here renders :class:`tracing.results.TraceResult` and
+:class:`tracing.results.AverageEffects` values; nothing runs a model.
 Figures are built without pyplot (no global figure registry), so they can be made in loops
 and returned to Jupyter, which displays them once.
 """
@@ -16,7 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
 from tracing.errors import InvalidInput
-from tracing.results import KINDS, TraceResult
+from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, TraceResult
+from viz.plots import CLASS_LABELS, KIND_NAMES
 from viz.style import DIFF_CMAP, kind_style, root_figure
 
 #: Panel titles per kind.
@@ -209,6 +212,61 @@ def plot_trace(
         if result.approximate:
             title += f"\n{result.exactness_caption()}"
     fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_average_heatmap(effects: AverageEffects, kinds: Sequence[str] | None = None) -> Figure:
+    """The average indirect effect as heatmaps, one panel per kind: rows are the token classes
+    of Meng et al. 2022, Fig. 2 (first / middle / last subject token, first subsequent token,
+    further tokens, last token), columns are layers, the colour is the mean effect
+    ``p_restored - p_corrupted`` over the facts that have that class.
+
+    Classes no fact has (``counts == 0``; one-token subjects have no middle tokens) are left
+    out. Each colour bar runs from ``min(0, smallest value)`` to the panel's largest value.
+    The line-plot form of the same numbers is :func:`viz.plots.plot_average_effects`.
+    """
+    chosen = list(kinds) if kinds is not None else [k for k in KINDS if k in effects.effects]
+    missing = [k for k in chosen if k not in effects.effects]
+    if missing or not chosen:
+        raise InvalidInput(
+            f"kinds {missing or chosen} not in these effects (they hold {sorted(effects.effects)})"
+        )
+    rows = {
+        kind: [
+            c
+            for c in TOKEN_CLASSES
+            if c in effects.effects[kind] and effects.counts.get(kind, {}).get(c, 0) > 0
+        ]
+        for kind in chosen
+    }
+    same_rows = all(r == rows[chosen[0]] for r in rows.values())
+    fig, axes = _new_figure(len(chosen), max(len(r) for r in rows.values()), panel_width=4.6)
+    for i, (ax, kind) in enumerate(zip(axes, chosen, strict=True)):
+        classes = rows[kind]
+        if not classes:
+            raise InvalidInput(f"no facts contributed to any token class of {kind!r}")
+        data = np.stack([np.asarray(effects.effects[kind][c], np.float64) for c in classes])
+        counts = effects.counts[kind]
+        lo, hi = _color_limits(data, min(0.0, float(np.nanmin(data))), None)
+        window = (effects.settings.get("window") or {}).get(kind)
+        draw_panel(
+            ax,
+            data,
+            [f"{CLASS_LABELS.get(c, c)} ({counts[c]})" for c in classes],
+            cmap=kind_style(kind).cmap,
+            vmin=lo,
+            vmax=hi,
+            title=f"Average indirect effect of {KIND_NAMES.get(kind, kind)}",
+            cbar_label="average indirect effect (Δp)",
+            x_label="layer" + (f" (window {window})" if window and window > 1 else ""),
+            show_labels=i == 0 or not same_rows,
+        )
+    fig.suptitle(
+        f"Average indirect effects over {effects.n_facts} facts "
+        f"(mean p_clean {effects.mean_p_clean:.3f}, "
+        f"mean p_corrupted {effects.mean_p_corrupted:.3f})",
+        fontsize=11,
+    )
     return fig
 
 

@@ -76,7 +76,7 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
     from tracing.distributed import ranks
     from tracing.facts import load_known_facts
     from tracing.localization import average_effects, save_effects, trace_dataset
-    from viz.heatmap import save_figure
+    from viz.heatmap import plot_average_heatmap, save_figure
     from viz.plots import plot_average_effects
 
     out = output_folder(args.out)
@@ -97,6 +97,7 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
     effects = average_effects(results)
     save_effects(effects, out / "average_effects.json")
     save_figure(plot_average_effects(effects), out / "average_effects.png")
+    save_figure(plot_average_heatmap(effects), out / "average_heatmap.png")
     methods = ", ".join(sorted({r.settings.method for r in results}))
     print(
         f"traced {effects.n_facts} facts ({methods}); mean p_clean {effects.mean_p_clean:.3f}, "
@@ -107,7 +108,7 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
         for cls, values in per.items():
             row = " ".join(f"{v:6.3f}" for v in values)
             print(f"  {cls:<17} (n={effects.counts[kind][cls]:4d}) {row}")
-    print(f"wrote {out}/traces/, average_effects.json, average_effects.png")
+    print(f"wrote {out}/traces/, average_effects.json, average_effects.png, average_heatmap.png")
 
 
 def cmd_select_layers(args: argparse.Namespace) -> None:
