@@ -19,7 +19,7 @@ from matplotlib.image import AxesImage
 
 from tracing.errors import InvalidInput
 from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, TraceResult
-from viz.plots import CLASS_LABELS, KIND_NAMES
+from viz.plots import CLASS_LABELS, KIND_NAMES, average_kinds, average_title
 from viz.style import DIFF_CMAP, kind_style, root_figure
 
 #: Panel titles per kind.
@@ -225,12 +225,7 @@ def plot_average_heatmap(effects: AverageEffects, kinds: Sequence[str] | None = 
     out. Each colour bar runs from ``min(0, smallest value)`` to the panel's largest value.
     The line-plot form of the same numbers is :func:`viz.plots.plot_average_effects`.
     """
-    chosen = list(kinds) if kinds is not None else [k for k in KINDS if k in effects.effects]
-    missing = [k for k in chosen if k not in effects.effects]
-    if missing or not chosen:
-        raise InvalidInput(
-            f"kinds {missing or chosen} not in these effects (they hold {sorted(effects.effects)})"
-        )
+    chosen = average_kinds(effects, kinds)
     rows = {
         kind: [
             c
@@ -261,12 +256,7 @@ def plot_average_heatmap(effects: AverageEffects, kinds: Sequence[str] | None = 
             x_label="layer" + (f" (window {window})" if window and window > 1 else ""),
             show_labels=i == 0 or not same_rows,
         )
-    fig.suptitle(
-        f"Average indirect effects over {effects.n_facts} facts "
-        f"(mean p_clean {effects.mean_p_clean:.3f}, "
-        f"mean p_corrupted {effects.mean_p_corrupted:.3f})",
-        fontsize=11,
-    )
+    fig.suptitle(average_title(effects), fontsize=11)
     return fig
 
 

@@ -44,15 +44,32 @@ def _new_figure(n_panels: int, width: float = 4.6, height: float = 3.6) -> tuple
     return fig, list(fig.subplots(1, n_panels, squeeze=False)[0])
 
 
-def plot_average_effects(effects: AverageEffects, kinds: Sequence[str] | None = None) -> Figure:
-    """Average indirect effect against layer, one panel per kind and one line per ROME Fig. 2
-    token class present (legend gives each class's number of facts)."""
-    chosen = list(kinds) if kinds is not None else [k for k in KINDS if k in effects.effects]
+def average_kinds(effects: AverageEffects, kinds: Sequence[str] | None) -> list[str]:
+    """The kinds to draw from ``effects``: ``kinds`` (each must be there) or all it holds."""
+    chosen: list[str] = (
+        list(kinds) if kinds is not None else [k for k in KINDS if k in effects.effects]
+    )
     missing = [k for k in chosen if k not in effects.effects]
     if missing or not chosen:
         raise InvalidInput(
             f"kinds {missing or chosen} not in these effects (they hold {sorted(effects.effects)})"
         )
+    return chosen
+
+
+def average_title(effects: AverageEffects) -> str:
+    """Figure title of averaged effects: the number of facts and the mean probabilities."""
+    return (
+        f"Average indirect effects over {effects.n_facts} facts "
+        f"(mean p_clean {effects.mean_p_clean:.3f}, "
+        f"mean p_corrupted {effects.mean_p_corrupted:.3f})"
+    )
+
+
+def plot_average_effects(effects: AverageEffects, kinds: Sequence[str] | None = None) -> Figure:
+    """Average indirect effect against layer, one panel per kind and one line per ROME Fig. 2
+    token class present (legend gives each class's number of facts)."""
+    chosen = average_kinds(effects, kinds)
     fig, axes = _new_figure(len(chosen))
     for ax, kind in zip(axes, chosen, strict=True):
         per = effects.effects[kind]
@@ -80,12 +97,7 @@ def plot_average_effects(effects: AverageEffects, kinds: Sequence[str] | None = 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, frameon=False, loc="best")
-    fig.suptitle(
-        f"Average indirect effects over {effects.n_facts} facts "
-        f"(mean p_clean {effects.mean_p_clean:.3f}, "
-        f"mean p_corrupted {effects.mean_p_corrupted:.3f})",
-        fontsize=11,
-    )
+    fig.suptitle(average_title(effects), fontsize=11)
     return fig
 
 
