@@ -234,12 +234,13 @@ def plot_average_heatmap(effects: AverageEffects, kinds: Sequence[str] | None = 
         ]
         for kind in chosen
     }
+    empty = [kind for kind, classes in rows.items() if not classes]
+    if empty:
+        raise InvalidInput(f"no facts contributed to any token class of {empty}")
     same_rows = all(r == rows[chosen[0]] for r in rows.values())
     fig, axes = _new_figure(len(chosen), max(len(r) for r in rows.values()), panel_width=4.6)
     for i, (ax, kind) in enumerate(zip(axes, chosen, strict=True)):
         classes = rows[kind]
-        if not classes:
-            raise InvalidInput(f"no facts contributed to any token class of {kind!r}")
         data = np.stack([np.asarray(effects.effects[kind][c], np.float64) for c in classes])
         counts = effects.counts[kind]
         lo, hi = _color_limits(data, min(0.0, float(np.nanmin(data))), None)
