@@ -5,6 +5,7 @@ and the whole stream undone bit for bit; every registered method runs in it."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -227,6 +228,21 @@ def test_cli_sequential(toy_dirs, tmp_path, cases_file, monkeypatch, capsys):
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| edits |" in out and (tmp_path / "out").rglob("curves.png")
+    assert "| edits |" in out
     assert list((tmp_path / "out").rglob("curves.png"))
     assert main([*args[:-1], "--checkpoint-every", "0"]) == 2
+    capsys.readouterr()
+
+    # eval-curves: runs of one method (a threshold sweep, say) each keep their own line
+    (first,) = [p.parent for p in (tmp_path / "out").rglob("checkpoints.jsonl")]
+    copy = tmp_path / "out" / "copy"
+    shutil.copytree(first, copy)
+    png = tmp_path / "both.png"
+    assert main(["eval-curves", str(first), str(copy), "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert png.stat().st_size > 0
+    assert f"(memit ({first.name}); memit (copy))" in out
+    assert main(["eval-curves", str(first), "--out", str(png)]) == 0
+    assert "(memit)" in capsys.readouterr().out
+    assert main(["eval-curves", str(first), str(first), "--out", str(png)]) == 2
+    assert "given twice" in capsys.readouterr().err

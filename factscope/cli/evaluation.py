@@ -111,13 +111,35 @@ def cmd_curves(args: argparse.Namespace) -> None:
     from viz.heatmap import save_figure
     from viz.plots import plot_sequential
 
-    runs = {}
+    folders, methods, rows = [], [], []
     for folder in args.runs:
         path = Path(input_file(str(Path(folder) / "checkpoints.jsonl"), "a sequential run"))
-        rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+        rows.append([json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x])
         settings = json.loads((path.parent / "run.json").read_text(encoding="utf-8"))
-        runs[settings.get("method", path.parent.name)] = rows
-    print(f"# written {save_figure(plot_sequential(runs), args.out)}")
+        folders.append(folder)
+        methods.append(str(settings.get("method", path.parent.name)))
+    labels = curve_labels(folders, methods)
+    runs = dict(zip(labels, rows, strict=True))
+    print(f"# written {save_figure(plot_sequential(runs), args.out)} ({'; '.join(labels)})")
+
+
+def curve_labels(folders: list[str], methods: list[str]) -> list[str]:
+    """One legend label per sequential run: its method, with the run folder's name where
+    several runs share a method (the full path where the names also repeat), so that no
+    run hides another."""
+    from pathlib import Path
+
+    from tracing.errors import InvalidInput
+
+    def label(m: str, tail: str) -> str:
+        return m if methods.count(m) == 1 else f"{m} ({tail})"
+
+    labels = [label(m, Path(f).name) for f, m in zip(folders, methods, strict=True)]
+    if len(set(labels)) < len(labels):
+        labels = [label(m, str(f)) for f, m in zip(folders, methods, strict=True)]
+    if len(set(labels)) < len(labels):
+        raise InvalidInput("eval-curves: a run folder is given twice")
+    return labels
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -161,7 +183,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``eval`` and ``eval-table``."""
+    """Register ``eval``, ``eval-curves`` and ``eval-table``."""
     p = sub.add_parser("eval", help="evaluate an editing method on CounterFact or zsRE")
     p.add_argument(
         "--method",
