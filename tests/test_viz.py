@@ -447,5 +447,6 @@ def test_sequential_plot_draws_each_run_against_edits():
     assert list(eff["alphaedit"].get_ydata()) == [1.0, 0.9]
     ppl = {ln.get_label(): list(ln.get_ydata()) for ln in fig.axes[1].get_lines()}
     assert ppl == {"alphaedit": [10.0, 11.0, 12.0], "memit": [10.0, 15.0]}
+    assert [ax.get_xlim()[0] for ax in fig.axes if ax.get_visible()] == [0, 0]  # one x axis
     with pytest.raises(InvalidInput):
         plot_sequential({})

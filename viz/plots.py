@@ -365,6 +365,7 @@ def plot_sequential(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
                 ax.plot(
                     *zip(*pts, strict=True), marker="o", markersize=3, label=label, color=f"C{j}"
                 )
+        ax.set_xlim(left=0)  # every panel on one axis, from the unedited model on
         ax.set_xlabel("edits so far", fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.tick_params(labelsize=8)
