@@ -244,5 +244,5 @@ def test_cli_sequential(toy_dirs, tmp_path, cases_file, monkeypatch, capsys):
     assert f"(memit ({first.name}); memit (copy))" in out
     assert main(["eval-curves", str(first), "--out", str(png)]) == 0
     assert "(memit)" in capsys.readouterr().out
-    assert main(["eval-curves", str(first), str(first), "--out", str(png)]) == 2
+    assert main(["eval-curves", str(first), f"{first}/", "--out", str(png)]) == 2
     assert "given twice" in capsys.readouterr().err

@@ -131,14 +131,15 @@ def curve_labels(folders: list[str], methods: list[str]) -> list[str]:
 
     from tracing.errors import InvalidInput
 
+    if len({Path(f).resolve() for f in folders}) < len(folders):
+        raise InvalidInput("eval-curves: a run folder is given twice")
+
     def label(m: str, tail: str) -> str:
         return m if methods.count(m) == 1 else f"{m} ({tail})"
 
     labels = [label(m, Path(f).name) for f, m in zip(folders, methods, strict=True)]
     if len(set(labels)) < len(labels):
         labels = [label(m, str(f)) for f, m in zip(folders, methods, strict=True)]
-    if len(set(labels)) < len(labels):
-        raise InvalidInput("eval-curves: a run folder is given twice")
     return labels
 
 
