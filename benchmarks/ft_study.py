@@ -44,6 +44,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from editing.evaluation.results import append_rows, read_jsonl
+
 log = logging.getLogger("ft_study")
 
 CONSTRAINTS = ("linf", "fisher", "none", "mixed")
@@ -108,18 +110,6 @@ def _hparams(args: argparse.Namespace, layers: list[int], constraint: str):
 
 def _key(row: dict) -> tuple:
     return (row["k"], str(row["blocks"]), row["constraint"])
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
 
 
 def _table(rows: Sequence[dict]) -> str:
@@ -296,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     blocks = list(range(n)) if args.blocks == "all-each" else parse_layers(args.blocks)
     targets: list[list[int]] = [[b] for b in blocks] + ([list(range(n))] if args.whole else [])
     task = TASKS["counterfact"]
-    done = {_key(r) for r in _read_rows(rows_path)}
+    done = {_key(r) for r in read_jsonl(rows_path)}
 
     fisher = None
     if "fisher" in constraints:
@@ -320,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         facts = [f for f in known if f.prompt not in held]
         base = {"k": k, "blocks": "-", "constraint": "unedited"}
         if _key(base) not in done:
-            _append(rows_path, {**base, **_scores(model, task, cases, facts, []), "seconds": 0.0})
+            unedited = {**base, **_scores(model, task, cases, facts, []), "seconds": 0.0}
+            append_rows(rows_path, [unedited])
         prepared = prepare_requests(model, requests)
         todo = [(t, c) for t in targets for c in constraints]
         for layers, constraint in tqdm(todo, desc=f"K={k}"):
@@ -335,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             with edit.applied(model):
                 scores = _scores(model, task, cases, facts, subjects)
             row.update(scores, seconds=seconds, final_loss=edit.metadata["losses"][-1])
-            _append(rows_path, row)
+            append_rows(rows_path, [row])
             log.info("%s", row)
     _report(rows_path, ks, plot)
 
@@ -343,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _report(rows_path: Path, ks: Sequence[int], plot: Path) -> None:
     """Print the table of the rows of ``rows_path`` for the numbers of facts ``ks`` and draw
     their plot."""
-    rows = [r for r in _read_rows(rows_path) if r["k"] in ks]
+    rows = [r for r in read_jsonl(rows_path) if r["k"] in ks]
     if not rows:
         raise SystemExit(f"no rows for these K in {rows_path}")
     print(_table(rows))

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from editing.evaluation.results import append_rows, read_jsonl
 from tracing.io import write_text_atomic
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the helper modules next to this file
@@ -149,15 +150,7 @@ def _subject_edit_fn(model: Any, config: SweepConfig, overrides: dict, out: Path
 
 def read_rows(path: Path) -> dict[str, dict]:
     """Finished rows by configuration name (a later line replaces an earlier one)."""
-    if not path.exists():
-        return {}
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return {r["name"]: r for r in rows}
-
-
-def _append_row(path: Path, row: Mapping[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    return {r["name"]: r for r in read_jsonl(path)}
 
 
 def is_done(row: Mapping[str, Any] | None, config: SweepConfig, overrides: dict, n: int) -> bool:
@@ -223,7 +216,7 @@ def run_sweep(
             continue
         row = summary_row(c, resolved[c.name], summary)
         row.update(n_requested=n, wall_seconds=time.perf_counter() - t0)
-        _append_row(rows_path, row)
+        append_rows(rows_path, [row])
         done[c.name] = row
     return [done[c.name] for c in configs if c.name in done]
 

@@ -237,6 +237,8 @@ def test_cli_sequential(toy_dirs, tmp_path, cases_file, monkeypatch, capsys):
     (first,) = [p.parent for p in (tmp_path / "out").rglob("checkpoints.jsonl")]
     copy = tmp_path / "out" / "copy"
     shutil.copytree(first, copy)
+    with open(copy / "checkpoints.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"n_processed": 6, "n_ed')  # torn by an interrupted run: read as the runner does
     png = tmp_path / "both.png"
     assert main(["eval-curves", str(first), str(copy), "--out", str(png)]) == 0
     out = capsys.readouterr().out

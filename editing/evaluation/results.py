@@ -179,23 +179,24 @@ def comparison_table(summaries: Sequence[EvalSummary]) -> str:
 # --------------------------------------------------------------------------- rows
 
 
-def read_rows(path: Path) -> dict[int, dict]:
-    """Rows of a JSONL file by ``case_id`` (a torn last line from an interrupted run is
-    ignored)."""
-    out: dict[int, dict] = {}
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file written by :func:`append_rows`, in order; none when it does
+    not exist. A torn last line from an interrupted run is ignored (the run redoes it)."""
+    out: list[dict] = []
     if not path.exists():
         return out
     with open(path, encoding="utf-8") as f:
         for line in f:
-            line = line.strip()
-            if not line:
-                continue
             try:
-                row = json.loads(line)
+                out.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-            out[int(row["case_id"])] = row
     return out
+
+
+def read_rows(path: Path) -> dict[int, dict]:
+    """Rows of a JSONL file by ``case_id`` (:func:`read_jsonl`)."""
+    return {int(row["case_id"]): row for row in read_jsonl(path)}
 
 
 def append_rows(path: Path, rows: Iterable[Mapping]) -> None:

@@ -54,7 +54,7 @@ from editing.evaluation.ability import (
 )
 from editing.evaluation.cases import UneditedCache, select_cases
 from editing.evaluation.metrics import aggregate
-from editing.evaluation.results import append_rows
+from editing.evaluation.results import append_rows, read_jsonl
 from editing.evaluation.runner import EditFn, check_run
 from editing.evaluation.scoring import ModelScorer, Scorer
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, load_cases, split_cases
@@ -217,7 +217,7 @@ def evaluate_sequential(
     facts = known_facts(model, load_known_facts(cfg.facts))
     batches = [selected[i : i + cfg.batch] for i in range(0, len(selected), cfg.batch)]
     stream, state = EditStream(model), _Stream.read(run_dir / "stream.json")
-    done_rows = {r["n_processed"]: r for r in _read_jsonl(run_dir / "checkpoints.jsonl")}
+    done_rows = {r["n_processed"]: r for r in read_jsonl(run_dir / "checkpoints.jsonl")}
     index, applied = ConflictIndex(), cast(list[tuple[Case, Any]], [])
     t_run = time.perf_counter()
 
@@ -331,18 +331,6 @@ def _edit_batch(
         log.warning("batch %d refused (model unchanged): %s", b, exc)
         return {"index": b, "status": "refused", "reason": str(exc), "cases": ids}
     return {"index": b, "status": "applied", "cases": ids, "weights": weights_key(model)}
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line from an interrupted run
-    return out
 
 
 def _finite(tensors: Iterable[torch.Tensor]) -> bool:

@@ -108,13 +108,14 @@ def cmd_curves(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
+    from editing.evaluation.results import read_jsonl
     from viz.heatmap import save_figure
     from viz.plots import plot_sequential
 
     folders, methods, rows = [], [], []
     for folder in args.runs:
         path = Path(input_file(str(Path(folder) / "checkpoints.jsonl"), "a sequential run"))
-        rows.append([json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x])
+        rows.append(read_jsonl(path))
         settings = json.loads((path.parent / "run.json").read_text(encoding="utf-8"))
         folders.append(folder)
         methods.append(str(settings.get("method", path.parent.name)))
