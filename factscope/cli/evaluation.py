@@ -109,9 +109,12 @@ def cmd_curves(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from editing.evaluation.results import read_jsonl
+    from tracing.errors import InvalidInput
     from viz.heatmap import save_figure
     from viz.plots import plot_sequential
 
+    if len({Path(f).resolve() for f in args.runs}) < len(args.runs):
+        raise InvalidInput("eval-curves: a run folder is given twice")
     folders, methods, rows = [], [], []
     for folder in args.runs:
         path = Path(input_file(str(Path(folder) / "checkpoints.jsonl"), "a sequential run"))
@@ -127,13 +130,8 @@ def cmd_curves(args: argparse.Namespace) -> None:
 def curve_labels(folders: list[str], methods: list[str]) -> list[str]:
     """One legend label per sequential run: its method, with the run folder's name where
     several runs share a method (the full path where the names also repeat), so that no
-    run hides another."""
+    run hides another. The folders are distinct (:func:`cmd_curves` checks)."""
     from pathlib import Path
-
-    from tracing.errors import InvalidInput
-
-    if len({Path(f).resolve() for f in folders}) < len(folders):
-        raise InvalidInput("eval-curves: a run folder is given twice")
 
     def label(m: str, tail: str) -> str:
         return m if methods.count(m) == 1 else f"{m} ({tail})"
