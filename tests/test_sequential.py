@@ -14,8 +14,11 @@ import editing.evaluation.sequential as seq_mod
 from editing.edit import Edit, LayerDelta
 from editing.evaluation import EditStream, evaluate_sequential
 from editing.evaluation.ability import heldout_sequences, perplexity
+from editing.evaluation.arrival import arrival_table
 from editing.evaluation.datasets import load_counterfact
+from editing.evaluation.results import read_jsonl
 from factscope.cli import main
+from tracing.errors import InvalidInput
 from tracing.facts import load_known_facts
 from tracing.models import down_proj, fingerprint, model_name
 
@@ -90,6 +93,11 @@ def run(toy_models, tmp_path, cases_file, monkeypatch):
     return model, go
 
 
+def _edited():
+    """The case ids the stream of ``cases_file`` edits, in order (all but the clash)."""
+    return [r.case_id for r in load_counterfact()[:5]]
+
+
 def _weights(model):
     return [down_proj(model, L).detach().clone() for L in range(model.cfg.n_layers)]
 
@@ -116,6 +124,57 @@ def test_stream_scores_checkpoints_and_undoes_bit_for_bit(run, tmp_path):
         perplexity(model, heldout_sequences(model, 256)), rel=1e-6
     )
     assert last["perplexity"] != first["perplexity"]  # the edits changed the model
+    # every checkpoint keeps each edit's own metrics, with the batch it arrived in
+    run_dir = tmp_path / "out" / "run"
+    for row in rows[1:]:
+        cases = read_jsonl(run_dir / "cases" / f"{row['n_processed']:05d}.jsonl")
+        assert len(cases) == row["n_edits"]
+        for key, value in row["metrics"].items():
+            if key == "score":
+                continue
+            vals = [c[key] for c in cases if c.get(key) is not None]
+            mean = sum(vals) / len(vals) if vals else None
+            assert mean == pytest.approx(value)
+    assert [(c["case_id"], c["batch"], c["arrived"]) for c in cases] == [
+        (i, b, a)
+        for i, (b, a) in zip(_edited(), [(0, 2), (0, 2), (1, 4), (2, 6), (2, 6)], strict=True)
+    ]
+
+
+def test_arrival_table_follows_each_cohort(run, tmp_path, capsys):
+    model, go = run
+    rows = go()
+    run_dir = tmp_path / "out" / "run"
+    table = arrival_table(run_dir, "efficacy_magnitude")
+    assert table.checkpoints == [2, 4, 6]
+    assert table.cohorts == [(0, 2), (2, 4), (4, 6)]
+    by_case = {
+        n: {
+            c["case_id"]: c["efficacy_magnitude"]
+            for c in read_jsonl(run_dir / "cases" / f"{n:05d}.jsonl")
+        }
+        for n in (2, 4, 6)
+    }
+    edited = _edited()
+    cohort_ids = [edited[:2], edited[2:3], edited[3:]]
+    for n in (2, 4, 6):
+        for cohort, ids in zip(table.cohorts, cohort_ids, strict=True):
+            if cohort[1] > n:  # not arrived yet at this checkpoint
+                assert (n, cohort) not in table.cells
+                continue
+            mean, count = table.cells[n, cohort]
+            assert count == len(ids)
+            assert mean == pytest.approx(sum(by_case[n][i] for i in ids) / len(ids))
+        row = next(r for r in rows if r["n_processed"] == n)
+        assert table.overall[n] == pytest.approx(row["metrics"]["efficacy_magnitude"])
+    with pytest.raises(InvalidInput, match="unknown metric"):
+        arrival_table(run_dir, "no_such_metric")
+    with pytest.raises(InvalidInput, match="no per-edit"):
+        arrival_table(tmp_path / "nowhere")
+    assert main(["eval-arrival", str(run_dir), "--metric", "efficacy_magnitude"]) == 0
+    out = capsys.readouterr().out
+    assert "| efficacy_magnitude after | all | arrived 1-2 | arrived 3-4 | arrived 5-6 |" in out
+    assert len(out.strip().splitlines()) == 2 + 3
 
 
 def test_interrupted_stream_resumes_to_the_same_rows(run, monkeypatch):

@@ -3,10 +3,12 @@
 ``evaluate(model, EvalConfig(...))`` (:mod:`editing.evaluation.runner`) edits cases with a
 registered method and scores them; :func:`scaling` gives metric-against-number-of-edits
 points; :func:`evaluate_sequential` (:mod:`editing.evaluation.sequential`) edits batch after
-batch into one model and scores everything at checkpoints; :class:`EvalSummary` and
+batch into one model and scores everything at checkpoints (:func:`arrival_table`: its edits
+grouped by when they arrived); :class:`EvalSummary` and
 :func:`comparison_table` read and tabulate results.
 """
 
+from editing.evaluation.arrival import ArrivalTable, arrival_table
 from editing.evaluation.generation import GenerationSettings
 from editing.evaluation.results import EvalSummary, case_bars, comparison_table
 from editing.evaluation.runner import EvalConfig, evaluate
@@ -16,6 +18,7 @@ from editing.evaluation.tasks import TASKS, Case, Task, load_cases
 
 __all__ = [
     "TASKS",
+    "ArrivalTable",
     "Case",
     "EditStream",
     "EvalConfig",
@@ -23,6 +26,7 @@ __all__ = [
     "GenerationSettings",
     "SequentialConfig",
     "Task",
+    "arrival_table",
     "case_bars",
     "comparison_table",
     "evaluate",

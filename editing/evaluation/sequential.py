@@ -10,7 +10,9 @@ paraphrase, neighbourhood, magnitudes, the strict metrics; ``unedited``: the sam
 metrics before any edit), WikiText-2 perplexity on held-out
 text and top-1 accuracy on known_1000 facts about subjects no edit touched
 (:mod:`editing.evaluation.ability`), the largest weight magnitude and the time spent. Row 0
-is the unedited model.
+is the unedited model. Beside each row, ``cases/NNNNN.jsonl`` (``NNNNN``: edits processed)
+keeps every edit's own metrics with the batch it arrived in, so that whether early edits
+wear off or later ones take less can be told apart (:mod:`editing.evaluation.arrival`).
 
 Methods that protect earlier edits (``EditMethod.protects_edits``: AlphaEdit) get the keys
 of every batch applied so far (``sum K^T K`` by layer, from ``Edit.keys``).
@@ -64,7 +66,7 @@ from editing.requests import ConflictIndex
 from editing.weights import weights_checksums, weights_key
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.facts import known_facts, load_known_facts
-from tracing.io import write_json_atomic
+from tracing.io import write_json_atomic, write_text_atomic
 from tracing.models import HookedModel, model_name
 
 log = logging.getLogger(__name__)
@@ -219,13 +221,15 @@ def evaluate_sequential(
     stream, state = EditStream(model), _Stream.read(run_dir / "stream.json")
     done_rows = {r["n_processed"]: r for r in read_jsonl(run_dir / "checkpoints.jsonl")}
     index, applied = ConflictIndex(), cast(list[tuple[Case, Any]], [])
+    arrived: list[tuple[int, int]] = []  # (batch, edits processed after it) of each applied case
     t_run = time.perf_counter()
 
     def checkpoint(n_processed: int, seconds_edit: float) -> None:
         if n_processed in done_rows:
             return
         t0 = time.perf_counter()
-        metrics = aggregate(_scored_rows(task, scorer, applied))
+        per_case = _scored_rows(task, scorer, applied)
+        metrics = aggregate(per_case)
         unedited = aggregate([task.metrics(pre, pre) for _, pre in applied])
         subjects = [task.request(c).subject for c, _ in applied]
         acc, n_facts = known_fact_accuracy(model, facts, subjects) if facts else (None, 0)
@@ -244,6 +248,12 @@ def evaluate_sequential(
             "seconds_edit": round(seconds_edit, 2),
             "seconds_checkpoint": round(time.perf_counter() - t0, 2),
         }
+        case_rows = [
+            {"case_id": c.case_id, "batch": b, "arrived": at, **m}
+            for (c, _), (b, at), m in zip(applied, arrived, per_case, strict=True)
+        ]
+        text = "".join(json.dumps(r) + "\n" for r in case_rows)
+        write_text_atomic(run_dir / "cases" / f"{n_processed:05d}.jsonl", text)
         append_rows(run_dir / "checkpoints.jsonl", [row])
         done_rows[n_processed] = row
         log.info("checkpoint after %d edits: %s", len(applied), row)
@@ -281,6 +291,7 @@ def evaluate_sequential(
             if entry["status"] == "applied":
                 applied += take
         before, processed = processed, processed + len(unit)
+        arrived += [(b, processed)] * (len(applied) - len(arrived))
         bar.update(1)
         last = b == len(batches) - 1
         if last or processed // cfg.checkpoint_every > before // cfg.checkpoint_every:

@@ -1,6 +1,7 @@
 """Commands ``eval`` (edit and score CounterFact / zsRE cases, the scaling curve, or a
-sequential stream), ``eval-table`` (one Markdown table from several runs) and ``eval-curves``
-(sequential runs drawn against the number of edits)."""
+sequential stream), ``eval-table`` (one Markdown table from several runs), ``eval-curves``
+(sequential runs drawn against the number of edits) and ``eval-arrival`` (a sequential run's
+edits grouped by when they arrived)."""
 
 from __future__ import annotations
 
@@ -127,6 +128,17 @@ def cmd_curves(args: argparse.Namespace) -> None:
     print(f"# written {save_figure(plot_sequential(runs), args.out)} ({'; '.join(labels)})")
 
 
+def cmd_arrival(args: argparse.Namespace) -> None:
+    """Print one metric of a sequential run's edits grouped by when they arrived."""
+    from pathlib import Path
+
+    from editing.evaluation.arrival import arrival_table
+
+    input_file(str(Path(args.run) / "checkpoints.jsonl"), "a sequential run")
+    table = arrival_table(args.run, args.metric)
+    print(table.markdown(), end="")
+
+
 def curve_labels(folders: list[str], methods: list[str]) -> list[str]:
     """One legend label per sequential run: its method, with the run folder's name where
     several runs share a method (the full path where the names also repeat), so that no
@@ -183,7 +195,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``eval``, ``eval-curves`` and ``eval-table``."""
+    """Register ``eval``, ``eval-curves``, ``eval-arrival`` and ``eval-table``."""
     p = sub.add_parser("eval", help="evaluate an editing method on CounterFact or zsRE")
     p.add_argument(
         "--method",
@@ -252,6 +264,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", help="run folders of eval --sequential")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(func=cmd_curves)
+
+    p = sub.add_parser(
+        "eval-arrival", help="a sequential run's edits grouped by when they arrived (table)"
+    )
+    p.add_argument("run", help="run folder of eval --sequential")
+    p.add_argument(
+        "--metric", default="efficacy_success", help="per-edit metric (default efficacy_success)"
+    )
+    p.set_defaults(func=cmd_arrival)
 
     p = sub.add_parser("eval-table", help="one Markdown table from several eval summaries")
     p.add_argument("summaries", nargs="+", help="summary.json files of eval runs")

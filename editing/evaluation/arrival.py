@@ -1,0 +1,78 @@
+"""Edits of a sequential stream grouped by when they arrived: do early edits wear off, or do
+later ones take less?
+
+A checkpoint row of :func:`~editing.evaluation.evaluate_sequential` averages over every edit
+made so far, so a falling efficacy can mean either. Each checkpoint also keeps every edit's
+own metrics (``cases/NNNNN.jsonl``, with ``arrived``: the edits processed when its batch was
+done). :func:`arrival_table` groups them by the checkpoint interval they arrived in and
+tabulates one metric's mean per group at every checkpoint: read down a column to follow one
+cohort of edits as the stream goes on, along a row to compare cohorts in one model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from editing.evaluation.results import read_jsonl
+from tracing.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class ArrivalTable:
+    """``cells[(checkpoint, cohort)]`` = (mean of ``metric``, number of edits) over the edits
+    that arrived in ``cohort`` (an interval of processed requests, ``(start, end]``) as scored
+    at ``checkpoint`` (requests processed); ``overall[checkpoint]`` is the mean over all."""
+
+    metric: str
+    checkpoints: list[int]
+    cohorts: list[tuple[int, int]]
+    cells: dict[tuple[int, tuple[int, int]], tuple[float, int]]
+    overall: dict[int, float]
+
+    def markdown(self) -> str:
+        """The table in Markdown (means to three decimals; a blank cell: not arrived yet)."""
+        heads = [f"arrived {a + 1}-{b}" for a, b in self.cohorts]
+        lines = [
+            f"| {self.metric} after | all | " + " | ".join(heads) + " |",
+            "|---:|---:|" + "---:|" * len(heads),
+        ]
+        for n in self.checkpoints:
+            cells = [
+                f"{self.cells[n, c][0]:.3f}" if (n, c) in self.cells else "" for c in self.cohorts
+            ]
+            lines.append(f"| {n} | {self.overall[n]:.3f} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def arrival_table(run_dir: str | Path, metric: str = "efficacy_success") -> ArrivalTable:
+    """Group the per-edit rows of a sequential run folder by arrival (module docstring).
+    Checkpoints without per-edit rows (runs from before they were kept, row 0) are left
+    out; an unknown metric or a folder without any is an :class:`InvalidInput`."""
+    run_dir = Path(run_dir)
+    marks = sorted(int(r["n_processed"]) for r in read_jsonl(run_dir / "checkpoints.jsonl"))
+    scored = {n: read_jsonl(run_dir / "cases" / f"{n:05d}.jsonl") for n in marks if n > 0}
+    scored = {n: rows for n, rows in scored.items() if rows}
+    if not scored:
+        raise InvalidInput(f"{run_dir}: no per-edit checkpoint rows (cases/*.jsonl)")
+    if not any(metric in r for rows in scored.values() for r in rows):
+        keys = sorted({k for rows in scored.values() for r in rows for k in r})
+        raise InvalidInput(f"unknown metric {metric!r}; the rows have {keys}")
+    bounds = [0, *[n for n in marks if n > 0]]
+
+    def cohort(arrived: int) -> tuple[int, int]:
+        end = next(n for n in bounds[1:] if n >= arrived)
+        return bounds[bounds.index(end) - 1], end
+
+    sums: dict[tuple[int, tuple[int, int]], list[float]] = {}
+    overall: dict[int, float] = {}
+    for n, rows in scored.items():
+        values = [
+            (cohort(int(r["arrived"])), float(r[metric])) for r in rows if r.get(metric) is not None
+        ]
+        for c, v in values:
+            sums.setdefault((n, c), []).append(v)
+        overall[n] = sum(v for _, v in values) / len(values) if values else float("nan")
+    cells = {key: (sum(vs) / len(vs), len(vs)) for key, vs in sums.items()}
+    cohorts = sorted({c for _, c in cells})
+    return ArrivalTable(metric, sorted(scored), cohorts, cells, overall)
