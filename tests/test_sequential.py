@@ -177,6 +177,19 @@ def test_arrival_table_follows_each_cohort(run, tmp_path, capsys):
     assert len(out.strip().splitlines()) == 2 + 3
 
 
+def test_streams_on_one_model_share_the_unedited_row(run, monkeypatch):
+    model, go = run
+    first = go(method="ft-l", name="first", n=2, batch=2)
+    calls = []
+    real = seq_mod.perplexity
+    monkeypatch.setattr(seq_mod, "perplexity", lambda *a: (calls.append(1), real(*a))[1])
+    second = go(method="ft-l", name="second", n=2, batch=2)
+    assert second[0] == first[0] and len(calls) == 1  # only the edited checkpoint measured
+    calls.clear()
+    other = go(method="ft-l", name="other", n=2, batch=2, ppl_tokens=384)  # other text: measured
+    assert len(calls) == 2 and other[0]["perplexity"] != first[0]["perplexity"]
+
+
 def test_interrupted_stream_resumes_to_the_same_rows(run, monkeypatch):
     model, go = run
     whole = go(name="whole")

@@ -10,9 +10,11 @@ paraphrase, neighbourhood, magnitudes, the strict metrics; ``unedited``: the sam
 metrics before any edit), WikiText-2 perplexity on held-out
 text and top-1 accuracy on known_1000 facts about subjects no edit touched
 (:mod:`editing.evaluation.ability`), the largest weight magnitude and the time spent. Row 0
-is the unedited model. Beside each row, ``cases/NNNNN.jsonl`` (``NNNNN``: edits processed)
-keeps every edit's own metrics with the batch it arrived in, so that whether early edits
-wear off or later ones take less can be told apart (:mod:`editing.evaluation.arrival`).
+is the unedited model; it is kept in ``out_dir`` (``unedited_ability_*.json``, by weights,
+held-out tokens and facts) for the other streams run on the same model there. Beside each
+row, ``cases/NNNNN.jsonl`` (``NNNNN``: edits processed) keeps every edit's own metrics with
+the batch it arrived in, so that whether early edits wear off or later ones take less can be
+told apart (:mod:`editing.evaluation.arrival`).
 
 Methods that protect earlier edits (``EditMethod.protects_edits``: AlphaEdit) get the keys
 of every batch applied so far (``sum K^T K`` by layer, from ``Edit.keys``).
@@ -35,6 +37,7 @@ Reliability:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -217,6 +220,9 @@ def evaluate_sequential(
     )
     heldout = heldout_sequences(model, cfg.ppl_tokens)
     facts = known_facts(model, load_known_facts(cfg.facts))
+    ability_key = json.dumps([cfg.ppl_tokens, [(f.prompt, f.subject, f.answer) for f in facts]])
+    digest = hashlib.sha256(ability_key.encode()).hexdigest()[:16]
+    row0_path = Path(cfg.out_dir) / f"unedited_ability_{wkey}_{digest}.json"
     batches = [selected[i : i + cfg.batch] for i in range(0, len(selected), cfg.batch)]
     stream, state = EditStream(model), _Stream.read(run_dir / "stream.json")
     done_rows = {r["n_processed"]: r for r in read_jsonl(run_dir / "checkpoints.jsonl")}
@@ -226,6 +232,11 @@ def evaluate_sequential(
 
     def checkpoint(n_processed: int, seconds_edit: float) -> None:
         if n_processed in done_rows:
+            return
+        if n_processed == 0 and row0_path.exists():  # another stream on this model measured it
+            row0 = json.loads(row0_path.read_text(encoding="utf-8"))
+            append_rows(run_dir / "checkpoints.jsonl", [row0])
+            done_rows[0] = row0
             return
         t0 = time.perf_counter()
         per_case = _scored_rows(task, scorer, applied)
@@ -256,6 +267,8 @@ def evaluate_sequential(
         write_text_atomic(run_dir / "cases" / f"{n_processed:05d}.jsonl", text)
         append_rows(run_dir / "checkpoints.jsonl", [row])
         done_rows[n_processed] = row
+        if n_processed == 0:
+            write_json_atomic(row0_path, row)
         log.info("checkpoint after %d edits: %s", len(applied), row)
 
     checkpoint(0, 0.0)
