@@ -171,10 +171,15 @@ def test_arrival_table_follows_each_cohort(run, tmp_path, capsys):
         arrival_table(run_dir, "no_such_metric")
     with pytest.raises(InvalidInput, match="no per-edit"):
         arrival_table(tmp_path / "nowhere")
-    assert main(["eval-arrival", str(run_dir), "--metric", "efficacy_magnitude"]) == 0
+    series = table.series()  # against edits made so far (the clash was skipped)
+    assert series["all"] == [(2, table.overall[2]), (3, table.overall[4]), (5, table.overall[6])]
+    assert [n for n, _ in series["arrived 3-4"]] == [3, 5]
+    png = tmp_path / "arrival.png"
+    args = ["eval-arrival", str(run_dir), "--metric", "efficacy_magnitude", "--out", str(png)]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "| efficacy_magnitude after | all | arrived 1-2 | arrived 3-4 | arrived 5-6 |" in out
-    assert len(out.strip().splitlines()) == 2 + 3
+    assert len(out.strip().splitlines()) == 2 + 3 + 1 and png.stat().st_size > 0
 
 
 def test_streams_on_one_model_share_the_unedited_row(run, monkeypatch):

@@ -425,7 +425,7 @@ def test_viz_does_not_import_torch():
 
 def test_sequential_plot_draws_each_run_against_edits():
     from tracing.errors import InvalidInput
-    from viz.plots import plot_sequential
+    from viz.sequential import plot_sequential
 
     def row(n, es, ppl):
         return {
@@ -450,3 +450,24 @@ def test_sequential_plot_draws_each_run_against_edits():
     assert [ax.get_xlim()[0] for ax in fig.axes if ax.get_visible()] == [0, 0]  # one x axis
     with pytest.raises(InvalidInput):
         plot_sequential({})
+
+
+def test_arrival_plot_follows_each_cohort():
+    from tracing.errors import InvalidInput
+    from viz.sequential import plot_arrival
+
+    series = {
+        "all": [(100, 0.9), (200, 0.7)],
+        "arrived 1-100": [(200, 0.6), (100, 0.9)],  # drawn in order of edits
+        "arrived 101-200": [(200, 0.8)],
+        "arrived 201-300": [],  # not arrived: no line
+    }
+    fig = plot_arrival("efficacy_success", series)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert set(lines) == {"all", "arrived 1-100", "arrived 101-200"}
+    assert list(lines["arrived 1-100"].get_xdata()) == [100, 200]
+    assert list(lines["arrived 1-100"].get_ydata()) == [0.9, 0.6]
+    assert lines["all"].get_linestyle() == "--"
+    assert lines["arrived 101-200"].get_linestyle() == "-"
+    with pytest.raises(InvalidInput):
+        plot_arrival("efficacy_success", {"all": []})

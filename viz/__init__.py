@@ -17,13 +17,14 @@ from viz.plots import (
     plot_edit_bars,
     plot_layer_selection,
     plot_scaling,
-    plot_sequential,
 )
+from viz.sequential import plot_arrival, plot_sequential
 
 __all__ = [
     "EditBar",
     "before_after_figure",
     "edit_bars_figure",
+    "plot_arrival",
     "plot_average_effects",
     "plot_average_heatmap",
     "plot_before_after",

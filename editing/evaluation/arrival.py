@@ -22,17 +22,34 @@ from tracing.errors import InvalidInput
 class ArrivalTable:
     """``cells[(checkpoint, cohort)]`` = (mean of ``metric``, number of edits) over the edits
     that arrived in ``cohort`` (an interval of processed requests, ``(start, end]``) as scored
-    at ``checkpoint`` (requests processed); ``overall[checkpoint]`` is the mean over all."""
+    at ``checkpoint`` (requests processed); ``overall[checkpoint]`` is the mean over all and
+    ``edits[checkpoint]`` the number of edits made by then."""
 
     metric: str
     checkpoints: list[int]
     cohorts: list[tuple[int, int]]
     cells: dict[tuple[int, tuple[int, int]], tuple[float, int]]
     overall: dict[int, float]
+    edits: dict[int, int]
+
+    def label(self, cohort: tuple[int, int]) -> str:
+        """A cohort's name: the requests it covers, counted from 1."""
+        return f"arrived {cohort[0] + 1}-{cohort[1]}"
+
+    def series(self) -> dict[str, list[tuple[int, float]]]:
+        """``{"all": [(edits, mean)], <cohort label>: [...]}`` for :func:`viz.plot_arrival`."""
+        out = {"all": [(self.edits[n], self.overall[n]) for n in self.checkpoints]}
+        for c in self.cohorts:
+            out[self.label(c)] = [
+                (self.edits[n], self.cells[n, c][0])
+                for n in self.checkpoints
+                if (n, c) in self.cells
+            ]
+        return out
 
     def markdown(self) -> str:
         """The table in Markdown (means to three decimals; a blank cell: not arrived yet)."""
-        heads = [f"arrived {a + 1}-{b}" for a, b in self.cohorts]
+        heads = [self.label(c) for c in self.cohorts]
         lines = [
             f"| {self.metric} after | all | " + " | ".join(heads) + " |",
             "|---:|---:|" + "---:|" * len(heads),
@@ -75,4 +92,5 @@ def arrival_table(run_dir: str | Path, metric: str = "efficacy_success") -> Arri
         overall[n] = sum(v for _, v in values) / len(values) if values else float("nan")
     cells = {key: (sum(vs) / len(vs), len(vs)) for key, vs in sums.items()}
     cohorts = sorted({c for _, c in cells})
-    return ArrivalTable(metric, sorted(scored), cohorts, cells, overall)
+    edits = {n: len(rows) for n, rows in scored.items()}
+    return ArrivalTable(metric, sorted(scored), cohorts, cells, overall, edits)

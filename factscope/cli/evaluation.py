@@ -59,7 +59,7 @@ def _sequential(args: argparse.Namespace) -> None:
     from editing.evaluation.sequential import run_folder
     from tracing.layers import parse_layers
     from viz.heatmap import save_figure
-    from viz.plots import plot_sequential
+    from viz.sequential import plot_sequential
 
     settings = given(args, "dataset", "n", "batch", "seed", "known_rule", "name", "split")
     settings.update(given(args, "checkpoint_every", "ppl_tokens", method="method"))
@@ -112,7 +112,7 @@ def cmd_curves(args: argparse.Namespace) -> None:
     from editing.evaluation.results import read_jsonl
     from tracing.errors import InvalidInput
     from viz.heatmap import save_figure
-    from viz.plots import plot_sequential
+    from viz.sequential import plot_sequential
 
     if len({Path(f).resolve() for f in args.runs}) < len(args.runs):
         raise InvalidInput("eval-curves: a run folder is given twice")
@@ -137,6 +137,11 @@ def cmd_arrival(args: argparse.Namespace) -> None:
     input_file(str(Path(args.run) / "checkpoints.jsonl"), "a sequential run")
     table = arrival_table(args.run, args.metric)
     print(table.markdown(), end="")
+    if args.out:
+        from viz.heatmap import save_figure
+        from viz.sequential import plot_arrival
+
+        print(f"# written {save_figure(plot_arrival(args.metric, table.series()), args.out)}")
 
 
 def curve_labels(folders: list[str], methods: list[str]) -> list[str]:
@@ -272,6 +277,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metric", default="efficacy_success", help="per-edit metric (default efficacy_success)"
     )
+    p.add_argument("--out", help="also draw the cohorts' curves into this PNG file")
     p.set_defaults(func=cmd_arrival)
 
     p = sub.add_parser("eval-table", help="one Markdown table from several eval summaries")
