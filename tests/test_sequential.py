@@ -178,7 +178,11 @@ def test_arrival_table_follows_each_cohort(run, tmp_path, capsys):
     args = ["eval-arrival", str(run_dir), "--metric", "efficacy_magnitude", "--out", str(png)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| efficacy_magnitude after | all | arrived 1-2 | arrived 3-4 | arrived 5-6 |" in out
+    assert (
+        "| requests | edits | efficacy_magnitude, all | arrived 1-2 | arrived 3-4 | arrived 5-6 |"
+        in out
+    )
+    assert "| 4 | 3 |" in out
     assert len(out.strip().splitlines()) == 2 + 3 + 1 and png.stat().st_size > 0
 
 

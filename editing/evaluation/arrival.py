@@ -48,17 +48,19 @@ class ArrivalTable:
         return out
 
     def markdown(self) -> str:
-        """The table in Markdown (means to three decimals; a blank cell: not arrived yet)."""
+        """The table in Markdown: a row per checkpoint (requests processed, edits made), the
+        mean over all edits, then each cohort's (three decimals; blank: not arrived yet)."""
         heads = [self.label(c) for c in self.cohorts]
         lines = [
-            f"| {self.metric} after | all | " + " | ".join(heads) + " |",
-            "|---:|---:|" + "---:|" * len(heads),
+            f"| requests | edits | {self.metric}, all | " + " | ".join(heads) + " |",
+            "|---:|---:|---:|" + "---:|" * len(heads),
         ]
         for n in self.checkpoints:
             cells = [
                 f"{self.cells[n, c][0]:.3f}" if (n, c) in self.cells else "" for c in self.cohorts
             ]
-            lines.append(f"| {n} | {self.overall[n]:.3f} | " + " | ".join(cells) + " |")
+            mean = f"{self.overall[n]:.3f}"
+            lines.append(f"| {n} | {self.edits[n]} | {mean} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
 
