@@ -184,6 +184,8 @@ def test_arrival_table_follows_each_cohort(run, tmp_path, capsys):
     )
     assert "| 4 | 3 |" in out
     assert len(out.strip().splitlines()) == 2 + 3 + 1 and png.stat().st_size > 0
+    assert main([*args[:-1], str(tmp_path / "arrival.jpg")]) == 2  # refused before any work
+    assert not (tmp_path / "arrival.jpg").exists()
 
 
 def test_streams_on_one_model_share_the_unedited_row(run, monkeypatch):

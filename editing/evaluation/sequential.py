@@ -227,7 +227,7 @@ def evaluate_sequential(
     stream, state = EditStream(model), _Stream.read(run_dir / "stream.json")
     done_rows = {r["n_processed"]: r for r in read_jsonl(run_dir / "checkpoints.jsonl")}
     index, applied = ConflictIndex(), cast(list[tuple[Case, Any]], [])
-    arrived: list[tuple[int, int]] = []  # (batch, edits processed after it) of each applied case
+    arrived: list[tuple[int, int]] = []  # each applied case's batch, requests processed after it
     t_run = time.perf_counter()
 
     def checkpoint(n_processed: int, seconds_edit: float) -> None:

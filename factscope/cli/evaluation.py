@@ -133,8 +133,12 @@ def cmd_arrival(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from editing.evaluation.arrival import arrival_table
+    from tracing.errors import InvalidInput
+    from viz.heatmap import SAVE_FORMATS
 
     input_file(str(Path(args.run) / "checkpoints.jsonl"), "a sequential run")
+    if args.out and Path(args.out).suffix.lower() not in SAVE_FORMATS:
+        raise InvalidInput(f"eval-arrival: --out must end in one of {SAVE_FORMATS}")
     table = arrival_table(args.run, args.metric)
     print(table.markdown(), end="")
     if args.out:
