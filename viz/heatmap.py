@@ -347,13 +347,22 @@ def plot_before_after(
     return fig
 
 
+def figure_path(path: str | Path) -> Path:
+    """``path`` as a figure file :func:`save_figure` can write (its suffix one of
+    ``SAVE_FORMATS``), so that callers can refuse it before any work."""
+    path = Path(path)
+    if path.suffix.lower() not in SAVE_FORMATS:
+        raise InvalidInput(
+            f"cannot save a figure as {path.suffix.lower()!r}: use one of {SAVE_FORMATS}"
+        )
+    return path
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 200) -> Path:
     """Write ``fig`` to ``path`` as PNG (at ``dpi``), SVG or PDF, chosen by the suffix; creates
     the parent folder and returns the path."""
-    path = Path(path)
+    path = figure_path(path)
     suffix = path.suffix.lower()
-    if suffix not in SAVE_FORMATS:
-        raise InvalidInput(f"cannot save a figure as {suffix!r}: use one of {SAVE_FORMATS}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(
         path, format=suffix[1:], bbox_inches="tight", dpi=dpi if suffix == ".png" else "figure"

@@ -211,6 +211,11 @@ def append_rows(path: Path, rows: Iterable[Mapping]) -> None:
         f.flush()
 
 
+def write_jsonl(path: Path, rows: Iterable[Mapping]) -> None:
+    """Write rows as a JSONL file, replacing any old one atomically (folders created)."""
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
 def write_csv(path: Path, rows: Sequence[Mapping]) -> None:
     """Rows as CSV (list-valued fields such as generated texts left out)."""
     cols = list(
@@ -300,8 +305,7 @@ def read_done(run_dir: Path) -> dict[int, dict]:
 def merge_rank_rows(run_dir: Path) -> dict[int, dict]:
     """Fold the ranks' rows files into ``cases.jsonl`` (rewritten atomically), then drop them."""
     done = read_done(run_dir)
-    lines = "".join(json.dumps(r) + "\n" for _, r in sorted(done.items()))
-    write_text_atomic(run_dir / "cases.jsonl", lines)
+    write_jsonl(run_dir / "cases.jsonl", [r for _, r in sorted(done.items())])
     for path in run_dir.glob("cases.rank*.jsonl"):
         path.unlink()
     return done

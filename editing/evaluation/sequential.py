@@ -59,7 +59,7 @@ from editing.evaluation.ability import (
 )
 from editing.evaluation.cases import UneditedCache, select_cases
 from editing.evaluation.metrics import aggregate
-from editing.evaluation.results import append_rows, read_jsonl
+from editing.evaluation.results import append_rows, read_jsonl, write_jsonl
 from editing.evaluation.runner import EditFn, check_run
 from editing.evaluation.scoring import ModelScorer, Scorer
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, load_cases, split_cases
@@ -69,7 +69,7 @@ from editing.requests import ConflictIndex
 from editing.weights import weights_checksums, weights_key
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.facts import known_facts, load_known_facts
-from tracing.io import write_json_atomic, write_text_atomic
+from tracing.io import write_json_atomic
 from tracing.models import HookedModel, model_name
 
 log = logging.getLogger(__name__)
@@ -263,8 +263,7 @@ def evaluate_sequential(
             {"case_id": c.case_id, "batch": b, "arrived": at, **m}
             for (c, _), (b, at), m in zip(applied, arrived, per_case, strict=True)
         ]
-        text = "".join(json.dumps(r) + "\n" for r in case_rows)
-        write_text_atomic(run_dir / "cases" / f"{n_processed:05d}.jsonl", text)
+        write_jsonl(run_dir / "cases" / f"{n_processed:05d}.jsonl", case_rows)
         append_rows(run_dir / "checkpoints.jsonl", [row])
         done_rows[n_processed] = row
         if n_processed == 0:

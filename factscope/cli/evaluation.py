@@ -133,18 +133,15 @@ def cmd_arrival(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from editing.evaluation.arrival import arrival_table
-    from tracing.errors import InvalidInput
-    from viz.heatmap import SAVE_FORMATS
+    from viz.heatmap import figure_path, save_figure
+    from viz.sequential import plot_arrival
 
     input_file(str(Path(args.run) / "checkpoints.jsonl"), "a sequential run")
-    if args.out and Path(args.out).suffix.lower() not in SAVE_FORMATS:
-        raise InvalidInput(f"eval-arrival: --out must end in one of {SAVE_FORMATS}")
+    if args.out:
+        figure_path(args.out)
     table = arrival_table(args.run, args.metric)
     print(table.markdown(), end="")
     if args.out:
-        from viz.heatmap import save_figure
-        from viz.sequential import plot_arrival
-
         print(f"# written {save_figure(plot_arrival(args.metric, table.series()), args.out)}")
 
 
