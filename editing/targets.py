@@ -36,7 +36,7 @@ from tracing.forward import (
     padded,
     run_blocks,
 )
-from tracing.kv import BlockKV, record_prefix, run_suffix, truncated_kwargs
+from tracing.kv import BlockKV, ragged_kwargs, record_prefix, run_suffix, truncated_kwargs
 from tracing.memory import batch_tokens
 from tracing.models import (
     HookedModel,
@@ -124,65 +124,31 @@ def check_edit_layer(model: HookedModel, layer: int, loss_layer: int = -1) -> in
     return stop
 
 
-#: What one more chunk costs, in token positions of work per re-run block: each chunk is
-#: another call of every re-run block, whose fixed cost (the bridge's modules and hooks, a
-#: few hundred small ops) outweighs the positions a finer grouping saves unless they are
-#: many. Measured on the embedded model (2 threads, ROME's 11 prompts at layer 2): one chunk
-#: of 12 x 16 positions and three chunks of 30 positions in all took the same time per step,
-#: twelve one-row chunks three times as long; so a chunk is worth about 128 positions.
-BIN_OVERHEAD_TOKENS = 128
-
-
-@dataclass
-class _Chunk:
-    """Rows of one pass that share a cut: re-run on positions ``cut:width`` only."""
-
-    prompts: list[int]
-    owner: torch.Tensor
-    lookup: torch.Tensor
-    start_state: torch.Tensor  # positions cut:width of the first re-run block's input
-    init_rows: torch.Tensor  # the edited state at each row's lookup, before any change
-    kwargs: list[dict]  # block keyword arguments for positions :width
-    read_row: torch.Tensor  # chunk row of each read position
-    read_pos: torch.Tensor  # absolute position of each read
-    cut: int = 0  # positions before it are the same in every step: not re-run
-    prefix: list[BlockKV] | None = None  # their keys and values in each re-run block
-
-
 @dataclass
 class ReadPass:
-    """Prompts whose reads share one vocabulary projection (and one backward pass): a
-    length chunk within the token budget, split into :class:`_Chunk` s by cut. Read
-    metadata is that of the chunks' reads concatenated in chunk order."""
+    """Prompts re-run together, whose reads share one vocabulary projection (and one
+    backward pass): a length chunk within the token budget.
 
-    chunks: list[_Chunk]
+    With prefix reuse each row is re-run from its own cut (its subject-last token) for
+    ``length`` positions, attending to the recorded ``prefix`` keys and values of the
+    positions before it (:func:`tracing.kv.ragged_kwargs`); without, every row runs whole
+    (``cuts`` None). Positions in ``lookup`` and ``read_pos`` count from each row's cut."""
+
+    prompts: list[int]  # global prompt index of each row
+    owner: torch.Tensor  # request of each row
+    lookup: torch.Tensor  # where delta is added, from the row's cut
+    start_state: torch.Tensor  # [rows, length, d_model] input of the first re-run block
+    init_rows: torch.Tensor  # the edited state at each row's lookup, before any change
+    kwargs: list[dict]  # block keyword arguments as captured for one whole row
+    read_row: torch.Tensor  # row of each read
+    read_pos: torch.Tensor  # position of each read, from its row's cut
     read_prompt: torch.Tensor  # global prompt index of each read
     read_owner: torch.Tensor  # request of each read
     read_target: torch.Tensor  # target token id, or KL_READ / NEIGHBOUR_READ (negative)
     read_weight: torch.Tensor  # weight of the read in its request's mean over its kind
-
-
-def cut_bins(lookups: Sequence[int], lengths: Sequence[int], overhead: int) -> list[list[int]]:
-    """Rows grouped so that re-running each group from its earliest lookup to its longest row
-    costs least: minimises ``sum(rows * (longest - earliest lookup) + overhead)`` over groups
-    contiguous in lookup order (dynamic programming, exact)."""
-    order = sorted(range(len(lookups)), key=lambda i: (lookups[i], lengths[i], i))
-    n = len(order)
-    best = [0.0] + [float("inf")] * n
-    back = [0] * (n + 1)
-    for j in range(1, n + 1):
-        width = 0
-        for i in range(j - 1, -1, -1):  # bin order[i:j]
-            width = max(width, lengths[order[i]])
-            cost = best[i] + (j - i) * (width - lookups[order[i]]) + overhead
-            if cost < best[j]:
-                best[j], back[j] = cost, i
-    bins: list[list[int]] = []
-    j = n
-    while j > 0:
-        bins.append(order[back[j] : j])
-        j = back[j]
-    return bins[::-1]
+    suffix: torch.Tensor  # positions each row re-runs (from its cut to its end)
+    cuts: torch.Tensor | None = None  # each row's first re-run position (None: whole rows)
+    prefix: list[BlockKV] | None = None  # keys and values of positions :max(cuts), per block
 
 
 class DeltaRunner:
@@ -196,14 +162,13 @@ class DeltaRunner:
     built.
 
     Positions before a row's subject-last token cannot change either: with ``reuse_prefix``
-    (default) the re-run blocks compute only the positions from there on, attending to the
-    prefix's keys and values recorded once (:mod:`tracing.kv`), which gives the same logits
-    (tested) for a fraction of the work. Rows are grouped by where they can be cut
-    (:func:`cut_bins`: a chunk per group, so a context template's long prefix is not re-run
-    for the sake of the KL prompt's early subject), and each row runs only to its chunk's
-    longest real prompt; the chunks of a pass still share one vocabulary projection (for a
-    262k-word vocabulary that projection streams the whole unembedding). Without
-    ``reuse_prefix`` every row runs whole (the plain path the tests compare against).
+    (default) each row re-runs only the positions from its own subject-last token on,
+    attending to its prefix's keys and values, recorded once (:mod:`tracing.kv`). That gives
+    the same logits (tested) for a fraction of the work: a rewriting prompt behind a
+    ten-token context template re-runs its last two or three positions, not the template.
+    The rows of a pass share one vocabulary projection (for a 262k-word vocabulary that
+    projection streams the whole unembedding). Without ``reuse_prefix`` every row runs whole
+    (the plain path the tests compare against).
     """
 
     def __init__(
@@ -216,7 +181,6 @@ class DeltaRunner:
         loss_layer: int = -1,
         max_tokens: int | None = None,
         reuse_prefix: bool = True,
-        bin_overhead: int = BIN_OVERHEAD_TOKENS,
     ) -> None:
         check_layer(model, layer)
         if hook not in ("mlp_raw", "resid"):
@@ -234,18 +198,14 @@ class DeltaRunner:
         self._n_kind: dict[tuple[str, int], int] = {}  # prompts per (kind, request)
         for p in self.prompts:
             self._n_kind[p.kind, p.request] = self._n_kind.get((p.kind, p.request), 0) + 1
-        self.passes: list[ReadPass] = []
         budget = max_tokens or batch_tokens(model, grad=True, cpu_default=DEFAULT_BATCH_TOKENS)
         reuse = reuse_prefix and self.start < self.stop
-        for idx in length_chunks([len(p.ids) for p in self.prompts], budget):
-            self.passes.append(self._make_pass(idx, reuse, bin_overhead))
+        self.passes = [
+            self._make_pass(idx, reuse)
+            for idx in length_chunks([len(p.ids) for p in self.prompts], budget)
+        ]
 
-    @property
-    def chunks(self) -> list[_Chunk]:
-        """Every chunk of every pass, in order."""
-        return [c for p in self.passes for c in p.chunks]
-
-    def _make_pass(self, idx: list[int], reuse: bool, overhead: int) -> ReadPass:
+    def _make_pass(self, idx: list[int], reuse: bool) -> ReadPass:
         model, state = self.model, self._names[0]
         ps = [self.prompts[i] for i in idx]
         tokens = padded([p.ids for p in ps], device=model_device(model))
@@ -253,62 +213,50 @@ class DeltaRunner:
         kwargs = capture_block_kwargs(model, tokens[:1])[1] if self.start < self.stop else []
         # Index tensors live with the states they index (the edit layer's device).
         dev = got[state].device
-        lengths = [len(p.ids) for p in ps]
-        if reuse:
-            bins = cut_bins([p.lookup for p in ps], lengths, overhead)
-        else:
-            bins = [list(range(len(ps)))]
-        cuts = [min(ps[r].lookup for r in b) if reuse else 0 for b in bins]
-        kv = None
-        if max(cuts) > 0:  # the prefix's keys and values, recorded once for every bin
-            top = max(cuts)
+        lengths = torch.tensor([len(p.ids) for p in ps], dtype=torch.long, device=dev)
+        lookup = torch.tensor([p.lookup for p in ps], dtype=torch.long, device=dev)
+        rows = torch.arange(len(ps), device=dev)
+        cuts = lookup if reuse and int(lookup.max()) > 0 else None
+        prefix = None
+        if cuts is not None:  # each row's prefix keys and values, recorded once
+            top = int(cuts.max())
             trimmed = [truncated_kwargs(kw, top) for kw in kwargs]
-            kv = record_prefix(model, got[state][:, :top], trimmed, self.start, self.stop, top)
-        chunks, reads = [], []
-        for b, cut in zip(bins, cuts, strict=True):
-            cut = cut if kv is not None else 0
-            width = max(lengths[r] for r in b)
-            rows_t = torch.tensor(b, dtype=torch.long, device=dev)
-            lookup = torch.tensor([ps[r].lookup for r in b], dtype=torch.long, device=dev)
-            read_row, read_pos = [], []
-            for j, r in enumerate(b):
-                p = ps[r]
-                for k, pos in enumerate(p.read):
-                    read_row.append(j)
-                    read_pos.append(pos)
-                    if p.kind == "rewrite":
-                        w = 1.0 / (len(p.targets) * self._n_kind[p.kind, p.request])
-                        reads.append((idx[r], p.request, p.targets[k], w))
-                    else:  # a distribution read: KL_READ or NEIGHBOUR_READ, no target
-                        w = 1.0 / self._n_kind[p.kind, p.request]
-                        reads.append((idx[r], p.request, READ_CODES[p.kind], w))
-            prefix = None
-            if kv is not None and cut > 0:
-                at = kv[0][0].device
-                prefix = [
-                    (k[rows_t.to(at), ..., :cut, :], v[rows_t.to(at), ..., :cut, :]) for k, v in kv
-                ]
-            chunks.append(
-                _Chunk(
-                    prompts=[idx[r] for r in b],
-                    owner=torch.tensor([ps[r].request for r in b], dtype=torch.long, device=dev),
-                    lookup=lookup,
-                    start_state=got[state][rows_t, cut:width],
-                    init_rows=got[self._names[-1]][rows_t, lookup],
-                    kwargs=[truncated_kwargs(kw, width) for kw in kwargs],
-                    read_row=torch.tensor(read_row, dtype=torch.long, device=dev),
-                    read_pos=torch.tensor(read_pos, dtype=torch.long, device=dev),
-                    cut=cut,
-                    prefix=prefix,
-                )
-            )
+            prefix = record_prefix(model, got[state][:, :top], trimmed, self.start, self.stop, top)
+            if prefix is None:  # the blocks take no key/value cache: whole rows
+                cuts = None
+        start = torch.zeros_like(lookup) if cuts is None else cuts
+        suffix = lengths - start
+        at = (start[:, None] + torch.arange(int(suffix.max()), device=dev)).clamp(
+            max=tokens.shape[1] - 1
+        )
+        read_row, read_pos, reads = [], [], []
+        for r, p in enumerate(ps):
+            for k, pos in enumerate(p.read):
+                read_row.append(r)
+                read_pos.append(pos - int(start[r]))
+                if p.kind == "rewrite":
+                    w = 1.0 / (len(p.targets) * self._n_kind[p.kind, p.request])
+                    reads.append((idx[r], p.request, p.targets[k], w))
+                else:  # a distribution read: KL_READ or NEIGHBOUR_READ, no target
+                    w = 1.0 / self._n_kind[p.kind, p.request]
+                    reads.append((idx[r], p.request, READ_CODES[p.kind], w))
         cols = list(zip(*reads, strict=True))
         return ReadPass(
-            chunks=chunks,
+            prompts=idx,
+            owner=torch.tensor([p.request for p in ps], dtype=torch.long, device=dev),
+            lookup=lookup - start,
+            start_state=got[state][rows[:, None], at],
+            init_rows=got[self._names[-1]][rows, lookup],
+            kwargs=kwargs,
+            read_row=torch.tensor(read_row, dtype=torch.long, device=dev),
+            read_pos=torch.tensor(read_pos, dtype=torch.long, device=dev),
             read_prompt=torch.tensor(cols[0], dtype=torch.long, device=dev),
             read_owner=torch.tensor(cols[1], dtype=torch.long, device=dev),
             read_target=torch.tensor(cols[2], dtype=torch.long, device=dev),
             read_weight=torch.tensor(cols[3], dtype=torch.float32, device=dev),
+            suffix=suffix,
+            cuts=cuts,
+            prefix=prefix,
         )
 
     def init_values(self, n_requests: int) -> torch.Tensor:
@@ -319,11 +267,11 @@ class DeltaRunner:
             if p.kind == "rewrite":
                 first.setdefault(p.request, g)
         out: list[torch.Tensor | None] = [None] * n_requests
-        for c in self.chunks:
-            for row, g in enumerate(c.prompts):
+        for rp in self.passes:
+            for row, g in enumerate(rp.prompts):
                 r = self.prompts[g].request
                 if first.get(r) == g:
-                    out[r] = c.init_rows[row]
+                    out[r] = rp.init_rows[row]
         if any(o is None for o in out):
             raise InvalidInput("a request has no rewriting prompt")
         return torch.stack(out)  # type: ignore[arg-type]
@@ -338,35 +286,31 @@ class DeltaRunner:
         (default: all), with ``delta[request]`` added at each subject-last token; also returns
         the boolean mask of the pass's reads that were computed. One vocabulary projection
         for the whole pass."""
-        states, keeps = [], []
-        for c in p.chunks:
-            rows = (
-                torch.arange(len(c.prompts), device=c.owner.device)
-                if active is None
-                else torch.nonzero(active.to(c.owner.device)[c.owner]).flatten()
-            )
-            keep = torch.zeros(len(c.read_row), dtype=torch.bool, device=c.owner.device)
-            if len(rows):
-                sel, keep = self._chunk_reads(c, delta, rows)
-                states.append(sel)
-            keeps.append(keep)
-        keep_all = torch.cat(keeps)
-        if not states:  # nothing active: nothing projected
-            return torch.zeros(0, 0, device=p.read_owner.device), keep_all
-        logits = final_logits(self.model, torch.cat(states)[None])[0].float()
-        return torch.log_softmax(logits, dim=-1), keep_all
+        dev = p.owner.device
+        rows = (
+            torch.arange(len(p.prompts), device=dev)
+            if active is None
+            else torch.nonzero(active.to(dev)[p.owner]).flatten()
+        )
+        if not len(rows):  # nothing active: nothing projected
+            keep = torch.zeros(len(p.read_row), dtype=torch.bool, device=dev)
+            return torch.zeros(0, 0, device=dev), keep
+        states, keep = self._reads(p, delta, rows)
+        logits = final_logits(self.model, states[None])[0].float()
+        return torch.log_softmax(logits, dim=-1), keep
 
-    def _chunk_reads(
-        self, c: _Chunk, delta: torch.Tensor, rows: torch.Tensor
+    def _reads(
+        self, p: ReadPass, delta: torch.Tensor, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final residual states [kept reads, d_model] of the chunk's ``rows`` with their
-        deltas added, and the mask of the chunk's reads they are."""
-        owner, lookup = c.owner[rows], c.lookup[rows] - c.cut
+        """Final residual states [kept reads, d_model] of the pass's ``rows`` with their
+        deltas added, and the mask of the pass's reads they are."""
+        owner, lookup = p.owner[rows], p.lookup[rows]
         # delta stays float32 (the optimised parameter); the sum is rounded once to the
         # model's dtype where it enters the model, and the gradient flows back through it.
         add = delta[owner.to(delta.device)].to(rows.device)
         ar = torch.arange(len(rows), device=rows.device)
-        h = c.start_state[rows]
+        length = int(p.suffix[rows].max())  # no row runs past its own end
+        h = p.start_state[rows, :length]
         hooks: list[tuple[str, Callable]] = []
         if self.hook == "resid":
             h = h.index_put((ar, lookup), (h[ar, lookup] + add).to(h.dtype))
@@ -378,12 +322,16 @@ class DeltaRunner:
             hooks = [(self.edit_hook, add_delta)]
         if self.start < self.stop:
             with self.model.hooks(fwd_hooks=hooks):
-                if c.prefix is not None:
-                    h = run_suffix(self.model, h, c.kwargs, self.start, c.prefix, c.cut, rows)
+                if p.prefix is not None and p.cuts is not None:
+                    top = p.prefix[0][0].shape[-2]
+                    kwargs = [
+                        ragged_kwargs(kw, p.cuts[rows], length, top, h.dtype) for kw in p.kwargs
+                    ]
+                    h = run_suffix(self.model, h, kwargs, self.start, p.prefix, 0, rows)
                 else:
-                    h = run_blocks(self.model, h, c.kwargs, self.start, self.stop)
-        remap = torch.full((len(c.prompts),), -1, dtype=torch.long, device=rows.device)
+                    kwargs = [truncated_kwargs(kw, length) for kw in p.kwargs]
+                    h = run_blocks(self.model, h, kwargs, self.start, self.stop)
+        remap = torch.full((len(p.prompts),), -1, dtype=torch.long, device=rows.device)
         remap[rows] = ar
-        keep = remap[c.read_row] >= 0
-        pos = c.read_pos[keep] - c.cut
-        return h[remap[c.read_row[keep]].to(h.device), pos.to(h.device)], keep
+        keep = remap[p.read_row] >= 0
+        return h[remap[p.read_row[keep]].to(h.device), p.read_pos[keep].to(h.device)], keep

@@ -101,17 +101,33 @@ def _reference_logprobs(model, prompt, layer, hook, delta):
     return torch.log_softmax(logits[0, list(prompt.read)].float(), dim=-1)
 
 
+#: Rows long enough to pass the tiny Gemma's 16-token sliding window (its local layers' mask
+#: must carry over to rows cut at different places).
+LONG_TEMPLATES = [*TEMPLATES, "It was written down a long time ago by somebody who knew it. {}"]
+
+
+def _cut_at_subject(runner, prompts) -> bool:
+    """Every row of every pass re-runs only from its own subject-last token on."""
+    return all(
+        p.prefix is not None
+        and p.cuts is not None
+        and p.cuts.tolist() == [prompts[g].lookup for g in p.prompts]
+        and bool((p.cuts > 0).all())
+        for p in runner.passes
+    )
+
+
 @pytest.mark.parametrize("hook", ["mlp_raw", "resid"])
 def test_layer_skipping_path_matches_full_forward(toy_model, hook):
     layer = 1
-    prompts = rewrite_prompts(prepare_requests(toy_model, REQUESTS, TEMPLATES))
-    # several passes; bin_overhead 0: rows grouped by their cut as finely as it pays
-    runner = DeltaRunner(toy_model, prompts, layer, hook, max_tokens=64, bin_overhead=0)
+    prompts = rewrite_prompts(prepare_requests(toy_model, REQUESTS, LONG_TEMPLATES))
+    runner = DeltaRunner(toy_model, prompts, layer, hook, max_tokens=64)
     assert len(runner.passes) > 1
     # the prefix-reuse path is taken on every architecture (a silent fallback fails here),
-    # with rows grouped by where they can be cut
-    assert all(c.cut > 0 and c.prefix is not None for c in runner.chunks)
-    assert len({c.cut for c in runner.chunks}) > 1
+    # each row cut at its own subject-last token, rows of one pass at different places
+    assert _cut_at_subject(runner, prompts)
+    assert any(len(set(p.cuts.tolist())) > 1 for p in runner.passes)
+    assert max(len(prompts[g].ids) for p in runner.passes for g in p.prompts) > 16
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(len(REQUESTS), toy_model.cfg.d_model, generator=g) * 3
     active = torch.tensor([True, False, True])  # a subset of requests, as when some stop
@@ -132,13 +148,10 @@ def test_layer_skipping_path_matches_full_forward(toy_model, hook):
 
 @pytest.mark.parametrize("hook", ["mlp_raw", "resid"])
 def test_prefix_reuse_gives_the_same_loss_gradient(toy_model, hook):
-    """Re-running only the positions from each row group's subject-last token on, against
-    whole sequences: the same log-probabilities and the same gradient with respect to delta."""
-    prompts = rewrite_prompts(prepare_requests(toy_model, REQUESTS, TEMPLATES))
-    runners = [
-        DeltaRunner(toy_model, prompts, 1, hook, reuse_prefix=r, bin_overhead=0)
-        for r in (True, False)
-    ]
+    """Re-running only the positions from each row's subject-last token on, against whole
+    sequences: the same log-probabilities and the same gradient with respect to delta."""
+    prompts = rewrite_prompts(prepare_requests(toy_model, REQUESTS, LONG_TEMPLATES))
+    runners = [DeltaRunner(toy_model, prompts, 1, hook, reuse_prefix=r) for r in (True, False)]
     g = torch.Generator().manual_seed(1)
     base = torch.randn(len(REQUESTS), toy_model.cfg.d_model, generator=g)
     grads, logps = [], []
@@ -148,46 +161,17 @@ def test_prefix_reuse_gives_the_same_loss_gradient(toy_model, hook):
         torch.cat(outs)[:, :7].sum().backward()
         grads.append(delta.grad)
         logps.append(torch.cat(outs).detach())
-    assert all(c.cut > 0 and c.prefix is not None for c in runners[0].chunks)
-    assert len(runners[0].chunks) > len(runners[0].passes)  # rows grouped by their cut
-    assert all(c.prefix is None and c.cut == 0 for c in runners[1].chunks)
+    assert _cut_at_subject(runners[0], prompts)
+    assert all(p.prefix is None and p.cuts is None for p in runners[1].passes)
     # the same reads in the same order (one pass each: the default budget)
     assert len(runners[0].passes) == len(runners[1].passes) == 1
     p0, p1 = runners[0].passes[0], runners[1].passes[0]
-    order0, order1 = p0.read_prompt.tolist(), p1.read_prompt.tolist()
-    assert sorted(order0) == sorted(order1)
-    where: dict[int, list[int]] = {}
-    for i, x in enumerate(order0):
-        where.setdefault(x, []).append(i)
-    idx = [where[x].pop(0) for x in order1]  # a prompt's reads keep their order
-    torch.testing.assert_close(logps[0][idx], logps[1], rtol=1e-4, atol=1e-4)
+    assert p0.read_prompt.tolist() == p1.read_prompt.tolist()
+    # far less work: positions re-run per block
+    assert int(p0.suffix.sum()) * 2 < int(p1.suffix.sum())
+    torch.testing.assert_close(logps[0], logps[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
     assert float(grads[1].abs().max()) > 0
-
-
-def test_cut_bins_minimise_the_work():
-    """The grouping is the cheapest contiguous one (checked against every grouping)."""
-    import itertools
-
-    from editing.targets import cut_bins
-
-    lookups, lengths = [3, 9, 4, 12, 9, 2], [8, 20, 15, 22, 18, 6]
-    bins = cut_bins(lookups, lengths, overhead=5)
-    assert sorted(i for b in bins for i in b) == list(range(6))
-
-    def cost(groups):
-        return sum(
-            len(b) * (max(lengths[i] for i in b) - min(lookups[i] for i in b)) + 5 for b in groups
-        )
-
-    order = sorted(range(6), key=lambda i: (lookups[i], lengths[i], i))
-    best = min(
-        cost([order[a:b] for a, b in itertools.pairwise((0, *cuts, 6))])
-        for k in range(6)
-        for cuts in itertools.combinations(range(1, 6), k)
-    )
-    assert cost(bins) == best
-    assert len(cut_bins(lookups, lengths, overhead=10**6)) == 1
 
 
 def test_final_logits_only_at_read_positions(toy_model):
@@ -344,12 +328,12 @@ def test_deferred_backward_gives_the_immediate_gradient(toy_models):
 
 @pytest.mark.model
 def test_prefix_reuse_is_taken_on_the_embedded_model(gemma):
-    """The ROME setting on the embedded model: every row group re-runs only its suffix,
+    """The ROME setting on the embedded model: every row re-runs only its own suffix,
     attending to recorded keys and values (a silent fallback to whole sequences fails)."""
     req = EditRequest("{} is located in the city of", "The Space Needle", "Paris")
     prompts = rewrite_prompts(prepare_requests(gemma, [req], TEMPLATES), "last")
     runner = DeltaRunner(gemma, prompts, 2, "mlp_raw")
-    assert all(c.cut > 0 and c.prefix is not None for c in runner.chunks)
+    assert _cut_at_subject(runner, prompts)
     assert len(runner.passes) == 1
 
 

@@ -5,10 +5,10 @@ subject's last token while editing) cannot change positions before ``t`` in any 
 model is causal. So blocks can run on the positions from ``cut`` on, attending to the keys and
 values the prefix had in a run without the change. :class:`KVRecorder` records each block's
 keys and values, :class:`PrefixKV` supplies the prefix's, :func:`suffix_kwargs` cuts the
-block's positional arguments, and :func:`record_prefix` / :func:`run_suffix` do the two halves
-over a range of blocks. Blocks receive the cache through
-:func:`tracing.models.run_block`, which hands it to the attention whatever keyword the
-architecture reads.
+block's positional arguments (:func:`ragged_kwargs`: for rows that each start at their own
+cut), and :func:`record_prefix` / :func:`run_suffix` do the two halves over a range of
+blocks. Blocks receive the cache through :func:`tracing.models.run_block`, which hands it to
+the attention whatever keyword the architecture reads.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from tracing.models import HookedModel, run_block
 
@@ -80,6 +80,74 @@ def truncated_kwargs(kwargs: dict, length: int) -> dict:
         else:
             out[key] = value
     return out
+
+
+def ragged_kwargs(
+    kwargs: dict,
+    cuts: Int[torch.Tensor, " rows"],
+    length: int,
+    prefix: int,
+    dtype: torch.dtype,
+) -> dict:
+    """Block keyword arguments for rows that each run ``length`` positions from their own
+    cut: row ``r`` computes absolute positions ``cuts[r] .. cuts[r] + length - 1`` and
+    attends to ``prefix`` recorded key/value positions, of which its first ``cuts[r]`` are
+    its own prefix (the rest are masked out), then to its suffix causally.
+
+    ``kwargs`` are those captured for one sequence (``[1, width, ...]`` positional tensors
+    and, if the architecture passes one, its ``[1, 1, width, width]`` mask). Each row's
+    rotary embeddings and position ids are gathered at its absolute positions, and the mask
+    is the captured one's values at those (query, key) positions (a sliding window or any
+    bias carries over), so every real position sees exactly what it sees in the whole
+    sequence. Positions past ``width`` (the padding of rows with shorter suffixes) borrow the
+    last position's values; they come after each row's real positions, so causal attention
+    keeps them from changing a real one. Architectures that pass no mask (GPT-2) get a
+    causal one of ``dtype``.
+    """
+    rows = len(cuts)
+    ar = torch.arange(length, device=cuts.device)
+    pos = cuts[:, None] + ar  # [rows, length] absolute positions of the suffix
+    width = _width(kwargs)
+    at = pos.clamp(max=width - 1) if width else pos
+    keys = torch.cat([torch.arange(prefix, device=cuts.device).expand(rows, prefix), at], dim=1)
+    # a prefix key is this row's only before its cut; a suffix key only up to the query
+    real = torch.cat(
+        [
+            (torch.arange(prefix, device=cuts.device) < cuts[:, None])[:, None, :].expand(
+                rows, length, prefix
+            ),
+            (ar[None, :] <= ar[:, None])[None].expand(rows, length, length),
+        ],
+        dim=2,
+    )
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "position_embeddings" and isinstance(value, tuple):
+            out[key] = tuple(x[0][at.to(x.device)] for x in value)
+        elif key == "position_ids" and torch.is_tensor(value):
+            out[key] = value[0][at.to(value.device)]
+        elif key == "cache_position" and torch.is_tensor(value):
+            out[key] = pos[0]  # one row's positions (no block here reads it per row)
+        elif key == "attention_mask" and torch.is_tensor(value) and value.ndim == 4:
+            m = value[0, 0].to(cuts.device)[at[:, :, None], keys[:, None, :]]
+            fill = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
+            out[key] = m.masked_fill(~real, fill)[:, None].to(value.device)
+        else:
+            out[key] = value
+    if out.get("attention_mask") is None:
+        causal = torch.zeros(rows, 1, length, prefix + length, dtype=dtype, device=cuts.device)
+        out["attention_mask"] = causal.masked_fill(~real[:, None], torch.finfo(dtype).min)
+    return out
+
+
+def _width(kwargs: dict) -> int:
+    """Positions the captured positional tensors cover (0 if there are none)."""
+    for key, value in kwargs.items():
+        if key == "position_embeddings" and isinstance(value, tuple):
+            return int(value[0].shape[-2])
+        if key in ("position_ids", "cache_position") and torch.is_tensor(value):
+            return int(value.shape[-1])
+    return 0
 
 
 def run_recording(
