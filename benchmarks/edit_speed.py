@@ -1,6 +1,6 @@
 """Speed and memory of editing on the embedded model (a benchmark, not a test).
 
-Prints three tables:
+Prints four tables:
 
 1. second-moment statistics: tokens/s collecting every layer in ONE pass vs one pass per layer
    (fresh temporary caches, so nothing is read from disk);
@@ -11,9 +11,14 @@ Prints three tables:
    in its own child process, so its peak resident memory (``resource.getrusage``, edit and
    scoring) is its own: seconds per request, z optimisation vs layer updates, peak memory,
    ES/PS/NS of the batch. Resumable across runs: a size measured before is read back from
-   ``--out``, and an interrupted batch keeps every finished request's z there.
+   ``--out``, and an interrupted batch keeps every finished request's z there;
+4. the vocabulary projection (``--vocab``, off by default): seconds for N final states
+   projected onto the 262,144-word vocabulary in one product (the bridge's unembedding) vs a
+   slice of the vocabulary at a time (:mod:`tracing.vocab`, what ``final_logits`` does on
+   the CPU), forward and forward + backward.
 
-    .venv/bin/python benchmarks/edit_speed.py                 # all three tables
+    .venv/bin/python benchmarks/edit_speed.py                 # the first three tables
+    .venv/bin/python benchmarks/edit_speed.py --skip-stats --skip-rome --skip-scaling --vocab
     .venv/bin/python benchmarks/edit_speed.py --skip-stats --skip-rome --sizes 10,100
 """
 
@@ -124,6 +129,34 @@ def bench_rome(model, n_edits: int) -> None:
     )
 
 
+def bench_vocab(model, sizes: tuple[int, ...] = (12, 100, 300, 1000), repeats: int = 3) -> None:
+    from tracing.vocab import VOCAB_SLICE, project
+
+    def timed(x: torch.Tensor, sliced: bool, backward: bool) -> float:
+        run(x, sliced, backward)  # warm
+        t = time.perf_counter()
+        for _ in range(repeats):
+            run(x, sliced, backward)
+        return (time.perf_counter() - t) / repeats
+
+    def run(x: torch.Tensor, sliced: bool, backward: bool) -> None:
+        x = x.detach().requires_grad_(backward)
+        out = project(model, x) if sliced else model.unembed(x)
+        if backward:
+            out.sum().backward()
+
+    print(f"\n## Vocabulary projection ({VOCAB_SLICE} rows per slice, {repeats} repeats)")
+    print("| states | one product s | sliced s | one product fwd+bwd s | sliced fwd+bwd s |")
+    print("|---:|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(0)
+    for n in sizes:
+        x = torch.randn(n, model.cfg.d_model, generator=g)
+        with torch.no_grad():
+            one, mine = timed(x, False, False), timed(x, True, False)
+        one_b, mine_b = timed(x, False, True), timed(x, True, True)
+        print(f"| {n} | {one:.3f} | {mine:.3f} | {one_b:.3f} | {mine_b:.3f} |", flush=True)
+
+
 def memit_child(n: int, method: str, out: Path) -> dict:
     """One batch of the first ``n`` known evaluation-split CounterFact cases, edited at once
     with ``method`` through the evaluation runner (its run folder and per-request z cache
@@ -208,6 +241,7 @@ def main() -> None:
     ap.add_argument("--skip-stats", action="store_true")
     ap.add_argument("--skip-rome", action="store_true")
     ap.add_argument("--skip-scaling", action="store_true")
+    ap.add_argument("--vocab", action="store_true", help="also time the vocabulary projection")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -224,6 +258,8 @@ def main() -> None:
         bench_stats(model, parse_layers(args.stats_layers), args.stats_tokens)
     if not args.skip_rome:
         bench_rome(model, args.rome_edits)
+    if args.vocab:
+        bench_vocab(model)
     if not args.skip_scaling:
         out.mkdir(parents=True, exist_ok=True)
         sizes = [int(x) for x in args.sizes.split(",") if x]

@@ -37,6 +37,38 @@ def test_bridge_logits_equal_hf_for_every_architecture(toy_dirs, toy_model):
     assert torch.allclose(bridge_logits, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rows", [7, 1024])
+def test_sliced_vocabulary_projection_equals_the_bridge(toy_model, rows):
+    """final_logits' CPU path (a slice of the vocabulary per product, tracing.vocab) gives
+    the bridge unembedding's logits and gradient; a silent fallback to the bridge fails."""
+    from tracing.vocab import project, sliced
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, toy_model.cfg.d_model, generator=g)
+    assert sliced(toy_model, x)
+    seen = []
+    toy_model.unembed.hook_out.add_hook(lambda t, hook: seen.append(t.shape))
+    try:
+        mine_x = x.clone().requires_grad_()
+        mine = project(toy_model, mine_x, rows=rows)
+    finally:
+        toy_model.reset_hooks()
+    assert seen == [mine.shape]  # the unembedding's hooks still fire
+    ref_x = x.clone().requires_grad_()
+    ref = toy_model.unembed(ref_x)
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(ref.shape, generator=g)
+    (mine * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(mine_x.grad, ref_x.grad, rtol=1e-4, atol=1e-5)
+    weight = toy_model.unembed.original_component.weight
+    weight.requires_grad_(True)  # a trained unembedding takes the bridge's own path
+    try:
+        assert not sliced(toy_model, x)
+    finally:
+        weight.requires_grad_(False)
+
+
 def test_down_proj_view_edits_the_hf_model(toy_model):
     ids = torch.tensor([M.tokenize(toy_model, "Paris is the capital of")])
     before = _hf_logits(toy_model, ids)

@@ -41,6 +41,7 @@ from tracing.loading import (  # noqa: F401  (re-exported: the public entry poin
     available_models,
     load_bridge,
 )
+from tracing.vocab import project
 
 #: The hooked model every factscope function takes.
 HookedModel = TransformerBridge
@@ -351,9 +352,10 @@ def final_logits(
     """Logits from final residual states: final norm, unembedding and any logit soft-capping.
 
     Pass only the positions you need (e.g. ``resid[:, -1:]``): the vocabulary projection is
-    the dominant cost for a 262k-word vocabulary.
+    the dominant cost for a 262k-word vocabulary (on the CPU it runs a slice of the
+    vocabulary at a time: :mod:`tracing.vocab`).
     """
-    logits = model.unembed(model.ln_final(resid))
+    logits = project(model, model.ln_final(resid))
     cap = getattr(model.original_model.config, "final_logit_softcapping", None)
     if cap:
         logits = cap * torch.tanh(logits / cap)
