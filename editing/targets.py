@@ -129,8 +129,8 @@ class ReadPass:
     """Prompts re-run together, whose reads share one vocabulary projection (and one
     backward pass): a length chunk within the token budget.
 
-    With prefix reuse each row is re-run from its own cut (its subject-last token) for
-    ``length`` positions, attending to the recorded ``prefix`` keys and values of the
+    With prefix reuse each row is re-run from its own cut (its subject-last token) to its
+    end (``suffix`` positions), attending to the recorded ``prefix`` keys and values of the
     positions before it (:func:`tracing.kv.ragged_kwargs`); without, every row runs whole
     (``cuts`` None). Positions in ``lookup`` and ``read_pos`` count from each row's cut."""
 

@@ -141,11 +141,11 @@ def ragged_kwargs(
 
 
 def _width(kwargs: dict) -> int:
-    """Positions the captured positional tensors cover (0 if there are none)."""
+    """Positions the captured positional tensors or mask cover (0 if there are none)."""
     for key, value in kwargs.items():
         if key == "position_embeddings" and isinstance(value, tuple):
             return int(value[0].shape[-2])
-        if key in ("position_ids", "cache_position") and torch.is_tensor(value):
+        if key in ("position_ids", "cache_position", "attention_mask") and torch.is_tensor(value):
             return int(value.shape[-1])
     return 0
 
