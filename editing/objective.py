@@ -52,10 +52,13 @@ log = logging.getLogger(__name__)
 
 #: Requests optimised together (one group at a time: memory stays bounded at any batch size).
 DEFAULT_GROUP = 64
-#: Tokens per forward-and-backward chunk on the CPU. Memory: the autograd graph of a chunk
-#: through the re-run blocks plus its [reads, vocab] log-probabilities; 1024 keeps a MEMIT
-#: batch of any size under 4 GB on the embedded model (benchmarks/edit_speed.py --scaling).
-DEFAULT_GRAD_TOKENS = 1024
+#: Positions re-run with gradient per forward-and-backward pass on the CPU (each prompt from
+#: its subject-last token on). Memory: the autograd graph of a pass through the re-run blocks
+#: plus its [reads, vocab] log-probabilities. Measured on the embedded model (one group of 64
+#: MEMIT requests, 2026-12-02): 384 peaks at 3,367 MiB in 196 s, 512 at 3,693 MiB in 195 s,
+#: 1,024 at 4,753 MiB in 198 s; counting whole prompts, 1,024 tokens (the former default)
+#: peaked at 3,299 MiB in 257 s, as its many small passes each paid the blocks' fixed cost.
+DEFAULT_GRAD_TOKENS = 384
 
 
 @dataclass
@@ -110,9 +113,10 @@ def compute_targets(
     below ``hp.early_stop_loss``). Raises :class:`~tracing.errors.EditFailed` on non-finite
     losses or targets. The model's weights are never changed.
 
-    Prompts go through the model in chunks of ``max_batch_tokens`` (default: the model's
-    budget, :func:`tracing.memory.batch_tokens`); if the device runs out of memory the
-    optimisation starts again with half the chunk (said in the log).
+    Prompts go through the model in passes that re-run at most ``max_batch_tokens``
+    positions (default: the model's budget, :func:`tracing.memory.batch_tokens`; on the CPU
+    :data:`DEFAULT_GRAD_TOKENS`); if the device runs out of memory the optimisation starts
+    again with half the budget (said in the log).
 
     Requests are optimised ``group_size`` at a time, so memory does not grow with the
     batch; within a group the requests still running shrink as others converge. With a

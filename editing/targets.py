@@ -200,10 +200,9 @@ class DeltaRunner:
             self._n_kind[p.kind, p.request] = self._n_kind.get((p.kind, p.request), 0) + 1
         budget = max_tokens or batch_tokens(model, grad=True, cpu_default=DEFAULT_BATCH_TOKENS)
         reuse = reuse_prefix and self.start < self.stop
-        self.passes = [
-            self._make_pass(idx, reuse)
-            for idx in length_chunks([len(p.ids) for p in self.prompts], budget)
-        ]
+        # the budget counts the positions a pass re-runs with gradient (its memory)
+        sizes = [len(p.ids) - (p.lookup if reuse else 0) for p in self.prompts]
+        self.passes = [self._make_pass(idx, reuse) for idx in length_chunks(sizes, budget)]
 
     def _make_pass(self, idx: list[int], reuse: bool) -> ReadPass:
         model, state = self.model, self._names[0]

@@ -48,8 +48,9 @@ def add_model(p: argparse.ArgumentParser) -> None:
         "--max-batch-tokens",
         type=int,
         default=UNSET,
-        help="tokens per forward pass (default: from the device's free memory on CUDA, the "
-        "measured defaults on the CPU)",
+        help="tokens per forward pass; for the target optimisation, positions re-run with "
+        "gradient per pass (default: from the device's free memory on CUDA, the measured "
+        "defaults on the CPU)",
     )
 
 
