@@ -38,14 +38,21 @@ def test_bridge_logits_equal_hf_for_every_architecture(toy_dirs, toy_model):
 
 
 @pytest.mark.parametrize("rows", [7, 1024])
-def test_sliced_vocabulary_projection_equals_the_bridge(toy_model, rows):
+def test_sliced_vocabulary_projection_equals_the_bridge(toy_model, rows, monkeypatch):
     """final_logits' CPU path (a slice of the vocabulary per product, tracing.vocab) gives
     the bridge unembedding's logits and gradient; a silent fallback to the bridge fails."""
+    from tracing import vocab
     from tracing.vocab import project, sliced
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, toy_model.cfg.d_model, generator=g)
     assert sliced(toy_model, x)
+    calls: list[int] = []
+    real_apply = vocab._SlicedLinear.apply
+    monkeypatch.setattr(vocab._SlicedLinear, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    M.final_logits(toy_model, x)
+    assert calls  # final_logits takes the sliced path
+    monkeypatch.undo()
     seen = []
     toy_model.unembed.hook_out.add_hook(lambda t, hook: seen.append(t.shape))
     try:
@@ -239,6 +246,14 @@ def test_embedded_model_knows_facts(gemma):
     top = F.top_k(gemma, "The Space Needle is located in the city of", 1)
     assert top[0][0] == " Seattle"
     assert M.n_layers(gemma) == 18 and M.prepends_bos(gemma)
+
+
+@pytest.mark.model
+def test_embedded_model_projects_a_slice_of_the_vocabulary_at_a_time(gemma):
+    """The embedded model's 262,144-word unembedding takes tracing.vocab's CPU path."""
+    from tracing.vocab import sliced
+
+    assert sliced(gemma, torch.zeros(1, gemma.cfg.d_model))
 
 
 @pytest.mark.model
