@@ -15,7 +15,11 @@ Prints four tables:
 4. the vocabulary projection (``--vocab``, off by default): seconds for N final states
    projected onto the 262,144-word vocabulary in one product (the bridge's unembedding) vs a
    slice of the vocabulary at a time (:mod:`tracing.vocab`, what ``final_logits`` does on
-   the CPU), forward and forward + backward.
+   the CPU), forward and forward + backward;
+5. the z optimisation alone (``--z N``, off by default): MEMIT's Gemma file, the first N
+   known CounterFact cases as one group at MEMIT's last layer, with ``--z-budget`` positions
+   per pass (default: the library's): seconds, mean steps, mean final NLL, peak RSS of the
+   process.
 
     .venv/bin/python benchmarks/edit_speed.py                 # the first three tables
     .venv/bin/python benchmarks/edit_speed.py --skip-stats --skip-rome --skip-scaling --vocab
@@ -157,6 +161,29 @@ def bench_vocab(model, sizes: tuple[int, ...] = (12, 100, 300, 1000), repeats: i
         print(f"| {n} | {one:.3f} | {mine:.3f} | {one_b:.3f} | {mine_b:.3f} |", flush=True)
 
 
+def bench_z(model, n: int, budget: int | None) -> None:
+    from editing.context import context_template_groups
+    from editing.methods import load_hparams
+    from editing.objective import compute_targets
+    from editing.prepared import prepare_requests
+
+    hp = load_hparams("memit", "gemma-3-270m")
+    reqs = counterfact_requests(model, n)
+    prep = prepare_requests(model, reqs, context_template_groups(model, hp.context_templates))
+    t = time.perf_counter()
+    res = compute_targets(
+        model, prep, layer=hp.layers[-1], hook="resid", hp=hp.target, max_batch_tokens=budget
+    )
+    seconds = time.perf_counter() - t
+    print(f"\n## z optimisation (MEMIT, layer {hp.layers[-1]}, {n} requests, budget {budget})")
+    print("| requests | seconds | s / request | mean steps | mean final NLL | peak RSS MiB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {n} | {seconds:.1f} | {seconds / n:.2f} | {sum(res.steps) / n:.1f} "
+        f"| {sum(res.nll_after) / n:.4f} | {_peak_mib():,.0f} |"
+    )
+
+
 def memit_child(n: int, method: str, out: Path) -> dict:
     """One batch of the first ``n`` known evaluation-split CounterFact cases, edited at once
     with ``method`` through the evaluation runner (its run folder and per-request z cache
@@ -242,6 +269,8 @@ def main() -> None:
     ap.add_argument("--skip-rome", action="store_true")
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--vocab", action="store_true", help="also time the vocabulary projection")
+    ap.add_argument("--z", type=int, help="also time the z optimisation of N requests")
+    ap.add_argument("--z-budget", type=int, help="positions per pass for --z")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -260,6 +289,8 @@ def main() -> None:
         bench_rome(model, args.rome_edits)
     if args.vocab:
         bench_vocab(model)
+    if args.z:
+        bench_z(model, args.z, args.z_budget)
     if not args.skip_scaling:
         out.mkdir(parents=True, exist_ok=True)
         sizes = [int(x) for x in args.sizes.split(",") if x]

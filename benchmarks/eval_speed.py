@@ -7,6 +7,10 @@ case, seconds per case overall, and the unedited-model costs measured separately
 all cases in one batch; generating their fluency texts in one batch).
 
     .venv/bin/python benchmarks/eval_speed.py --n 5 --methods none,rome,memit,ft-l
+
+``--scoring N`` prints only the teacher-forced scoring of the first N CounterFact cases (every
+prompt of each case against its new and true targets) on the unedited model: seconds,
+sequences run and the sum of the log-probabilities read (equal sums: the same scores).
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ def main() -> None:
     parser.add_argument("--methods", default="none,rome,memit,ft-l")
     parser.add_argument("--gen-tokens", type=int, default=40)
     parser.add_argument("--out", help="output folder (default: a temporary one)")
+    parser.add_argument("--scoring", type=int, help="only time scoring of the first N cases")
     args = parser.parse_args()
+    if args.scoring:
+        bench_scoring(args.model, args.scoring)
+        return
     gen = GenerationSettings(max_new_tokens=args.gen_tokens) if args.gen_tokens > 0 else None
     model = load_model(args.model)
     out = Path(args.out or tempfile.mkdtemp(prefix="eval_speed_"))
@@ -85,6 +93,35 @@ def main() -> None:
     for method, batch, n, se, sc, wall, es in rows:
         se_txt = f"{se:8.2f}" if se is not None else f"{'-':>8}"
         print(f"{method:<8} {batch:>5} {n:>3} {se_txt} {sc:8.2f} {wall:9.2f} {es:6.2f}")
+
+
+def bench_scoring(model_name: str, n: int) -> None:
+    from editing.evaluation.metrics import score_counterfact
+
+    model = load_model(model_name)
+    _, _, cases = load_cases("counterfact")
+    records = [c.record for c in cases[:n]]
+    scorer = ModelScorer(model)
+    score_counterfact(scorer, records[:4])  # warm
+    scorer.sequences_run = 0
+    t = time.perf_counter()
+    scores = score_counterfact(scorer, records)
+    seconds = time.perf_counter() - t
+    total = sum(
+        sum(ts.logprobs)
+        for sc in scores
+        for ts in (
+            sc.rewrite_new,
+            sc.rewrite_true,
+            *sc.paraphrase_new,
+            *sc.paraphrase_true,
+            *sc.neighborhood_new,
+            *sc.neighborhood_true,
+        )
+    )
+    print("| cases | sequences | seconds | s / case | sum of log-probabilities |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {n} | {scorer.sequences_run} | {seconds:.1f} | {seconds / n:.2f} | {total:.4f} |")
 
 
 if __name__ == "__main__":

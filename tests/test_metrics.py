@@ -296,3 +296,17 @@ def test_unedited_embedded_model_scores_near_zero_efficacy(gemma):
     agg = aggregate(rows)
     assert agg["efficacy_success"] <= 0.1
     assert agg["rewrite_acc"] <= 0.1
+
+
+def test_perplexity_equals_the_full_forward(toy_model):
+    """perplexity() (the pass stopped after the last block, the vocabulary read 256 positions
+    at a time) against exp of the mean next-token NLL of full float64 logits."""
+    from editing.evaluation.ability import perplexity
+
+    g = torch.Generator().manual_seed(3)
+    seqs = torch.randint(5, toy_model.cfg.d_vocab, (5, 70), generator=g).tolist()
+    with torch.no_grad():
+        logits = toy_model(torch.tensor(seqs), use_cache=False).double()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -logp.gather(2, torch.tensor(seqs)[:, 1:, None]).mean()
+    assert perplexity(toy_model, seqs, batch_size=4) == pytest.approx(float(nll.exp()), rel=1e-5)

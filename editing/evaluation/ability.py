@@ -22,7 +22,7 @@ import torch
 from editing.corpus import wikitext_paragraphs
 from tracing.errors import InvalidInput
 from tracing.facts import Fact
-from tracing.forward import last_token_logits
+from tracing.forward import capture_states, last_token_logits
 from tracing.models import (
     HookedModel,
     final_logits,
@@ -69,19 +69,11 @@ def perplexity(
     batches not needed). The vocabulary projection runs 256 positions at a time."""
     resid = hook_name(model, "resid", n_layers(model) - 1)
     total, count = 0.0, 0
-    saved: list[torch.Tensor] = []
-
-    def keep(x: torch.Tensor, hook) -> torch.Tensor:
-        saved.append(x.detach())
-        return x
-
     for start in range(0, len(sequences), batch_size):
         toks = torch.tensor(sequences[start : start + batch_size], device=model_device(model))
-        saved.clear()
-
+        final = capture_states(model, toks, [resid], stop_after=resid)[resid]
         with torch.no_grad():
-            model.run_with_hooks(toks, fwd_hooks=[(resid, keep)], logits_to_keep=1, use_cache=False)
-            h = saved[-1][:, :-1].reshape(-1, saved[-1].shape[-1])
+            h = final[:, :-1].reshape(-1, final.shape[-1])
             nxt = toks[:, 1:].reshape(-1).to(h.device)
             for i in range(0, len(h), 256):
                 logp = torch.log_softmax(final_logits(model, h[None, i : i + 256])[0].float(), -1)

@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from tracing.errors import InvalidInput
+from tracing.forward import capture_states
 from tracing.models import (
     HookedModel,
     context_length,
@@ -106,8 +107,9 @@ class ModelScorer:
     one (causal attention: later tokens cannot change earlier positions), so a prompt scored
     against several single-token targets (CounterFact's new and true objects on every
     neighbourhood prompt) runs once. The remaining sequences are sorted by length and
-    right-padded into batches of ``batch_size``; the final residual stream is read by a hook
-    and projected to the vocabulary only at the positions some target needs.
+    right-padded into batches of ``batch_size``; the final residual stream is read by a hook,
+    where the pass stops, and projected to the vocabulary only at the positions some target
+    needs.
     ``sequences_run`` counts the passes made (tests check that sharing happens).
     """
 
@@ -167,24 +169,17 @@ class ModelScorer:
         width = max(map(len, seqs))
         rows_ = [list(s) + [self._pad] * (width - len(s)) for s in seqs]
         toks = torch.tensor(rows_, dtype=torch.long, device=model_device(self.model))
-        saved: list[torch.Tensor] = []
-
-        def keep(resid, hook):
-            saved.append(resid.detach())
-            return resid
-
+        # the final residual stream; the pass stops there (no projection of a last position)
+        final = capture_states(self.model, toks, [self._resid], stop_after=self._resid)
+        self.sequences_run += len(seqs)
         at_pos = [(s, pos) for s in seqs for pos in sorted({pos for pos, _ in reads[s]})]
         row_of = {key: r for r, key in enumerate(at_pos)}
         index = {s: b for b, s in enumerate(seqs)}
         with torch.no_grad():
-            self.model.run_with_hooks(
-                toks, fwd_hooks=[(self._resid, keep)], logits_to_keep=1, use_cache=False
-            )
-            self.sequences_run += len(seqs)
-            dev = saved[-1].device
+            dev = final[self._resid].device
             b_idx = torch.tensor([index[s] for s, _ in at_pos], device=dev)
             p_idx = torch.tensor([pos for _, pos in at_pos], device=dev)
-            picked = saved[-1][b_idx, p_idx]
+            picked = final[self._resid][b_idx, p_idx]
             logp = torch.log_softmax(final_logits(self.model, picked[None])[0].float(), dim=-1)
             want = [(s, pos, tok) for s in seqs for pos, tok in reads[s]]
             r_idx = torch.tensor([row_of[(s, pos)] for s, pos, _ in want], device=dev)
