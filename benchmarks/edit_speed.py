@@ -164,10 +164,12 @@ def bench_vocab(model, sizes: tuple[int, ...] = (12, 100, 300, 1000), repeats: i
 def bench_z(model, n: int, budget: int | None) -> None:
     from editing.context import context_template_groups
     from editing.methods import load_hparams
+    from editing.methods.memit import MemitHparams
     from editing.objective import compute_targets
     from editing.prepared import prepare_requests
 
     hp = load_hparams("memit", "gemma-3-270m")
+    assert isinstance(hp, MemitHparams) and hp.layers
     reqs = counterfact_requests(model, n)
     prep = prepare_requests(model, reqs, context_template_groups(model, hp.context_templates))
     t = time.perf_counter()
