@@ -55,9 +55,10 @@ DEFAULT_GROUP = 64
 #: Positions re-run with gradient per forward-and-backward pass on the CPU (each prompt from
 #: its subject-last token on). Memory: the autograd graph of a pass through the re-run blocks
 #: plus its [reads, vocab] log-probabilities. Measured on the embedded model (one group of 64
-#: MEMIT requests, 2026-12-02): 384 peaks at 3,367 MiB in 196 s, 512 at 3,693 MiB in 195 s,
-#: 1,024 at 4,753 MiB in 198 s; counting whole prompts, 1,024 tokens (the former default)
-#: peaked at 3,299 MiB in 257 s, as its many small passes each paid the blocks' fixed cost.
+#: MEMIT requests, 2026-12-02; benchmarks/edit_speed.py --z 64 --z-budget B): 384 peaks at
+#: 3,367 MiB in 196 s, 512 at 3,693 MiB in 195 s, 1,024 at 4,753 MiB in 198 s; counting
+#: whole prompts, 1,024 tokens (the former default) peaked at 3,299 MiB in 257 s, as its many
+#: small passes each paid the blocks' fixed cost.
 DEFAULT_GRAD_TOKENS = 384
 
 
