@@ -12,9 +12,10 @@ KL prompt ``"{subject} is a"``. Where ``delta`` goes:
 :class:`DeltaRunner` gives the log-probabilities the loss reads, re-running only what
 ``delta`` can change: the states entering the first re-run block are computed once without
 gradient; each call re-runs only the blocks from the edit point up to ``loss_layer``, and the
-vocabulary projection is applied only at the positions the loss reads. Prompts are grouped
-by length into right-padded chunks (causal attention: right padding never changes a real
-position). The loss itself is :mod:`editing.target_loss`.
+vocabulary projection is applied only at the positions the loss reads. Each prompt re-runs
+only from its own subject-last token; prompts are grouped by the length they re-run into
+right-padded passes (causal attention: right padding never changes a real position). The loss
+itself is :mod:`editing.target_loss`.
 """
 
 from __future__ import annotations
