@@ -4,7 +4,7 @@ A change made at token position ``t`` (a restored state while tracing, a vector 
 subject's last token while editing) cannot change positions before ``t`` in any block: the
 model is causal. So blocks can run on the positions from ``cut`` on, attending to the keys and
 values the prefix had in a run without the change. :class:`KVRecorder` records each block's
-keys and values, :class:`PrefixKV` supplies the prefix's, :func:`suffix_kwargs` cuts the
+keys and values, :class:`PrefixKV` supplies the prefix's, :func:`window_kwargs` cuts the
 block's positional arguments (:func:`ragged_kwargs`: for rows that each start at their own
 cut), and :func:`record_prefix` / :func:`run_suffix` do the two halves over a range of
 blocks. Blocks receive the cache through :func:`tracing.models.run_block`, which hands it to
@@ -13,6 +13,7 @@ the attention whatever keyword the architecture reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,21 +48,42 @@ class PrefixKV:
         return torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
 
 
-def suffix_kwargs(kwargs: dict, cut: int) -> dict:
-    """Block keyword arguments for computing positions ``cut:`` only."""
-    if cut == 0:
-        return kwargs
+def _remap(
+    kwargs: dict,
+    positions: Callable[[torch.Tensor, int], torch.Tensor],
+    mask: Callable[[torch.Tensor], torch.Tensor],
+) -> dict:
+    """The one walk over a block's keyword arguments that everything here shares:
+    ``positions(x, axis)`` re-indexes each tensor that runs over token positions (rotary
+    embeddings on axis -2, position ids and cache positions on axis -1) and ``mask`` the
+    ``[batch, 1, query, key]`` attention mask; anything else passes unchanged."""
     out: dict[str, Any] = {}
     for key, value in kwargs.items():
         if key == "position_embeddings" and isinstance(value, tuple):
-            out[key] = tuple(x[..., cut:, :] for x in value)
+            out[key] = tuple(positions(x, -2) for x in value)
         elif key in ("position_ids", "cache_position") and torch.is_tensor(value):
-            out[key] = value[..., cut:]
+            out[key] = positions(value, -1)
         elif key == "attention_mask" and torch.is_tensor(value) and value.ndim == 4:
-            out[key] = value[..., cut:, :]
+            out[key] = mask(value)
         else:
             out[key] = value
     return out
+
+
+def window_kwargs(kwargs: dict, queries: slice, keys: slice) -> dict:
+    """Block keyword arguments for computing the positions ``queries`` of the captured
+    sequence while attending to the key positions ``keys`` (the mask's columns)."""
+
+    def positions(x: torch.Tensor, axis: int) -> torch.Tensor:
+        return x[(..., queries) + (slice(None),) * (-1 - axis)]
+
+    return _remap(kwargs, positions, lambda m: m[..., queries, keys])
+
+
+def suffix_kwargs(kwargs: dict, cut: int) -> dict:
+    """Block keyword arguments for computing positions ``cut:`` only (attending to every
+    key: the prefix's come from a :class:`PrefixKV`)."""
+    return kwargs if cut == 0 else window_kwargs(kwargs, slice(cut, None), slice(None))
 
 
 def truncated_kwargs(kwargs: dict, length: int) -> dict:
@@ -69,17 +91,7 @@ def truncated_kwargs(kwargs: dict, length: int) -> dict:
     positional tensors and the attention mask, which were captured for the whole sequence).
     Causal attention makes positions ``:length`` of the shorter sequence exactly those of the
     longer one, so rows of a batch can be run only as far as their longest real prompt."""
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if key == "position_embeddings" and isinstance(value, tuple):
-            out[key] = tuple(x[..., :length, :] for x in value)
-        elif key in ("position_ids", "cache_position") and torch.is_tensor(value):
-            out[key] = value[..., :length]
-        elif key == "attention_mask" and torch.is_tensor(value) and value.ndim == 4:
-            out[key] = value[..., :length, :length]
-        else:
-            out[key] = value
-    return out
+    return window_kwargs(kwargs, slice(None, length), slice(None, length))
 
 
 def ragged_kwargs(
@@ -120,20 +132,18 @@ def ragged_kwargs(
         ],
         dim=2,
     )
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        if key == "position_embeddings" and isinstance(value, tuple):
-            out[key] = tuple(x[0][at.to(x.device)] for x in value)
-        elif key == "position_ids" and torch.is_tensor(value):
-            out[key] = value[0][at.to(value.device)]
-        elif key == "cache_position" and torch.is_tensor(value):
-            out[key] = pos[0]  # one row's positions (no block here reads it per row)
-        elif key == "attention_mask" and torch.is_tensor(value) and value.ndim == 4:
-            m = value[0, 0].to(cuts.device)[at[:, :, None], keys[:, None, :]]
-            fill = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
-            out[key] = m.masked_fill(~real, fill)[:, None].to(value.device)
-        else:
-            out[key] = value
+
+    def gathered(x: torch.Tensor, axis: int) -> torch.Tensor:  # [1, width..] -> [rows, length..]
+        return x[0][at.to(x.device)]
+
+    def masked(value: torch.Tensor) -> torch.Tensor:
+        m = value[0, 0].to(cuts.device)[at[:, :, None], keys[:, None, :]]
+        fill = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
+        return m.masked_fill(~real, fill)[:, None].to(value.device)
+
+    out = _remap(kwargs, gathered, masked)
+    if torch.is_tensor(out.get("cache_position")):
+        out["cache_position"] = pos[0]  # one row's positions (no block here reads it per row)
     if out.get("attention_mask") is None:
         causal = torch.zeros(rows, 1, length, prefix + length, dtype=dtype, device=cuts.device)
         out["attention_mask"] = causal.masked_fill(~real[:, None], torch.finfo(dtype).min)
