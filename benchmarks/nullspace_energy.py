@@ -1,0 +1,94 @@
+"""How null is AlphaEdit's null space for the keys that facts use? (a study, not a test)
+
+AlphaEdit projects each update onto the eigen-directions of the preserved keys' second moment
+``C = E[k kᵀ]`` whose eigenvalues fall below a threshold, so that ``k Δ ≈ 0`` for keys like
+those ``C`` was estimated on. How much of a key population's energy lies in that subspace,
+``Σ ||P k||² / Σ ||k||²``, is what an update there can still disturb. This prints, per edited
+layer and threshold, that share for
+
+* the statistics' own keys (WikiText, ``trace(P C) / trace(C)``),
+* the MLP keys at the subject's last token of known_1000 facts (what known-fact accuracy and
+  the neighbourhood prompts read),
+* the keys at the other positions of the same prompts (BOS left out),
+
+and the facts' subject-key energy relative to the mean WikiText key's.
+
+    .venv/bin/python benchmarks/nullspace_energy.py                  # the Gemma AlphaEdit file
+    .venv/bin/python benchmarks/nullspace_energy.py --facts 100 --thresholds 0.02,0.005
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--facts", type=int, default=400, help="known_1000 facts read (first N)")
+    ap.add_argument("--thresholds", default="0.02,0.005,0.002")
+    args = ap.parse_args()
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    if args.facts < 1 or not all(t > 0 for t in thresholds):
+        ap.error("--facts must be >= 1 and every threshold > 0")
+
+    from editing.hparams import KeyValueHparams
+    from editing.keys import layer_stats
+    from editing.methods import load_hparams
+    from editing.nullspace import null_space_projector
+    from tracing.errors import InvalidInput
+    from tracing.facts import load_known_facts, tokenize_fact
+    from tracing.forward import capture_states
+    from tracing.models import hook_name, load_model
+
+    model = load_model(args.model)
+    hp = load_hparams("alphaedit", args.model)
+    assert isinstance(hp, KeyValueHparams)
+    layers = sorted(int(L) for L in hp.layers or [])
+    if not layers:
+        ap.error(f"the AlphaEdit file of {args.model} names no layers")
+    moms = layer_stats(model, layers, hp, progress=True)
+    names = [hook_name(model, "mlp_key", L) for L in layers]
+    subject: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+    other: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+    used = 0
+    for fact in load_known_facts()[: args.facts]:
+        try:
+            tf = tokenize_fact(model, fact.prompt, fact.subject)
+        except InvalidInput:
+            continue
+        used += 1
+        got = capture_states(model, torch.tensor([tf.ids]), names, names[-1])
+        rest = torch.ones(len(tf.ids), dtype=torch.bool)
+        rest[[0, tf.subject_last]] = False
+        for L, name in zip(layers, names, strict=True):
+            keys = got[name][0].double()
+            subject[L].append(keys[tf.subject_last])
+            other[L].append(keys[rest])
+
+    def share(P: torch.Tensor, K: torch.Tensor) -> float:
+        return float((K @ P).pow(2).sum() / K.pow(2).sum())
+
+    print(f"# key energy in AlphaEdit's null space, {args.model}, {used} known_1000 facts")
+    print(
+        "| layer | threshold | null dims | WikiText keys | fact subject-last keys "
+        "| other fact-prompt keys | subject ‖k‖² / WikiText mean |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for L in layers:
+        C = moms[L].double()
+        S, R = torch.stack(subject[L]), torch.cat(other[L])
+        relative = float(S.pow(2).sum(1).mean() / torch.trace(C))
+        for t in thresholds:
+            P = null_space_projector(C, t)
+            wiki = float(torch.trace(P @ C) / torch.trace(C))
+            print(
+                f"| {L} | {t:g} | {round(float(P.trace()))} | {wiki:.3f} | {share(P, S):.3f} "
+                f"| {share(P, R):.3f} | {relative:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
