@@ -15,10 +15,15 @@ and the facts' subject-key energy relative to the mean WikiText key's. A second 
 how close the known facts are to flipping: the share of the known_1000 facts the model answers
 (top-1, the facts of the sequential runner's known-fact accuracy) whose top-1 log-probability
 leads the runner-up's by less than a gap, i.e. how small a change of the logits turns a point
-of that accuracy.
+of that accuracy. With ``--control R2,R3,...`` a third table: known-fact accuracy and held-out
+perplexity after a random update of each edited layer's down-projection, drawn in the null
+space (``Δ = P G``, ``G`` Gaussian, seeded) and scaled to ``R_l`` times the weight's norm, i.e.
+what an update of an AlphaEdit batch's size does when it carries no edit at all; the weights
+are restored bit for bit afterwards.
 
     .venv/bin/python benchmarks/nullspace_energy.py                  # the Gemma AlphaEdit file
     .venv/bin/python benchmarks/nullspace_energy.py --facts 100 --thresholds 0.02,0.005
+    .venv/bin/python benchmarks/nullspace_energy.py --facts 20 --control 0.18,0.18,0.09,0.07,0.08
 """
 
 from __future__ import annotations
@@ -33,19 +38,27 @@ def main() -> None:
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--facts", type=int, default=400, help="known_1000 facts read (first N)")
     ap.add_argument("--thresholds", default="0.02,0.005,0.002")
+    ap.add_argument(
+        "--control",
+        help="per edited layer, ||update|| / ||W|| of a random null-space update (threshold: "
+        "the first of --thresholds)",
+    )
     args = ap.parse_args()
     thresholds = [float(t) for t in args.thresholds.split(",")]
+    ratios = [float(r) for r in args.control.split(",")] if args.control else []
     if args.facts < 1 or not all(t > 0 for t in thresholds):
         ap.error("--facts must be >= 1 and every threshold > 0")
 
+    from editing.evaluation.ability import heldout_sequences, known_fact_accuracy, perplexity
     from editing.hparams import KeyValueHparams
     from editing.keys import layer_stats
     from editing.methods import load_hparams
     from editing.nullspace import null_space_projector
+    from editing.weights import add_to_weight, restoring_weights, weights_checksums
     from tracing.errors import InvalidInput
     from tracing.facts import known_facts, load_known_facts, tokenize_fact
     from tracing.forward import capture_states, last_token_logits
-    from tracing.models import hook_name, load_model
+    from tracing.models import down_proj, hook_name, load_model
 
     model = load_model(args.model)
     hp = load_hparams("alphaedit", args.model)
@@ -53,6 +66,8 @@ def main() -> None:
     layers = sorted(int(L) for L in hp.layers or [])
     if not layers:
         ap.error(f"the AlphaEdit file of {args.model} names no layers")
+    if ratios and (len(ratios) != len(layers) or not all(r >= 0 for r in ratios)):
+        ap.error(f"--control needs {len(layers)} ratios >= 0, one per layer {layers}")
     moms = layer_stats(model, layers, hp, progress=True)
     names = [hook_name(model, "mlp_key", L) for L in layers]
     subject: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
@@ -112,6 +127,26 @@ def main() -> None:
     print(
         f"| share of facts | {shares} | {float(gap.median()):.2f} | {float(first.median()):.2f} |"
     )
+
+    if not ratios:
+        return
+    seqs = heldout_sequences(model)
+    before = weights_checksums(model)
+    base = (known_fact_accuracy(model, known)[0], perplexity(model, seqs))
+    gen = torch.Generator().manual_seed(0)
+    with restoring_weights(model, layers, always=True):
+        for L, r in zip(layers, ratios, strict=True):
+            W = down_proj(model, L)
+            P = null_space_projector(moms[L].double(), thresholds[0])
+            update = P @ torch.randn(W.shape, generator=gen, dtype=torch.float64)
+            add_to_weight(W, update * (r * float(W.double().norm()) / float(update.norm())))
+        after = (known_fact_accuracy(model, known)[0], perplexity(model, seqs))
+    assert weights_checksums(model) == before, "weights not restored"
+    print(f"\n# a random null-space update (threshold {thresholds[0]:g}) of the given sizes")
+    print("| ‖Δ‖ / ‖W‖ per layer | known-fact acc | perplexity |")
+    print("|---|---:|---:|")
+    print(f"| none | {base[0] * 100:.1f} | {base[1]:.2f} |")
+    print(f"| {', '.join(f'{r:g}' for r in ratios)} | {after[0] * 100:.1f} | {after[1]:.2f} |")
 
 
 if __name__ == "__main__":
