@@ -141,9 +141,10 @@ def ragged_kwargs(
         fill = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
         return m.masked_fill(~real, fill)[:, None].to(value.device)
 
-    out = _remap(kwargs, gathered, masked)
-    if torch.is_tensor(out.get("cache_position")):
-        out["cache_position"] = pos[0]  # one row's positions (no block here reads it per row)
+    out = _remap({k: v for k, v in kwargs.items() if k != "cache_position"}, gathered, masked)
+    if "cache_position" in kwargs:  # one row's positions (no block here reads it per row)
+        cp = kwargs["cache_position"]
+        out["cache_position"] = pos[0] if torch.is_tensor(cp) else cp
     if out.get("attention_mask") is None:
         causal = torch.zeros(rows, 1, length, prefix + length, dtype=dtype, device=cuts.device)
         out["attention_mask"] = causal.masked_fill(~real[:, None], torch.finfo(dtype).min)
