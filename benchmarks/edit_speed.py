@@ -15,7 +15,9 @@ Prints four tables:
 4. the vocabulary projection (``--vocab``, off by default): seconds for N final states
    projected onto the 262,144-word vocabulary in one product (the bridge's unembedding) vs a
    slice of the vocabulary at a time (:mod:`tracing.vocab`, what ``final_logits`` does on
-   the CPU), forward and forward + backward;
+   the CPU), forward and forward + backward; then the v*/z objective's per-read losses with
+   their gradient, the generic path against one sweep over the unembedding
+   (:mod:`editing.vocab_loss`);
 5. the z optimisation alone (``--z N``, off by default): MEMIT's Gemma file, the first N
    known CounterFact cases as one group at MEMIT's last layer, with ``--z-budget`` positions
    per pass (default: the library's): seconds, mean steps, mean final NLL, peak RSS of the
@@ -159,6 +161,44 @@ def bench_vocab(model, sizes: tuple[int, ...] = (12, 100, 300, 1000), repeats: i
             one, mine = timed(x, False, False), timed(x, True, False)
         one_b, mine_b = timed(x, False, True), timed(x, True, True)
         print(f"| {n} | {one:.3f} | {mine:.3f} | {one_b:.3f} | {mine_b:.3f} |", flush=True)
+    bench_read_losses(model, sizes, repeats)
+
+
+def bench_read_losses(model, sizes: tuple[int, ...], repeats: int) -> None:
+    """The objective's per-read losses and their gradient (editing.vocab_loss): the generic
+    path (projection, log-softmax over [reads, vocab], backward product) against the one
+    sweep over the unembedding; one read in twelve a KL read, as in a ROME step."""
+    from editing.vocab_loss import DistRefs, read_losses
+    from tracing.models import final_logits
+
+    def run(x, target, refs, fused: bool) -> torch.Tensor:
+        x = x.detach().requires_grad_()
+        loss = read_losses(model, x, target, refs, "orig_new", fused=fused)
+        loss.sum().backward()
+        return loss.detach()
+
+    print("\n## Read losses with their gradient (KL(orig || new) at one read in twelve)")
+    print("| reads | generic fwd+bwd s | one sweep fwd+bwd s | max abs loss difference |")
+    print("|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(1)
+    vocab = int(model.cfg.d_vocab)
+    for n in sizes:
+        x = torch.randn(n, model.cfg.d_model, generator=g) * 5
+        target = torch.randint(0, vocab, (n,), generator=g)
+        target[::12] = -1
+        with torch.no_grad():
+            near = x[target < 0] + torch.randn(int((target < 0).sum()), x.shape[1], generator=g)
+            logq = torch.log_softmax(final_logits(model, near[None])[0].float(), -1)
+        refs = DistRefs.from_logq(model, logq)
+        secs, losses = [], []
+        for fused in (False, True):
+            run(x, target, refs, fused)  # warm
+            t = time.perf_counter()
+            for _ in range(repeats):
+                losses.append(run(x, target, refs, fused))
+            secs.append((time.perf_counter() - t) / repeats)
+        diff = float((losses[0] - losses[-1]).abs().max())
+        print(f"| {n} | {secs[0]:.3f} | {secs[1]:.3f} | {diff:.1e} |", flush=True)
 
 
 def bench_z(model, n: int, budget: int | None) -> None:

@@ -15,7 +15,9 @@ the KL read at the last position, the neighbour KL term) are named choices of
 :class:`~editing.hparams.TargetHparams`.
 
 :class:`TargetObjective` computes the loss and its gradient at any ``delta`` (the parity tests
-compare both with an independent implementation); :mod:`editing.objective` runs Adam on it
+compare both with an independent implementation); each read's term (the NLL of one target
+token, the KL at one distribution read) comes from :mod:`editing.vocab_loss`, in one sweep over
+the unembedding where that applies; :mod:`editing.objective` runs Adam on it
 (the clamp of ``||delta||``, early stopping, the scale-free parametrisation of ``delta``).
 Requests are independent: their losses add, so the gradient of one request's loss does not
 depend on which other requests are evaluated with it.
@@ -39,6 +41,7 @@ from editing.targets import (
     TargetHook,
     rewrite_prompts,
 )
+from editing.vocab_loss import DistRefs, logp_losses, read_losses
 from tracing.errors import EditFailed, InvalidInput
 from tracing.models import HookedModel
 
@@ -76,7 +79,7 @@ class TargetObjective:
     ) -> None:
         if not prepared:
             raise InvalidInput("no requests to compute targets for")
-        self.hp, self.n = hp, len(prepared)
+        self.model, self.hp, self.n = model, hp, len(prepared)
         neighbours = None
         if hp.neighbour_kl_factor > 0:
             neighbours = [
@@ -98,7 +101,7 @@ class TargetObjective:
         # per pass: log p_orig at its distribution reads; taken from the first evaluation
         # when that is at delta = 0 with every request active (the optimiser's first step:
         # the same forward pass, not a second one), else computed then
-        self.kl_ref: list[torch.Tensor] | None = None
+        self.kl_ref: list[DistRefs] | None = None
         self._pending: list[torch.Tensor] = []  # per pass: per-request losses with their graphs
 
     def evaluate(
@@ -131,26 +134,33 @@ class TargetObjective:
             zero = torch.zeros_like(self.init)
             with torch.no_grad():
                 self.kl_ref = [
-                    self._dist_reads(p, self.runner.pass_logprobs(p, zero)[0])
+                    self._dist_refs(p, self.runner.pass_logprobs(p, zero)[0])
                     for p in self.runner.passes
                 ]
-        refs_now: list[torch.Tensor] = []
+        refs_now: list[DistRefs] = []
         for pi, p in enumerate(self.runner.passes):
             if not active[p.read_owner].any():
                 continue
-            logp, keep = self.runner.pass_logprobs(p, delta, active)
-            if reuse:  # every read of the pass was computed, at delta = 0
-                refs_now.append(self._dist_reads(p, logp.detach()))
-            at = logp.device  # the unembedding's device (another one under a device map)
+            if reuse:  # every read of the pass is computed, at delta = 0: keep its q
+                logp, keep = self.runner.pass_logprobs(p, delta, active)
+                refs_now.append(self._dist_refs(p, logp.detach()))
+                at = logp.device  # the unembedding's device (another one under a device map)
+                tgt_kept = p.read_target[keep].to(at)
+                losses = logp_losses(logp, tgt_kept, refs_now[-1], hp.kl_direction)
+            else:
+                assert self.kl_ref is not None
+                states, keep = self.runner.pass_states(p, delta, active)
+                refs = self.kl_ref[pi][keep[p.read_target < 0]]
+                tgt_kept = p.read_target[keep].to(states.device)
+                losses = read_losses(self.model, states, tgt_kept, refs, hp.kl_direction)
+                at = losses.device
             tgt, w = p.read_target[keep].to(at), p.read_weight[keep].to(at)
             own = p.read_owner[keep].to(at)
+            losses = losses * w  # each read's share of its request's mean over its kind
             is_nll = tgt >= 0
-            per = -logp[is_nll].gather(1, tgt[is_nll][:, None])[:, 0] * w[is_nll]
-            by_request = torch.zeros(self.n, device=at, dtype=per.dtype)
-            by_request = by_request.index_add(0, own[is_nll], per)
-            nll.index_add_(0, own[is_nll].to(dev), per.detach().to(dev))
-            refs = (refs_now[pi] if reuse else self.kl_ref[pi])[keep[p.read_target < 0].to(at)]  # type: ignore[index]
-            dist_codes = tgt[~is_nll]  # the distribution reads, in the order of refs
+            by_request = torch.zeros(self.n, device=at, dtype=losses.dtype)
+            by_request = by_request.index_add(0, own[is_nll], losses[is_nll])
+            nll.index_add_(0, own[is_nll].to(dev), losses[is_nll].detach().to(dev))
             for code, factor, into in (
                 (KL_READ, hp.kl_factor, kl),
                 (NEIGHBOUR_READ, hp.neighbour_kl_factor, neighbour_kl),
@@ -158,14 +168,8 @@ class TargetObjective:
                 mine = tgt == code
                 if not mine.any() or factor <= 0:
                     continue
-                ref, cur = refs[dist_codes == code], logp[mine]
-                if hp.kl_direction == "new_orig":
-                    div = (cur.exp() * (cur - ref)).sum(-1)
-                else:
-                    div = (ref.exp() * (ref - cur)).sum(-1)
-                div = div * w[mine]  # the mean over the request's prompts of this kind
-                by_request = by_request.index_add(0, own[mine], factor * div)
-                into.index_add_(0, own[mine].to(dev), div.detach().to(dev))
+                by_request = by_request.index_add(0, own[mine], factor * losses[mine])
+                into.index_add_(0, own[mine].to(dev), losses[mine].detach().to(dev))
             if by_request.requires_grad:
                 if defer:
                     self._pending.append(by_request)
@@ -185,10 +189,9 @@ class TargetObjective:
         total = nll + hp.kl_factor * kl + hp.neighbour_kl_factor * neighbour_kl + wd
         return LossParts(nll=nll, kl=kl, neighbour_kl=neighbour_kl, weight_decay=wd, total=total)
 
-    @staticmethod
-    def _dist_reads(p: ReadPass, logp: torch.Tensor) -> torch.Tensor:
-        """The rows of a whole pass's log-probabilities that are distribution reads."""
-        return logp[(p.read_target < 0).to(logp.device)]
+    def _dist_refs(self, p: ReadPass, logp: torch.Tensor) -> DistRefs:
+        """The original distributions at a whole pass's distribution reads."""
+        return DistRefs.from_logq(self.model, logp[(p.read_target < 0).to(logp.device)])
 
     def backward(self, keep: Bool[torch.Tensor, " n"]) -> None:
         """After ``evaluate(..., defer=True)``: accumulate into ``delta.grad`` the gradient

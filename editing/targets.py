@@ -276,26 +276,35 @@ class DeltaRunner:
             raise InvalidInput("a request has no rewriting prompt")
         return torch.stack(out)  # type: ignore[arg-type]
 
-    def pass_logprobs(
+    def pass_states(
         self,
         p: ReadPass,
         delta: Float[torch.Tensor, "n_requests d_model"],
         active: Bool[torch.Tensor, " n_requests"] | None = None,
-    ) -> tuple[Float[torch.Tensor, "reads vocab"], Bool[torch.Tensor, " pass_reads"]]:
-        """Log-softmax at the read positions of the pass's rows whose request is ``active``
-        (default: all), with ``delta[request]`` added at each subject-last token; also returns
-        the boolean mask of the pass's reads that were computed. One vocabulary projection
-        for the whole pass."""
+    ) -> tuple[Float[torch.Tensor, "reads d_model"], Bool[torch.Tensor, " pass_reads"]]:
+        """Final residual states (before the final norm) at the read positions of the pass's
+        rows whose request is ``active`` (default: all), with ``delta[request]`` added at
+        each subject-last token; also the boolean mask of the pass's reads they are."""
         dev = p.owner.device
         rows = (
             torch.arange(len(p.prompts), device=dev)
             if active is None
             else torch.nonzero(active.to(dev)[p.owner]).flatten()
         )
-        if not len(rows):  # nothing active: nothing projected
+        if not len(rows):  # nothing active: nothing run
             keep = torch.zeros(len(p.read_row), dtype=torch.bool, device=dev)
-            return torch.zeros(0, 0, device=dev), keep
-        states, keep = self._reads(p, delta, rows)
+            return p.start_state.new_zeros(0, p.start_state.shape[-1]), keep
+        return self._reads(p, delta, rows)
+
+    def pass_logprobs(
+        self,
+        p: ReadPass,
+        delta: Float[torch.Tensor, "n_requests d_model"],
+        active: Bool[torch.Tensor, " n_requests"] | None = None,
+    ) -> tuple[Float[torch.Tensor, "reads vocab"], Bool[torch.Tensor, " pass_reads"]]:
+        """Log-softmax at the reads of :meth:`pass_states` (one vocabulary projection for the
+        whole pass), and the same mask."""
+        states, keep = self.pass_states(p, delta, active)
         logits = final_logits(self.model, states[None])[0].float()
         return torch.log_softmax(logits, dim=-1), keep
 
