@@ -37,13 +37,12 @@ from editing.targets import (
     KL_READ,
     NEIGHBOUR_READ,
     DeltaRunner,
-    ReadPass,
     TargetHook,
     rewrite_prompts,
 )
-from editing.vocab_loss import DistRefs, logp_losses, read_losses
+from editing.vocab_loss import DistRefs, read_losses
 from tracing.errors import EditFailed, InvalidInput
-from tracing.models import HookedModel
+from tracing.models import HookedModel, final_logits
 
 
 @dataclass
@@ -134,27 +133,25 @@ class TargetObjective:
             zero = torch.zeros_like(self.init)
             with torch.no_grad():
                 self.kl_ref = [
-                    self._dist_refs(p, self.runner.pass_logprobs(p, zero)[0])
+                    self._dist_refs(self.runner.pass_states(p, zero)[0], p.read_target)
                     for p in self.runner.passes
                 ]
         refs_now: list[DistRefs] = []
         for pi, p in enumerate(self.runner.passes):
             if not active[p.read_owner].any():
                 continue
-            if reuse:  # every read of the pass is computed, at delta = 0: keep its q
-                logp, keep = self.runner.pass_logprobs(p, delta, active)
-                refs_now.append(self._dist_refs(p, logp.detach()))
-                at = logp.device  # the unembedding's device (another one under a device map)
-                tgt_kept = p.read_target[keep].to(at)
-                losses = logp_losses(logp, tgt_kept, refs_now[-1], hp.kl_direction)
+            states, keep = self.runner.pass_states(p, delta, active)
+            at = states.device  # the last block's device (another one under a device map)
+            tgt = p.read_target[keep].to(at)
+            if reuse:  # every read of the pass is computed, at delta = 0: the q's are these
+                refs_now.append(self._dist_refs(states.detach(), tgt))
+                refs = refs_now[-1]
             else:
                 assert self.kl_ref is not None
-                states, keep = self.runner.pass_states(p, delta, active)
                 refs = self.kl_ref[pi][keep[p.read_target < 0]]
-                tgt_kept = p.read_target[keep].to(states.device)
-                losses = read_losses(self.model, states, tgt_kept, refs, hp.kl_direction)
-                at = losses.device
-            tgt, w = p.read_target[keep].to(at), p.read_weight[keep].to(at)
+            losses = read_losses(self.model, states, tgt, refs, hp.kl_direction)
+            at = losses.device  # the unembedding's
+            tgt, w = tgt.to(at), p.read_weight[keep].to(at)
             own = p.read_owner[keep].to(at)
             losses = losses * w  # each read's share of its request's mean over its kind
             is_nll = tgt >= 0
@@ -189,9 +186,13 @@ class TargetObjective:
         total = nll + hp.kl_factor * kl + hp.neighbour_kl_factor * neighbour_kl + wd
         return LossParts(nll=nll, kl=kl, neighbour_kl=neighbour_kl, weight_decay=wd, total=total)
 
-    def _dist_refs(self, p: ReadPass, logp: torch.Tensor) -> DistRefs:
-        """The original distributions at a whole pass's distribution reads."""
-        return DistRefs.from_logq(self.model, logp[(p.read_target < 0).to(logp.device)])
+    def _dist_refs(self, states: torch.Tensor, target: torch.Tensor) -> DistRefs:
+        """The original distributions at the distribution reads among some reads' final
+        states (taken at delta = 0)."""
+        with torch.no_grad():
+            dist = states[(target < 0).to(states.device)]
+            logq = torch.log_softmax(final_logits(self.model, dist[None])[0].float(), dim=-1)
+        return DistRefs.from_logq(self.model, logq)
 
     def backward(self, keep: Bool[torch.Tensor, " n"]) -> None:
         """After ``evaluate(..., defer=True)``: accumulate into ``delta.grad`` the gradient

@@ -106,6 +106,7 @@ def logp_losses(
     """Each read's loss from its whole log-probabilities (the generic path): ``-log p`` of
     its target where ``target >= 0``, else the KL against ``refs`` (in the order of those
     reads)."""
+    target = target.to(logp.device)  # under a device map the unembedding's device
     tok = torch.nonzero(target >= 0).flatten()
     dist = torch.nonzero(target < 0).flatten()
     out = logp.new_zeros(len(target))

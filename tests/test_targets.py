@@ -196,13 +196,13 @@ def test_final_logits_only_at_read_positions(toy_model):
 def test_nonfinite_loss_raises(toy_models):
     model = toy_models["gpt2"]
     hp = TargetHparams(num_steps=2)
-    real = DeltaRunner.pass_logprobs
+    real = DeltaRunner.pass_states
 
     def broken(self, p, delta, active=None):
-        logp, keep = real(self, p, delta, active)
-        return logp * float("nan"), keep
+        states, keep = real(self, p, delta, active)
+        return states * float("nan"), keep
 
-    DeltaRunner.pass_logprobs = broken  # type: ignore[method-assign]
+    DeltaRunner.pass_states = broken  # type: ignore[method-assign]
     try:
         with pytest.raises(ValueError, match="non-finite"):
             compute_targets(
@@ -213,7 +213,7 @@ def test_nonfinite_loss_raises(toy_models):
                 hp=hp,
             )
     finally:
-        DeltaRunner.pass_logprobs = real  # type: ignore[method-assign]
+        DeltaRunner.pass_states = real  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------- context templates
