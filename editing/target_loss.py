@@ -97,9 +97,9 @@ class TargetObjective:
         if not torch.isfinite(self.init).all():
             raise EditFailed(f"non-finite activations at layer {layer} for the edit prompts")
         self.init_norm2 = self.init.pow(2).sum(-1)
-        # per pass: log p_orig at its distribution reads; taken from the first evaluation
-        # when that is at delta = 0 with every request active (the optimiser's first step:
-        # the same forward pass, not a second one), else computed then
+        # per pass: p_orig at its distribution reads (editing.vocab_loss.DistRefs); taken
+        # from the first evaluation when that is at delta = 0 with every request active (the
+        # optimiser's first step: the same forward pass, not a second one), else computed then
         self.kl_ref: list[DistRefs] | None = None
         self._pending: list[torch.Tensor] = []  # per pass: per-request losses with their graphs
 

@@ -26,15 +26,16 @@ generic way (:func:`logp_losses`: the logits' forward product, a log-softmax ove
 Measured on the embedded Gemma's 262,144 x 640 unembedding, 2 cores, 2026-12-02
 (``benchmarks/edit_speed.py --vocab``, loss and gradient): 12 reads (a ROME step) 0.166 ->
 0.162 s, 100 reads 0.734 -> 0.603 s, 1,000 reads 7.18 -> 5.74 s; the z optimisation of 64
-MEMIT requests (``--z 64``) 115.8 -> 97.1 s with the same steps and final NLLs, its peak
-resident memory 3,338 -> 2,938 MiB. At a dozen reads the products run at the same speed
+MEMIT requests (``--z 64``) 115.8 -> 98.1 s with the same steps and final NLLs, its peak
+resident memory 3,338 -> 2,797 MiB. At a dozen reads the products run at the same speed
 either way (small matrix products are bound by their arithmetic here, not by reading the
 unembedding), so ROME gains little.
 
 The sums run in another order than the generic path's, so the two agree up to float32
 rounding (the tests compare both with float64). The sweep is taken where the sliced
-projection of :mod:`tracing.vocab` is (a plain, frozen CPU unembedding), with no logit
-soft-capping and no hook on the unembedding; elsewhere the generic path runs.
+projection of :mod:`tracing.vocab` is (a plain, frozen CPU unembedding), in float32 (its sums
+are kept in float32), with no logit soft-capping and no hook on the unembedding; elsewhere the
+generic path runs.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def fused_applies(model: HookedModel, x: torch.Tensor) -> bool:
         for h in (getattr(unembed, "hook_in", None), getattr(unembed, "hook_out", None))
     )
     cap = getattr(model.original_model.config, "final_logit_softcapping", None)
-    return sliced(model, x) and not cap and not hooked
+    float32 = unembed.original_component.weight.dtype == torch.float32
+    return sliced(model, x) and float32 and not cap and not hooked
 
 
 def logp_losses(

@@ -43,7 +43,7 @@ def _case(model, seed: int):
     with torch.no_grad():
         near = states[target < 0] + 0.5 * torch.randn(3, d, generator=g)
         lm = model.unembed.original_component
-        logits = model.ln_final(near[None])[0] @ lm.weight.T
+        logits = model.ln_final(near[None].to(lm.weight.dtype))[0] @ lm.weight.T
         if lm.bias is not None:
             logits = logits + lm.bias
         logq = torch.log_softmax(logits.float(), -1)
@@ -124,3 +124,17 @@ def test_refs_select_reads_and_losses_select_the_right_refs(toy_models):
     got = read_losses(model, states[rows], target[rows], sub, "orig_new", rows=100)
     full = read_losses(model, states, target, refs, "orig_new", rows=100)
     torch.testing.assert_close(got, full[rows], rtol=1e-6, atol=1e-6)
+
+
+def test_a_half_precision_unembedding_takes_the_generic_path(toy_dirs):
+    """The sweep keeps its sums in float32; a bfloat16 model's reads go the generic way (and
+    give finite losses there)."""
+    from tracing.models import load_model
+
+    model = load_model(toy_dirs["llama"], dtype="bfloat16")
+    states, target, logq = _case(model, 5)
+    states = states.to(torch.bfloat16)
+    assert not fused_applies(model, states)
+    refs = DistRefs.from_logq(model, logq)
+    assert refs.mean_w is None
+    assert torch.isfinite(read_losses(model, states, target, refs, "orig_new")).all()
