@@ -169,7 +169,7 @@ def bench_read_losses(model, sizes: tuple[int, ...], repeats: int) -> None:
     path (projection, log-softmax over [reads, vocab], backward product) against the one
     sweep over the unembedding; one read in twelve a KL read, as in a ROME step."""
     from editing.vocab_loss import DistRefs, read_losses
-    from tracing.models import final_logits
+    from tracing.models import final_logprobs
 
     def run(x, target, refs, fused: bool) -> torch.Tensor:
         x = x.detach().requires_grad_()
@@ -188,7 +188,7 @@ def bench_read_losses(model, sizes: tuple[int, ...], repeats: int) -> None:
         target[::12] = -1
         with torch.no_grad():
             near = x[target < 0] + torch.randn(int((target < 0).sum()), x.shape[1], generator=g)
-            logq = torch.log_softmax(final_logits(model, near[None])[0].float(), -1)
+            logq = final_logprobs(model, near[None])[0]
         refs = DistRefs.from_logq(model, logq)
         secs, losses = [], []
         for fused in (False, True):

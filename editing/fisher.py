@@ -70,7 +70,7 @@ from tracing.io import atomic_path, write_json_atomic
 from tracing.loading import cache_dir as user_cache_dir
 from tracing.models import (
     HookedModel,
-    final_logits,
+    final_logprobs,
     fingerprint,
     hook_name,
     model_device,
@@ -195,7 +195,7 @@ def _sequence_grads(
     h0 = cache[hook_name(model, "resid_pre", start)]
     out = run_blocks(model, h0, kwargs, start)
     pos = torch.tensor(text.positions, device=out.device)
-    logp = torch.log_softmax(final_logits(model, out[:, pos])[0].float(), dim=-1)
+    logp = final_logprobs(model, out[:, pos])[0]
     if settings.labels == "sampled":
         labels = sampled_labels(logp, settings.seed, index)
     else:

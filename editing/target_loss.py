@@ -42,7 +42,7 @@ from editing.targets import (
 )
 from editing.vocab_loss import DistRefs, read_losses
 from tracing.errors import EditFailed, InvalidInput
-from tracing.models import HookedModel, final_logits
+from tracing.models import HookedModel, final_logprobs
 
 
 @dataclass
@@ -141,8 +141,7 @@ class TargetObjective:
             if not active[p.read_owner].any():
                 continue
             states, keep = self.runner.pass_states(p, delta, active)
-            at = states.device  # the last block's device (another one under a device map)
-            tgt = p.read_target[keep].to(at)
+            tgt = p.read_target[keep].to(states.device)
             if reuse:  # every read of the pass is computed, at delta = 0: the q's are these
                 refs_now.append(self._dist_refs(states.detach(), tgt))
                 refs = refs_now[-1]
@@ -150,7 +149,7 @@ class TargetObjective:
                 assert self.kl_ref is not None
                 refs = self.kl_ref[pi][keep[p.read_target < 0]]
             losses = read_losses(self.model, states, tgt, refs, hp.kl_direction)
-            at = losses.device  # the unembedding's
+            at = losses.device  # the unembedding's (another one under a device map)
             tgt, w = tgt.to(at), p.read_weight[keep].to(at)
             own = p.read_owner[keep].to(at)
             losses = losses * w  # each read's share of its request's mean over its kind
@@ -191,7 +190,7 @@ class TargetObjective:
         states (taken at delta = 0)."""
         with torch.no_grad():
             dist = states[(target < 0).to(states.device)]
-            logq = torch.log_softmax(final_logits(self.model, dist[None])[0].float(), dim=-1)
+            logq = final_logprobs(self.model, dist[None])[0]
         return DistRefs.from_logq(self.model, logq)
 
     def backward(self, keep: Bool[torch.Tensor, " n"]) -> None:

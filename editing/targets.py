@@ -42,7 +42,7 @@ from tracing.memory import batch_tokens
 from tracing.models import (
     HookedModel,
     check_layer,
-    final_logits,
+    final_logprobs,
     hook_name,
     model_device,
     n_layers,
@@ -305,8 +305,7 @@ class DeltaRunner:
         """Log-softmax at the reads of :meth:`pass_states` (one vocabulary projection for the
         whole pass), and the same mask."""
         states, keep = self.pass_states(p, delta, active)
-        logits = final_logits(self.model, states[None])[0].float()
-        return torch.log_softmax(logits, dim=-1), keep
+        return final_logprobs(self.model, states[None])[0], keep
 
     def _reads(
         self, p: ReadPass, delta: torch.Tensor, rows: torch.Tensor

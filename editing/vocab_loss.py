@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
-from tracing.models import HookedModel, final_logits
+from tracing.models import HookedModel, final_logprobs
 from tracing.vocab import VOCAB_SLICE, sliced
 
 
@@ -145,7 +145,7 @@ def read_losses(
             direction == "new_orig" or refs.mean_w is not None or not bool((target < 0).any())
         )
     if not fused:
-        logp = torch.log_softmax(final_logits(model, states[None])[0].float(), dim=-1)
+        logp = final_logprobs(model, states[None])[0]
         return logp_losses(logp, target, refs, direction)
     lm = model.unembed.original_component
     x = model.ln_final(states[None])[0].float()

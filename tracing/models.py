@@ -362,6 +362,14 @@ def final_logits(
     return logits
 
 
+def final_logprobs(
+    model: HookedModel, resid: Float[torch.Tensor, "batch pos d_model"]
+) -> Float[torch.Tensor, "batch pos vocab"]:
+    """Float32 log-probabilities over the vocabulary from final residual states
+    (:func:`final_logits`, then a log-softmax); pass only the positions you need."""
+    return torch.log_softmax(final_logits(model, resid).float(), dim=-1)
+
+
 # --------------------------------------------------------------------------- text
 
 

@@ -25,7 +25,7 @@ from tracing.facts import Fact
 from tracing.forward import capture_states, last_token_logits
 from tracing.models import (
     HookedModel,
-    final_logits,
+    final_logprobs,
     hook_name,
     model_device,
     n_layers,
@@ -76,7 +76,7 @@ def perplexity(
             h = final[:, :-1].reshape(-1, final.shape[-1])
             nxt = toks[:, 1:].reshape(-1).to(h.device)
             for i in range(0, len(h), 256):
-                logp = torch.log_softmax(final_logits(model, h[None, i : i + 256])[0].float(), -1)
+                logp = final_logprobs(model, h[None, i : i + 256])[0]
                 total -= float(logp.gather(1, nxt[i : i + 256, None].to(logp.device)).sum())
                 count += len(logp)
     return float(torch.tensor(total / count).exp())

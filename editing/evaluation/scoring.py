@@ -23,7 +23,7 @@ from tracing.forward import capture_states
 from tracing.models import (
     HookedModel,
     context_length,
-    final_logits,
+    final_logprobs,
     hook_name,
     model_device,
     n_layers,
@@ -180,7 +180,7 @@ class ModelScorer:
             b_idx = torch.tensor([index[s] for s, _ in at_pos], device=dev)
             p_idx = torch.tensor([pos for _, pos in at_pos], device=dev)
             picked = final[self._resid][b_idx, p_idx]
-            logp = torch.log_softmax(final_logits(self.model, picked[None])[0].float(), dim=-1)
+            logp = final_logprobs(self.model, picked[None])[0]
             want = [(s, pos, tok) for s in seqs for pos, tok in reads[s]]
             r_idx = torch.tensor([row_of[(s, pos)] for s, pos, _ in want], device=dev)
             t_idx = torch.tensor([tok for _, _, tok in want], device=dev)

@@ -16,7 +16,7 @@ from tracing.forward import capture_states, run_blocks
 from tracing.models import (
     HookedModel,
     context_length,
-    final_logits,
+    final_logprobs,
     hook_name,
     target_ids,
     tokenize,
@@ -134,6 +134,6 @@ def mean_logprob(
             weights.append(1.0 / (len(e.target) * len(examples)))
     at = out.device
     picked = out[torch.tensor(rows, device=at), torch.tensor(cols, device=at)].unsqueeze(0)
-    logp = torch.log_softmax(final_logits(model, picked)[0].float(), dim=-1)
+    logp = final_logprobs(model, picked)[0]
     token_lp = logp.gather(1, torch.tensor(tgts, device=logp.device).unsqueeze(1))[:, 0]
     return (token_lp * torch.tensor(weights, device=logp.device)).sum()
