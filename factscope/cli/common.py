@@ -9,12 +9,42 @@ its own.
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tracing.errors import InvalidInput
 
 UNSET = argparse.SUPPRESS
+
+
+def _number_type(
+    kind: type[int] | type[float], least: float, strict: bool, what: str
+) -> Callable[[str], Any]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < least or (strict and value == least):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+#: argparse ``type=`` for counts, sizes and steps: an integer of at least 1. A value below
+#: is refused while parsing (exit 2, ``argument -k: expected an integer >= 1, got '0'``),
+#: before anything is read or loaded.
+positive_int = _number_type(int, 1, False, "an integer >= 1")
+#: argparse ``type=``: an integer of at least 0 (a seed, a count where 0 means none).
+nonnegative_int = _number_type(int, 0, False, "an integer >= 0")
+#: argparse ``type=``: a finite number above 0 (a bound, a scale, a learning rate).
+positive_float = _number_type(float, 0, True, "a number > 0")
+#: argparse ``type=``: a finite number of at least 0 (a penalty weight).
+nonnegative_float = _number_type(float, 0, False, "a number >= 0")
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
@@ -46,7 +76,7 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-folder", default=UNSET, help="folder for blocks mapped to 'disk'")
     p.add_argument(
         "--max-batch-tokens",
-        type=int,
+        type=positive_int,
         default=UNSET,
         help="tokens per forward pass; for the target optimisation, positions re-run with "
         "gradient per pass (default: from the device's free memory on CUDA, the measured "
