@@ -21,9 +21,13 @@ them are ``tracing`` (hooked models, traces), ``editing`` (methods, edits, evalu
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version (pyproject.toml), never a second copy of it
+    __version__ = version("factscope")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _NAMES: dict[str, str] = {
     "load_model": "tracing.models",

@@ -30,3 +30,29 @@ def test_every_data_folder_is_listed():
     for name in data:
         assert (ROOT / name.replace(".", "/")).is_dir(), name
     assert data <= _listed()
+
+
+def _pyproject_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_version_comes_from_the_installed_metadata():
+    import factscope as fs
+
+    assert fs.__version__ == _pyproject_version()
+
+
+def test_cli_version_prints_the_package_version(capsys):
+    import pytest
+
+    from factscope.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"factscope {_pyproject_version()}"
+
+
+def test_changelog_has_a_section_for_the_version():
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert f"## [{_pyproject_version()}]" in text or f"## {_pyproject_version()}" in text

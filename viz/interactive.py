@@ -35,7 +35,7 @@ TITLE_POSITION = {"x": 0.5, "y": 0.97, "yanchor": "top", "yref": "container", "p
 
 
 def hover_text(result: TraceResult, kind: str) -> list[list[str]]:
-    """Hover text per cell of ``scores[kind]`` ([tokens][layers]): token, layer, probability of
+    """Hover text per cell of ``scores[kind]`` (``[tokens][layers]``): token, layer, probability of
     the answer with that state restored, and the indirect effect (that minus p_corrupted)."""
     labels = token_labels(result)
     ans = answer_label(result.answer)

@@ -117,6 +117,7 @@ class CounterFactTask:
     kind = "counterfact"
 
     def problem(self, model: HookedModel, case: Case) -> str | None:
+        """Why the case cannot be edited (no subject slot, targets equal or empty), or None."""
         rec: CounterFactRecord = case.record
         if "{}" not in rec.template:
             return "subject missing from the prompt"
@@ -125,6 +126,7 @@ class CounterFactTask:
         return _targets_problem(model, [rec.target_new, rec.target_true])
 
     def request(self, case: Case) -> EditRequest:
+        """The case's rewrite (template, subject, new and true target, relation id)."""
         rec: CounterFactRecord = case.record
         return EditRequest(
             template=rec.template,
@@ -136,9 +138,11 @@ class CounterFactTask:
         )
 
     def score(self, scorer: Scorer, cases: Sequence[Case]) -> list[Any]:
+        """Teacher-forced scores of every case's rewrite, paraphrase and neighbourhood prompts."""
         return list(score_counterfact(scorer, [c.record for c in cases]))
 
     def metrics(self, post: Any, pre: Any) -> dict[str, float | None]:
+        """Efficacy, paraphrase and neighbourhood success and magnitudes, strict forms too."""
         return counterfact_metrics(post, pre)
 
     def is_known(self, pre: Any, rule: str) -> bool:
@@ -151,6 +155,7 @@ class CounterFactTask:
         raise InvalidInput(f"unknown known_rule {rule!r}; expected one of {KNOWN_RULES}")
 
     def fields(self, case: Case) -> dict[str, Any]:
+        """Case id, subject, prompt and both targets, the columns that name a row."""
         rec: CounterFactRecord = case.record
         return {
             "case_id": case.case_id,
@@ -161,6 +166,7 @@ class CounterFactTask:
         }
 
     def scores_from_dict(self, d: Mapping[str, Any]) -> Any:
+        """:class:`CounterFactScores` read back from :meth:`CounterFactScores.to_dict`."""
         return CounterFactScores.from_dict(d)
 
 
@@ -170,12 +176,14 @@ class ZsreTask:
     kind = "zsre"
 
     def problem(self, model: HookedModel, case: Case) -> str | None:
+        """Why the record cannot be edited (subject not in the question, empty target), or None."""
         rec: ZsreRecord = case.record
         if rec.subject not in rec.question:
             return "subject missing from the question"
         return _targets_problem(model, [rec.target_new, rec.loc_answer])
 
     def request(self, case: Case) -> EditRequest:
+        """The question with its subject as the slot, edited toward the record's new answer."""
         rec: ZsreRecord = case.record
         return EditRequest(
             template=rec.question.replace(rec.subject, "{}", 1),
@@ -186,9 +194,11 @@ class ZsreTask:
         )
 
     def score(self, scorer: Scorer, cases: Sequence[Case]) -> list[Any]:
+        """Teacher-forced scores of the question, its rephrase and the NQ question."""
         return list(score_zsre(scorer, [c.record for c in cases]))
 
     def metrics(self, post: Any, pre: Any) -> dict[str, float | None]:
+        """Token accuracy of the edit, the rephrase and the NQ answer (``pre`` is not needed)."""
         return dict(zsre_metrics(post))
 
     def is_known(self, pre: Any, rule: str) -> bool:
@@ -196,6 +206,7 @@ class ZsreTask:
         return True
 
     def fields(self, case: Case) -> dict[str, Any]:
+        """Case id, subject, question and both answers, the columns that name a row."""
         rec: ZsreRecord = case.record
         return {
             "case_id": case.case_id,
@@ -206,6 +217,7 @@ class ZsreTask:
         }
 
     def scores_from_dict(self, d: Mapping[str, Any]) -> Any:
+        """:class:`ZsreScores` read back from their JSON form."""
         return ZsreScores.from_dict(d)
 
 

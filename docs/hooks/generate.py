@@ -1,0 +1,198 @@
+"""MkDocs hook of factscope's docs: pages generated at build time, so they cannot drift.
+
+* ``reference/cli.md``: every command and option of :func:`factscope.cli.build_parser`;
+* ``reference/api/*.md``: one page per package (``factscope``, ``tracing``, ``editing``,
+  ``editing.methods``, ``editing.evaluation``, ``viz``), its modules rendered by mkdocstrings;
+* ``notebooks/*.ipynb``: the four notebooks as stored (executed, with outputs; rendered by
+  mkdocs-jupyter without running them);
+* a warning (an error under ``mkdocs build --strict``) for every public name without a
+  docstring (``docs/hooks/docstrings.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from mkdocs.plugins import event_priority
+from mkdocs.structure.files import File, Files
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from docstrings import missing_docstrings, public_modules  # noqa: E402
+
+log = logging.getLogger("mkdocs.hooks.factscope")
+
+# Public names in modules being rewritten elsewhere, documented there next; each must still
+# lack its docstring (so this list can only shrink) and nothing else may.
+PENDING: frozenset[str] = frozenset(
+    {
+        "editing.methods.finetune.batches.pad",
+        "factscope.cli.common.nonnegative_float",
+        "factscope.cli.common.nonnegative_int",
+        "factscope.cli.common.positive_float",
+        "factscope.cli.common.positive_int",
+        "tracing.kv.KVRecorder.update",
+        "tracing.kv.PrefixKV.update",
+        "tracing.results.AverageEffects.from_dict",
+        "tracing.results.AverageEffects.to_dict",
+        "tracing.results.LayerSelection.load",
+        "tracing.results.TraceResult.from_dict",
+        "tracing.results.TraceResult.load",
+        "tracing.results.TraceResult.n_layers",
+        "tracing.results.TraceResult.to_dict",
+    }
+)
+
+# One API page per package: (page, title, packages whose modules it holds, what it is).
+API_PAGES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("factscope", "factscope", ("factscope",), "The front door and the command line."),
+    ("tracing", "tracing", ("tracing",), "The base: models, causal tracing, localisation."),
+    ("editing", "editing", ("editing",), "Edit requests, the `Edit` value, shared pieces."),
+    ("editing.methods", "editing.methods", ("editing.methods",), "One module per method."),
+    ("editing.evaluation", "editing.evaluation", ("editing.evaluation",), "Tasks and runners."),
+    ("viz", "viz", ("viz",), "Pictures of result values."),
+)
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def docstring_problems() -> list[str]:
+    """One message per public name without a docstring, and per stale ``PENDING`` entry."""
+    missing = set(missing_docstrings())
+    problems = [f"public name without a docstring: {name}" for name in sorted(missing - PENDING)]
+    problems += [
+        f"{name} has a docstring now: remove it from PENDING in docs/hooks/generate.py"
+        for name in sorted(PENDING - missing)
+    ]
+    return problems
+
+
+def _modules_of(page_package: str) -> list[str]:
+    """The package and its public modules, leaving out subpackages that have their own page."""
+    own_pages = {p for p, *_ in API_PAGES}
+    names = []
+    for module in public_modules(page_package):
+        name = module.__name__
+        inside = [p for p in own_pages if name == p or name.startswith(p + ".")]
+        if max(inside, key=len) == page_package:
+            names.append(name)
+    return names
+
+
+def api_page(package: str, title: str, blurb: str) -> str:
+    """Markdown of one package's API page: its docstring, then each module."""
+    lines = [f"# `{title}`", "", blurb, ""]
+    if package == "factscope":
+        lines += front_door_table()
+    for name in _modules_of(package):
+        lines += [f"::: {name}", ""]
+    return "\n".join(lines)
+
+
+def front_door_table() -> list[str]:
+    """What ``import factscope as fs`` exposes, each name linked to where it is defined."""
+    import factscope
+
+    rows = ["| `fs.` name | defined in |", "|---|---|"]
+    for name in factscope.__all__:
+        home = factscope._NAMES[name]
+        rows.append(f"| [`fs.{name}`][{home}.{name}] | `{home}` |")
+    return ["`import factscope as fs` exposes these names (imported on first use):", "", *rows, ""]
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    formatter = parser._get_formatter()
+    rows = ["| option | value | default | what it does |", "|---|---|---|---|"]
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        name = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.dest}`"
+        if action.choices is not None:
+            value = " \\| ".join(f"`{c}`" for c in action.choices)
+        elif action.nargs == 0:
+            value = "flag"
+        else:
+            value = f"`{action.metavar or action.dest.upper()}`"
+            if action.nargs in ("*", "+"):
+                value += " …"
+        default = action.default
+        hidden = default in (None, argparse.SUPPRESS, False) or not action.option_strings
+        shown = "" if hidden else f"`{default}`"
+        helptext = formatter._expand_help(action) if action.help else ""
+        rows.append(f"| {name} | {value} | {_cell(shown)} | {_cell(helptext)} |")
+    return rows if len(rows) > 2 else ["No options."]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def cli_page() -> str:
+    """Markdown of every command of ``factscope`` with its usage and options."""
+    from factscope.cli import build_parser
+
+    parser = build_parser()
+    lines = [
+        "# Command line",
+        "",
+        "Generated from `factscope.cli.build_parser()` when the docs are built. Every command",
+        "exits 2 with one `error: ...` line on bad input. `python -m factscope` is the same",
+        "program; under torchrun write `--n-facts`/`--n-cases` for `--n`.",
+        "",
+        "```text",
+        parser.format_usage().strip(),
+        "```",
+        "",
+        *_options(parser),
+        "",
+    ]
+
+    def walk(prefix: str, sub: argparse.ArgumentParser) -> None:
+        for name, child in _subcommands(sub).items():
+            full = f"{prefix} {name}"
+            lines.extend([f"## `{full}`", ""])
+            if child.description:
+                lines.extend([child.description, ""])
+            lines.extend(["```text", child.format_usage().strip(), "```", "", *_options(child), ""])
+            walk(full, child)
+
+    walk("factscope", parser)
+    return "\n".join(lines)
+
+
+def on_pre_build(config: Any) -> None:
+    """Warn (fail under ``--strict``) for every public name without a docstring."""
+    for problem in docstring_problems():
+        log.warning(problem)
+
+
+@event_priority(100)  # before mkdocs-jupyter, so it sees the notebooks added here
+def on_files(files: Files, config: Any) -> Files:
+    """Add the generated reference pages and the stored notebooks to the site."""
+    files.append(File.generated(config, "reference/cli.md", content=cli_page()))
+    for page, title, (package,), blurb in API_PAGES:
+        files.append(
+            File.generated(config, f"reference/api/{page}.md", content=api_page(package, title, blurb))
+        )
+    for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
+        files.append(
+            File(
+                f"notebooks/{notebook.name}",
+                src_dir=str(ROOT),
+                dest_dir=config["site_dir"],
+                use_directory_urls=config["use_directory_urls"],
+            )
+        )
+    return files
