@@ -36,6 +36,46 @@ def _map(arch: str) -> dict[str, str]:
     return out
 
 
+def _torchrun(monkeypatch, local_rank: int, local_world: int, world: int) -> None:
+    """The environment torchrun gives a rank, and a machine with two GPUs (as far as the
+    device checks can tell: no GPU is used)."""
+    import tracing.devices
+
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setattr(tracing.devices, "_cuda_count", lambda: 2)
+
+
+@pytest.mark.parametrize("spec", ["cuda", "auto"])
+def test_under_torchrun_a_bare_cuda_is_the_ranks_own_gpu(monkeypatch, spec):
+    for rank in (0, 1):
+        _torchrun(monkeypatch, rank, local_world=2, world=2)
+        assert resolve_device(spec) == torch.device("cuda", rank)
+    _torchrun(monkeypatch, 2, local_world=3, world=3)  # a third rank on a two-GPU machine
+    with pytest.raises(InvalidInput, match=r"cuda:2, LOCAL_RANK.*only 2 CUDA device"):
+        resolve_device("cuda")
+
+
+def test_under_torchrun_an_explicit_gpu_shared_by_ranks_is_refused(monkeypatch):
+    _torchrun(monkeypatch, 1, local_world=2, world=2)
+    with pytest.raises(InvalidInput, match="all 2 ranks of this machine on one GPU"):
+        resolve_device("cuda:0")
+    with pytest.raises(InvalidInput, match="would all load onto the same GPUs"):
+        parse_device_map('{"model.layers.0": "cuda:0", "model.layers.1": 1}')
+    with pytest.raises(InvalidInput, match="would all load onto the same GPUs"):
+        parse_device_map("balanced")
+    assert parse_device_map({"model": "cpu"}) == {"model": "cpu"}  # no GPU shared
+    # one rank per machine (two nodes): its explicit GPU is its own
+    _torchrun(monkeypatch, 0, local_world=1, world=2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    # outside torchrun a bare cuda is the first GPU
+    for name in ("LOCAL_RANK", "RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+
+
 def test_auto_choices_on_this_machine():
     dev = resolve_device("auto")
     assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,6 +7,9 @@ A user names a device (``cpu``, ``cuda``, ``cuda:N``, ``auto``), a dtype (``floa
 file; accelerate places the blocks, as ``transformers`` does). What ``auto`` picks:
 
 * device ``auto``: the first CUDA device when one is present, otherwise the CPU;
+* under torchrun, ``auto`` and a bare ``cuda`` are each rank's own GPU, ``cuda:LOCAL_RANK``;
+  an explicit ``cuda:N``, or a device map naming GPUs, is refused where several ranks share
+  a machine (:func:`tracing.distributed.local_cuda_index`);
 * dtype ``auto``: float32 on the CPU; on CUDA, bfloat16 (float16 where the GPU has no
   bfloat16) for models above :data:`HALF_ABOVE_PARAMS` parameters, float32 below.
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from tracing.distributed import local_cuda_index, local_ranks
 from tracing.errors import InvalidInput
 
 #: ``--dtype auto`` on CUDA uses half precision above this many parameters (~1B).
@@ -50,7 +54,8 @@ def _cuda_count() -> int:
 
 def check_device(spec: str | torch.device) -> torch.device:
     """``spec`` (``cpu``, ``cuda``, ``cuda:N``, or ``mps`` where present) as a
-    ``torch.device`` that exists on this machine; anything else is refused."""
+    ``torch.device`` that exists on this machine; anything else is refused. A bare ``cuda``
+    is ``cuda:0``, under torchrun ``cuda:LOCAL_RANK``."""
     try:
         dev = torch.device(spec)
     except (RuntimeError, TypeError) as exc:
@@ -66,10 +71,11 @@ def check_device(spec: str | torch.device) -> torch.device:
                 f"device {str(spec)!r}: no CUDA device is available here "
                 "(torch.cuda.is_available() is False); use --device cpu or auto"
             )
-        index = dev.index or 0
+        index = local_cuda_index(dev.index)
         if index >= count:
+            named = str(spec) if dev.index is not None else f"{spec} (cuda:{index}, LOCAL_RANK)"
             raise InvalidInput(
-                f"device {str(spec)!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})"
+                f"device {named!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})"
             )
         return torch.device("cuda", index)
     if dev.type == "mps" and torch.backends.mps.is_available():
@@ -81,12 +87,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The device ``spec`` names, ``auto`` (or ``None``) being CUDA when present (under
     torchrun, ``cuda:LOCAL_RANK``), else the CPU."""
     if spec is None or str(spec) == "auto":
-        from tracing.distributed import local_device
-
-        mine = local_device()  # under torchrun: this rank's own GPU
-        if mine is not None:
-            return torch.device(mine)
-        return torch.device("cuda", 0) if _cuda_count() else torch.device("cpu")
+        # a bare "cuda": cuda:0, or under torchrun this rank's own cuda:LOCAL_RANK
+        return check_device("cuda") if _cuda_count() else torch.device("cpu")
     return check_device(spec)
 
 
@@ -122,6 +124,11 @@ def parse_device_map(spec: str | Mapping[str, str | int] | None) -> DeviceMap | 
     every device it names must exist here (``cpu``, ``disk``, ``cuda:N`` or a GPU index)."""
     if spec is None:
         return None
+    if local_ranks() > 1 and (
+        spec in DEVICE_MAP_POLICIES
+        or (not isinstance(spec, str) and any(_names_gpu(w) for w in spec.values()))
+    ):
+        raise _shared_map(spec)
     if isinstance(spec, str):
         if spec in DEVICE_MAP_POLICIES:
             if spec != "sequential" and _cuda_count() == 0:
@@ -143,6 +150,8 @@ def parse_device_map(spec: str | Mapping[str, str | int] | None) -> DeviceMap | 
         if not isinstance(loaded, dict) or not loaded:
             raise InvalidInput(f"device map {spec!r} must be a non-empty JSON object")
         spec = loaded
+        if local_ranks() > 1 and any(_names_gpu(w) for w in loaded.values()):
+            raise _shared_map(spec)
     out: dict[str, str | int] = {}
     for module, where in spec.items():
         if isinstance(where, int) or (isinstance(where, str) and where.isdigit()):
@@ -156,6 +165,19 @@ def parse_device_map(spec: str | Mapping[str, str | int] | None) -> DeviceMap | 
             except InvalidInput as exc:
                 raise InvalidInput(f"device map entry {module!r}: {exc}") from exc
     return out
+
+
+def _names_gpu(where: object) -> bool:
+    return isinstance(where, int) or (
+        isinstance(where, str) and (where.isdigit() or where.startswith("cuda"))
+    )
+
+
+def _shared_map(spec: object) -> InvalidInput:
+    return InvalidInput(
+        f"device map {spec!r} under torchrun: the {local_ranks()} ranks of this machine would "
+        "all load onto the same GPUs; give each rank one device (--device cuda) instead"
+    )
 
 
 def check_placement(

@@ -4,6 +4,12 @@ the few collectives factscope needs.
 Launched by ``torchrun --nproc-per-node N -m factscope ...`` every process runs the same
 command; :func:`init_from_env` joins the process group (gloo on the CPU, NCCL on CUDA, each
 rank on ``cuda:LOCAL_RANK``) and checks that every rank was started with the same settings.
+
+Devices under torchrun (:func:`local_cuda_index`): ``--device auto`` and a bare ``--device
+cuda`` both mean this rank's own GPU, ``cuda:LOCAL_RANK``. An explicit ``cuda:N`` is kept as
+given where it is the only process on its machine (one rank per node); where several ranks
+share a machine it would put them all on one GPU, so it is refused with one line, as is a
+device map naming GPUs (every rank would load onto the same ones).
 Outside torchrun nothing here does anything: :func:`ranks` is rank 0 of 1 and every
 collective is the identity, so the library never branches on "distributed or not".
 
@@ -61,11 +67,32 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def local_device() -> str | None:
-    """``cuda:LOCAL_RANK`` for a torchrun process on a CUDA machine, else None."""
-    if launched() and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return None
+def local_ranks() -> int:
+    """How many torchrun processes share this machine (``LOCAL_WORLD_SIZE``; 1 outside
+    torchrun)."""
+    if not launched():
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def local_cuda_index(index: int | None) -> int:
+    """The CUDA device index this process uses for ``cuda`` (``index`` None) or ``cuda:N``.
+
+    Outside torchrun: ``N``, or 0 for a bare ``cuda``. Under torchrun a bare ``cuda`` is this
+    rank's own GPU, ``LOCAL_RANK``; an explicit ``N`` is kept where this is the only rank on
+    its machine and refused where several are (they would all share GPU ``N``). Reads only
+    the environment, so it holds whether or not a GPU is present."""
+    if not launched():
+        return 0 if index is None else index
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if index is None:
+        return local_rank
+    if local_ranks() > 1:
+        raise InvalidInput(
+            f"device 'cuda:{index}' under torchrun would put all {local_ranks()} ranks of this "
+            "machine on one GPU: use --device cuda or auto (each rank its own cuda:LOCAL_RANK)"
+        )
+    return index
 
 
 def init_from_env(settings: Any = None, timeout_minutes: float = 60.0) -> Ranks:
