@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,53 @@ def cli_page() -> str:
 
     walk("factscope", parser)
     return "\n".join(lines)
+
+
+HPARAMS = ROOT / "editing" / "hparams_defaults"
+HPARAMS_MARK = re.compile(r"<!-- hparams:([a-z]+) -->")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict) and key == "target":
+            out.update(_flat(value, f"{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def hparams_table(family: str) -> str:
+    """Markdown table of a method family's shipped default files (one column per model), with
+    each file's own account of where its numbers come from."""
+    paths = sorted(HPARAMS.glob(f"{family}_*.json"), key=lambda p: (p.stem != f"{family}_default", p.stem))
+    if not paths:
+        raise ValueError(f"no hyper-parameter files for {family!r} in {HPARAMS}")
+    files = {p.stem.removeprefix(f"{family}_"): json.loads(p.read_text()) for p in paths}
+    flat = {name: _flat(d) for name, d in files.items()}
+    keys = list(dict.fromkeys(k for d in flat.values() for k in d))
+    lines = [
+        "| setting | " + " | ".join(f"`{n}`" for n in flat) + " |",
+        "|---|" + "---|" * len(flat),
+    ]
+    for key in keys:
+        cells = [_cell(json.dumps(flat[n][key]) if key in flat[n] else "–") for n in flat]
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    for name, d in files.items():
+        source = d.get("_source")
+        if source:
+            text = source if isinstance(source, str) else json.dumps(source)
+            lines += [f'??? note "`{family}_{name}.json`: where its numbers come from"', ""]
+            lines += ["    " + text.replace("\n", " "), ""]
+    return "\n".join(lines)
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """Replace each ``<!-- hparams:FAMILY -->`` with that family's defaults table."""
+    return HPARAMS_MARK.sub(lambda m: hparams_table(m.group(1)), markdown)
 
 
 def on_pre_build(config: Any) -> None:
