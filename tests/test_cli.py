@@ -56,7 +56,6 @@ CASES = {
         "records.json",
     ),
     "eval with bad layers": (["eval", "--layers", "five"], "bad layer spec"),
-    "eval with n < 1": (["eval", "--n", "0"], "n and batch must be at least 1"),
     "edit with an unknown method": (
         ["edit", "--requests", "{bad_json}", "--method", "mend", "--out", "x"],
         "unknown editing method",
@@ -80,7 +79,12 @@ CASES = {
         ["predict", "x", "--device", "cpu", "--device-map", '{{"model": "cpu"}}'],
         "not both",
     ),
-    "a zero token budget": (["predict", "x", "--max-batch-tokens", "0"], "max-batch-tokens"),
+    "a missing model folder": (["predict", "x", "--model", "{folder}/no-model"], "no-model"),
+    "a bare cuda without CUDA": (["predict", "x", "--device", "cuda"], "no CUDA device"),
+    "a device map naming a GPU that is not here": (
+        ["predict", "x", "--device-map", '{{"model.layers.0": "cuda:0"}}'],
+        "model.layers.0",
+    ),
     "a malformed device map": (["predict", "x", "--device-map", "{{nope"], "device map"),
     "export onto a non-empty folder": (
         ["export", "--edit", "{bad_json}", "--out", "{folder}"],
@@ -105,6 +109,47 @@ def test_bad_input_is_one_line_and_needs_no_model(case, files, no_model_load, ca
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
+
+
+#: Numbers out of range, refused while parsing (argparse: exit 2, the usage line, then one
+#: error line naming the option).
+NUMBERS = {
+    "predict -k 0": (["predict", "x", "-k", "0"], "-k"),
+    "a zero token budget": (["predict", "x", "--max-batch-tokens", "0"], "--max-batch-tokens"),
+    "eval --n 0": (["eval", "--n", "0"], "--n/--n-cases"),
+    "eval --n-cases -3": (["eval", "--n-cases", "-3"], "--n/--n-cases"),
+    "eval --batch 0": (["eval", "--batch", "0"], "--batch"),
+    "eval --seed -1": (["eval", "--seed", "-1"], "--seed"),
+    "eval --gen-tokens -1": (["eval", "--gen-tokens", "-1"], "--gen-tokens"),
+    "eval --checkpoint-every 0": (["eval", "--sequential", "--checkpoint-every", "0"], "--check"),
+    "eval --ppl-tokens 0": (["eval", "--sequential", "--ppl-tokens", "0"], "--ppl-tokens"),
+    "eval --scaling 1,0": (["eval", "--scaling", "1,0,10"], "--scaling"),
+    "stats --tokens 0": (["stats", "--layers", "1", "--tokens", "0"], "--tokens"),
+    "stats --seq-len 0": (["stats", "--layers", "1", "--seq-len", "0"], "--seq-len"),
+    "stats --batch-size 0": (["stats", "--layers", "1", "--batch-size", "0"], "--batch-size"),
+    "edit --epsilon 0": (
+        ["edit", "--requests", "r.json", "--method", "ft-l", "--out", "x", "--epsilon", "0"],
+        "--epsilon",
+    ),
+    "edit --fisher-weight -1": (
+        ["edit", "--requests", "r.json", "--method", "mixed", "--out", "x"]
+        + ["--fisher-weight", "-1"],
+        "--fisher-weight",
+    ),
+    "layer-sweep --n 0": (["layer-sweep", "--out", "x", "--n", "0"], "--n/--n-cases"),
+    "layer-sweep --samples 0": (["layer-sweep", "--out", "x", "--samples", "0"], "--samples"),
+    "a count that is not a number": (["eval", "--n", "ten"], "--n/--n-cases"),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMBERS))
+def test_numbers_out_of_range_are_refused_while_parsing(case, no_model_load, capsys):
+    argv, option = NUMBERS[case]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {option}" in last and "expected " in last, last
 
 
 def test_unknown_model_lists_what_can_be_loaded(capsys):

@@ -20,7 +20,7 @@ UNSET = argparse.SUPPRESS
 
 
 def _number_type(
-    kind: type[int] | type[float], least: float, strict: bool, what: str
+    kind: type[int] | type[float], least: int | float, strict: bool, what: str
 ) -> Callable[[str], Any]:
     def parse(text: str) -> int | float:
         try:
@@ -117,14 +117,16 @@ def given(args: argparse.Namespace, *names: str, **renamed: str) -> dict[str, An
 
 
 def check_placement(args: argparse.Namespace) -> None:
-    """``--device``, ``--dtype`` and ``--device-map`` name things that exist here: checked
-    right after parsing, before any file is read or model loaded."""
+    """``--model``, ``--device``, ``--dtype`` and ``--device-map`` name things that exist here
+    (a model folder that is there, an installed embedded model; no ``cuda`` without CUDA, no
+    GPU index past the last; a device map's every device): checked right after parsing,
+    before any file is read or weight loaded, without importing the model libraries."""
     from tracing.devices import check_placement as check
-    from tracing.memory import check_batch_tokens
+    from tracing.model_cache import resolve_source
 
-    check(**given(args, "device", "dtype", "device_map"))
-    if hasattr(args, "max_batch_tokens"):
-        check_batch_tokens(args.max_batch_tokens, "--max-batch-tokens")
+    check(**given(args, "device", "dtype", "device_map"))  # --max-batch-tokens: positive_int
+    if hasattr(args, "model"):
+        resolve_source(args.model, build=False)
 
 
 def load(args: argparse.Namespace) -> Any:

@@ -8,7 +8,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from factscope.cli.common import UNSET, add_model, add_progress, given, input_file, load
+from factscope.cli.common import (
+    UNSET,
+    add_model,
+    add_progress,
+    given,
+    input_file,
+    load,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from editing.hparams import Hparams
@@ -133,7 +143,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "stats", help="second-moment statistics E[kk^T] of MLP keys (one pass, cached, resumable)"
     )
     p.add_argument("--layers", required=True, help="layers: 3-8, 3,5,7, 4 or a layers JSON")
-    p.add_argument("--tokens", type=int, default=UNSET, help="corpus tokens (default 100000)")
+    p.add_argument(
+        "--tokens", type=positive_int, default=UNSET, help="corpus tokens (default 100000)"
+    )
     add_model(p)
     p.add_argument(
         "--mom2-dtype",
@@ -146,9 +158,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=UNSET,
         help="wikitext (default), wikitext-test, wikitext-valid or a .txt",
     )
-    p.add_argument("--seq-len", type=int, default=UNSET, help="tokens per sequence (default 128)")
     p.add_argument(
-        "--batch-size", type=int, default=UNSET, help="sequences per forward (default 8)"
+        "--seq-len", type=positive_int, default=UNSET, help="tokens per sequence (default 128)"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=UNSET, help="sequences per forward (default 8)"
     )
     p.add_argument("--cache-dir", help="statistics cache folder (default: <FACTSCOPE_CACHE>/stats)")
     add_progress(p)
@@ -184,10 +198,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "lambda * sum F (theta - theta0)^2, F the diagonal Fisher on unmodified text)",
     )
     ft.add_argument(
-        "--epsilon", type=float, default=UNSET, help="the linf bound (hparams norm_constraint)"
+        "--epsilon",
+        type=positive_float,
+        default=UNSET,
+        help="the linf bound (hparams norm_constraint)",
     )
     ft.add_argument(
-        "--fisher-weight", type=float, default=UNSET, help="lambda of the fisher constraint"
+        "--fisher-weight",
+        type=nonnegative_float,
+        default=UNSET,
+        help="lambda of the fisher constraint",
     )
     add_progress(p)
     p.set_defaults(func=cmd_edit)

@@ -16,7 +16,9 @@ from factscope.cli.common import (
     given,
     input_file,
     load,
+    nonnegative_int,
     output_folder,
+    positive_int,
 )
 
 if TYPE_CHECKING:
@@ -176,7 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     load_cases(configs[0].dataset)  # the dataset too
     model = load(args)
     if args.scaling:
-        sizes = [int(x) for x in args.scaling.split(",") if x.strip()]
+        sizes = args.scaling
         base = configs[0] if hasattr(args, "gen_tokens") else replace(configs[0], generation=None)
         for p in scaling(model, [c.method for c in configs], sizes, base):
             cells = ", ".join(
@@ -190,6 +192,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     summary = evaluate(model, configs[0])
     print(summary.markdown())
     print(f"# rows: {summary.files['rows']}  summary: {summary.files['summary']}")
+
+
+def _sizes(text: str) -> list[int]:
+    """``--scaling``: a comma list of edit counts, each at least 1 (checked while parsing)."""
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected sizes such as 1,10,100, got {text!r}")
+    return [positive_int(x) for x in parts]
 
 
 def cmd_table(args: argparse.Namespace) -> None:
@@ -220,13 +230,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--n",
         "--n-cases",
         dest="n",
-        type=int,
+        type=positive_int,
         default=UNSET,
         help="number of cases (default 200; under torchrun write --n-cases)",
     )
     p.add_argument(
         "--batch",
-        type=int,
+        type=positive_int,
         default=UNSET,
         help="edits made at once by batched methods (default 100)",
     )
@@ -237,15 +247,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=UNSET, help="run folder inside --out (default DATASET_METHOD)")
     add_model(p)
     add_case_selection(p)
-    p.add_argument("--seed", type=int, default=UNSET, help="default 0")
+    p.add_argument("--seed", type=nonnegative_int, default=UNSET, help="default 0")
     p.add_argument(
         "--gen-tokens",
-        type=int,
+        type=nonnegative_int,
         default=UNSET,
         help="tokens per prompt for fluency (0: none; default 40)",
     )
     p.add_argument("--greedy", action="store_true", help="greedy generation (default: top-5)")
-    p.add_argument("--scaling", help="sizes, e.g. 1,10,100: metric vs number of edits")
+    p.add_argument(
+        "--scaling",
+        type=_sizes,
+        help="sizes, e.g. 1,10,100: metric vs number of edits",
+    )
     p.add_argument(
         "--sequential",
         action="store_true",
@@ -253,13 +267,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--checkpoint-every",
-        type=int,
+        type=positive_int,
         default=UNSET,
         help="with --sequential: score every edit so far after this many (default 500)",
     )
     p.add_argument(
         "--ppl-tokens",
-        type=int,
+        type=positive_int,
         default=UNSET,
         help="with --sequential: held-out WikiText tokens for perplexity (default 8192)",
     )

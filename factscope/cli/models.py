@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from factscope.cli.common import UNSET, add_model, given, load
+from factscope.cli.common import UNSET, add_model, given, load, positive_int
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -58,7 +58,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="top-k next tokens after each prompt")
     p.add_argument("prompts", nargs="+", help="one or more prompts")
-    p.add_argument("-k", type=int, default=UNSET, help="how many tokens to show (default 5)")
+    p.add_argument(
+        "-k", type=positive_int, default=UNSET, help="how many tokens to show (default 5)"
+    )
     add_model(p)
     p.add_argument("--edit", help="folder of a saved edit to apply first")
     p.set_defaults(func=cmd_predict)

@@ -15,6 +15,8 @@ from factscope.cli.common import (
     given,
     input_file,
     load,
+    nonnegative_int,
+    positive_int,
 )
 
 FIGURE = "layer_sweep.png"
@@ -75,7 +77,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--n",
         "--n-cases",
         dest="n",
-        type=int,
+        type=positive_int,
         default=UNSET,
         help="number of CounterFact facts (default 10)",
     )
@@ -92,10 +94,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_case_selection(p)
     p.add_argument("--hparams", help="ROME hyper-parameter JSON (default: the model's)")
-    p.add_argument("--seed", type=int, default=UNSET, help="edit seed (default 0)")
-    p.add_argument("--samples", type=int, default=UNSET, help="noisy runs per trace (default 10)")
+    p.add_argument("--seed", type=nonnegative_int, default=UNSET, help="edit seed (default 0)")
+    p.add_argument(
+        "--samples", type=positive_int, default=UNSET, help="noisy runs per trace (default 10)"
+    )
     p.add_argument("--noise", default=UNSET, help="trace noise: 3s (default) or a number")
-    p.add_argument("--trace-seed", type=int, default=UNSET, help="trace noise seed (default 1)")
+    p.add_argument(
+        "--trace-seed", type=nonnegative_int, default=UNSET, help="trace noise seed (default 1)"
+    )
     p.add_argument(
         "--report",
         action="store_true",
