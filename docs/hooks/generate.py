@@ -216,8 +216,32 @@ def hparams_table(family: str) -> str:
     return "\n".join(lines)
 
 
+FAMILY_NAMES = {
+    "gpt2": "GPT-2", "gptj": "GPT-J", "llama": "Llama", "gemma3": "Gemma 3", "qwen2": "Qwen2",
+    "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi-3", "gptneox": "GPT-NeoX",
+    "olmo2": "OLMo-2", "gemma2": "Gemma 2",
+}  # fmt: skip
+
+
+def families_table() -> str:
+    """The architectures :mod:`tracing.toy_models` builds tiny models of, as tested."""
+    from tracing import toy_models
+
+    shared = tuple(toy_models.ARCHS)
+    further = tuple(getattr(toy_models, "FAMILIES", ()))
+    adds_bos = getattr(toy_models, "ADDS_BOS", frozenset({"llama", "gemma3"}))
+    lines = ["| family | `build_toy_model` name | BOS before prompts | tested |", "|---|---|---|---|"]
+    for arch in (*shared, *further):
+        tested = "every test's tiny-model fixtures" if arch in shared else "its own tiny model"
+        bos = "yes" if arch in adds_bos else "no"
+        lines.append(f"| {FAMILY_NAMES.get(arch, arch)} | `{arch}` | {bos} | {tested} |")
+    return "\n".join(lines)
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    """Replace each ``<!-- hparams:FAMILY -->`` with that family's defaults table."""
+    """Replace each ``<!-- hparams:FAMILY -->`` with that family's defaults table and
+    ``<!-- families -->`` with the tested architectures."""
+    markdown = markdown.replace("<!-- families -->", families_table())
     return HPARAMS_MARK.sub(lambda m: hparams_table(m.group(1)), markdown)
 
 
