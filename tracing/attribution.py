@@ -55,6 +55,11 @@ It could help ``atp+exact``'s ranking; not applied here because the cells users 
 peak, its row and column) are recomputed exactly whatever their rank, and the benchmark's
 top-10 overlap measures what the ranking misses.
 
+**Severed kinds** (:mod:`tracing.severing`): the restored hidden state's first-order effect
+with the gradient through the frozen modules at its token cut (one more backward pass per
+token: :func:`tracing.severing.severed_effects`); not expressible under the papers' two-draw
+noise (refused there).
+
 **Exactness.** States before the subject are the same in clean and corrupted runs, so their
 restoration changes nothing: their score is ``p_corrupted`` exactly, as the exact engine sets
 it, and they are marked exact.
@@ -75,6 +80,7 @@ from jaxtyping import Bool, Float
 from tracing.engine import State, state_hook
 from tracing.errors import InvalidInput
 from tracing.forward import run_blocks
+from tracing.interventions import frozen_module
 from tracing.models import HookedModel, decode, final_logits, n_layers
 from tracing.results import KINDS
 
@@ -193,8 +199,8 @@ def attribute(model: HookedModel, prep: PreparedFact) -> Attribution:
     effects: dict[str, np.ndarray] = {k: np.zeros(shape) for k in KINDS}
     for nm, g in zip(order, grads[1:], strict=True):
         kind, layer = names[nm]
-        effects[kind][:, :, layer] = _sample_effect(prep.clean[nm], corrupted[nm], g)
-    embed = _sample_effect(prep.clean[state_hook(model, "resid", -1)], h0.detach(), grads[0])
+        effects[kind][:, :, layer] = sample_effects(prep.clean[nm], corrupted[nm], g)
+    embed = sample_effects(prep.clean[state_hook(model, "resid", -1)], h0.detach(), grads[0])
     for arr in (*effects.values(), embed):
         arr[:, :start] = 0.0  # clean and corrupted states are the same before the subject
     return Attribution(
@@ -206,7 +212,7 @@ def attribute(model: HookedModel, prep: PreparedFact) -> Attribution:
     )
 
 
-def _sample_effect(
+def sample_effects(
     clean: Float[torch.Tensor, "1 pos d"],
     corrupted: Float[torch.Tensor, "samples pos d"],
     grad: Float[torch.Tensor, "samples pos d"],
@@ -250,7 +256,16 @@ def atp_probs(
     check_gradient(model, prep, attr)
     out = np.empty(len(interventions))
     for i, states in enumerate(interventions):
-        e = sum((attr.effect(s) for s in states), np.zeros(prep.samples))
+        e = sum((attr.effect(s) for s in states if not frozen_module(s[0])), np.zeros(prep.samples))
+        frozen = {(m, t) for k, _, t in states if (m := frozen_module(k))}
+        if frozen:  # severed: the restored hidden states' effects with the module cut
+            from tracing.severing import severed_effects
+
+            ((module, tok),) = frozen
+            e = np.zeros(prep.samples)
+            if tok >= prep.span[0]:  # before the subject nothing differs: no pass needed
+                cut = severed_effects(model, prep, module, tok)
+                e = sum((cut[:, lay] for k, lay, _ in states if k == "resid"), e)
         if space == "logodds":  # sigma(logit(p) + e / (1 - p)) - p, in a stable form
             odds = np.log(attr.p) - np.log1p(-attr.p) + e / (1.0 - attr.p)
             gain = 1.0 / (1.0 + np.exp(-odds)) - attr.p

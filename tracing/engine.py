@@ -12,6 +12,12 @@ model is causal and blocks run in order). So each intervention
 
 Everything runs through the TransformerLens bridge blocks, so restorations are bridge hooks
 and every architecture the bridge supports is handled the same way.
+
+The run patched into is the intervention's base run (:func:`tracing.interventions.base_key`:
+the corrupted runs; the clean run under ``direction="noise"``; the papers' second noise
+draw for a severed trace), and each patched value comes from its state's source
+(:func:`tracing.interventions.state_source`); interventions are batched per base run and
+restored token, so every batch shares one key/value prefix.
 """
 
 from __future__ import annotations
@@ -23,19 +29,12 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from tracing.interventions import State, base_key, base_run, state_hook, state_source
 from tracing.kv import PrefixKV, run_recording, suffix_kwargs
 from tracing.memory import halving
-from tracing.models import HookedModel, HookKind, final_logits, hook_name, n_layers, run_block
+from tracing.models import HookedModel, final_logits, n_layers, run_block
 
-#: (kind, layer, token); kind "resid" at layer -1 is the input of block 0.
-State = tuple[HookKind, int, int]
-
-
-def state_hook(model: HookedModel, kind: HookKind, layer: int) -> str:
-    """Hook name where state (kind, layer) lives."""
-    if kind == "resid" and layer == -1:
-        return hook_name(model, "resid_pre", 0)
-    return hook_name(model, kind, layer)
+__all__ = ["State", "fast_probs", "run_corrupted", "start_layer", "state_hook"]
 
 
 def start_layer(states: Sequence[State]) -> int:
@@ -56,35 +55,42 @@ def run_corrupted(
 def fast_probs(
     model, prep, interventions: Sequence[Sequence[State]], max_rows: int, bar
 ) -> np.ndarray:
-    """Mean answer probability over the noisy runs for each intervention (see module doc).
+    """Mean metric over the noisy runs for each intervention (see module doc).
 
     ``prep`` is a :class:`tracing.prepared_fact.PreparedFact`.
     """
     S = prep.samples
     out = np.full(len(interventions), np.nan)
-    groups: dict[int, list[int]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[int]] = defaultdict(list)
     for i, states in enumerate(interventions):
+        key = base_key(prep, states)
         if not states or all(t < prep.span[0] for _, _, t in states):
-            out[i] = prep.p_corrupted  # nothing differs from the corrupted run
+            out[i] = base_run(model, prep, key).value  # nothing differs from the base run
             bar.update(1)
         else:
-            groups[min(t for _, _, t in states)].append(i)
-    if prep.corrupt_kv is None:  # no key/value cache: recompute whole sequences
-        groups = {0: [i for members in groups.values() for i in members]}
+            groups[(key, min(t for _, _, t in states))].append(i)
+    if any(base_run(model, prep, key).kv is None for key, _ in groups):
+        merged: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for (key, _), members in groups.items():  # no key/value cache: whole sequences
+            merged[(key, 0)].extend(members)
+        groups = merged
     per_chunk = max(1, max_rows // S)
 
-    for cut, members in sorted(groups.items()):
+    for (key, cut), members in sorted(groups.items()):
         members.sort(key=lambda i: start_layer(interventions[i]))
+        base = base_run(model, prep, key)
 
-        def run(chunk: Sequence[int], cut: int = cut) -> None:
-            out[list(chunk)] = _run_chunk(model, prep, [interventions[i] for i in chunk], cut)
+        def run(chunk: Sequence[int], cut: int = cut, base=base) -> None:
+            out[list(chunk)] = _run_chunk(model, prep, base, [interventions[i] for i in chunk], cut)
             bar.update(len(chunk))
 
         per_chunk = halving(members, per_chunk, run, "trace")
     return out
 
 
-def _run_chunk(model: HookedModel, prep, chunk: list[Sequence[State]], cut: int) -> np.ndarray:
+def _run_chunk(
+    model: HookedModel, prep, base, chunk: list[Sequence[State]], cut: int
+) -> np.ndarray:
     """Staggered batch: interventions join at their start block; only positions >= cut."""
     S, n = prep.samples, n_layers(model)
     starts = [start_layer(states) for states in chunk]
@@ -96,10 +102,12 @@ def _run_chunk(model: HookedModel, prep, chunk: list[Sequence[State]], cut: int)
             if entering:
                 parts = []
                 for j in entering:
-                    x = prep.corrupt_resid[layer][:, cut:].clone()
-                    for kind, lay, tok in chunk[j]:
+                    x = base.resid[layer][:, cut:].clone()
+                    for state in chunk[j]:
+                        kind, lay, tok = state
                         if kind == "resid" and lay == layer - 1:
-                            x[:, tok - cut] = prep.clean[state_hook(model, kind, lay)][0, tok]
+                            src = state_source(model, prep, state)
+                            x[:, tok - cut] = src[:, tok]
                     parts.append(x)
                 new = torch.cat(parts)
                 h = new if h is None else torch.cat([h, new])
@@ -109,7 +117,7 @@ def _run_chunk(model: HookedModel, prep, chunk: list[Sequence[State]], cut: int)
             kwargs = suffix_kwargs(prep.block_kwargs[layer], cut)
             prefix = None
             if cut > 0:
-                k, v = prep.corrupt_kv[layer]
+                k, v = base.kv[layer]
                 reps = len(active)
                 prefix = PrefixKV(
                     k[..., :cut, :].repeat(reps, *[1] * (k.ndim - 1)),
@@ -121,7 +129,7 @@ def _run_chunk(model: HookedModel, prep, chunk: list[Sequence[State]], cut: int)
                 h = run_block(model, layer, h, kwargs, prefix)
         assert h is not None
         logits = final_logits(model, h[:, -1:])[:, 0].float()
-        probs = torch.softmax(logits, -1)[:, prep.answer_id].view(len(active), S).mean(1)
+        probs = prep.metric_readout(logits).view(len(active), S).mean(1)
     result = np.empty(len(chunk))
     result[active] = probs.double().cpu().numpy()
     return result
@@ -130,21 +138,26 @@ def _run_chunk(model: HookedModel, prep, chunk: list[Sequence[State]], cut: int)
 def _restore_hooks(
     model: HookedModel, prep, chunk, active: list[int], layer: int, cut: int
 ) -> list:
-    """Bridge hooks restoring, inside block ``layer``, the clean states of active rows."""
+    """Bridge hooks patching, inside block ``layer``, the states of the active rows (each
+    from its source: the clean run, or per row a corrupted run)."""
     S = prep.samples
-    patches: dict[str, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    patches: dict[tuple[str, str], tuple[list[int], list[int], torch.Tensor]] = {}
     for row, j in enumerate(active):
-        for kind, lay, tok in chunk[j]:
+        for state in chunk[j]:
+            kind, lay, tok = state
             if lay != layer or (kind == "resid" and lay == -1):
                 continue
-            rows, toks = patches[state_hook(model, kind, lay)]
+            name = state_hook(model, kind, lay)
+            src = state_source(model, prep, state)
+            rows, toks, _ = patches.setdefault((name, kind), ([], [], src))
             rows.extend(range(row * S, (row + 1) * S))
             toks.extend([tok] * S)
     hooks = []
-    for name, (rows, toks) in patches.items():
-        at = prep.clean[name].device
+    for (name, _), (rows, toks, source) in patches.items():
+        at = source.device
         rows_t, toks_t = torch.tensor(rows, device=at), torch.tensor(toks, device=at)
-        src = prep.clean[name][0, toks_t]
+        per_row = rows_t % S if source.shape[0] > 1 else torch.zeros_like(rows_t)
+        src = source[per_row, toks_t]
 
         def patch(x, hook, rows_t=rows_t, toks_t=toks_t - cut, src=src):
             x = x.clone()

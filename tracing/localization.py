@@ -17,7 +17,14 @@ from tracing.facts import Fact, known_facts, load_known_facts
 from tracing.io import write_json_atomic
 from tracing.models import HookedModel, target_ids
 from tracing.noise import DEFAULT_NOISE
-from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, LayerSelection, TraceResult
+from tracing.results import (
+    ALL_KINDS,
+    KINDS,
+    TOKEN_CLASSES,
+    AverageEffects,
+    LayerSelection,
+    TraceResult,
+)
 from tracing.trace import DEFAULT_EXACT_TOP, DEFAULT_SPACE, METHODS, trace_fact, trace_settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +43,10 @@ def _same_fact(model: HookedModel, trace: TraceResult, fact: Fact) -> bool:
     if trace.prompt != fact.prompt or trace.subject != fact.subject:
         return False
     return fact.answer is None or target_ids(model, fact.answer)[0] == trace.answer_id
+
+
+#: trace_dataset's options beyond the noise ones (see trace_fact).
+MEASURE_OPTIONS = ("corruption", "replacement", "direction", "metric", "normalise", "severed_noise")
 
 
 def _fact_key(fact: Fact, index: int) -> str:
@@ -59,6 +70,7 @@ def trace_dataset(
     exact_top: float = DEFAULT_EXACT_TOP,
     atp_space: str = DEFAULT_SPACE,
     progress: bool = True,
+    **measure: Any,
 ) -> list[TraceResult]:
     """Trace many facts (default: the shipped known_1000), keeping only facts the model gets
     right (``only_known``), the first ``n`` of them.
@@ -75,11 +87,22 @@ def trace_dataset(
     (``fast``) for up to :data:`AUTO_ATP_ABOVE` facts, ``atp+exact`` above. A fact list of
     which the model knows none (with ``only_known``) is refused before any tracing.
 
-    Under torchrun the facts are sharded across ranks (every rank writes its traces into the
+    ``measure``: :func:`~tracing.trace.trace_fact`'s ``corruption``, ``replacement``,
+    ``direction``, ``metric``, ``normalise`` and ``severed_noise`` (kinds may include the
+    severed ones). A stored trace made with another corruption, direction, metric or
+    normalisation is refused, naming the setting (a folder never mixes what its scores are).
+
+    ``n`` must be at least 1 (None: every fact). Under torchrun the facts are sharded across
+    ranks (every rank writes its traces into the
     one ``out_dir``) and every rank returns all the traces, in the order of ``facts``.
     """
     if method != "auto" and method not in METHODS:
         raise InvalidInput(f"unknown method {method!r}; expected auto or one of {METHODS}")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise InvalidInput(f"n must be an integer >= 1 (or None: every fact), got {n!r}")
+    unknown = sorted(set(measure) - set(MEASURE_OPTIONS))
+    if unknown:
+        raise InvalidInput(f"unknown trace options {unknown}; expected {MEASURE_OPTIONS}")
     options: dict[str, Any] = dict(
         kinds=kinds,
         window=window,
@@ -90,6 +113,7 @@ def trace_dataset(
         method="fast" if method == "auto" else method,
         exact_top=exact_top,
         atp_space=atp_space,
+        **measure,
     )
     trace_settings(model, **options)  # every argument checked before any work
     facts = list(load_known_facts() if facts is None else facts)
@@ -122,6 +146,14 @@ def trace_dataset(
             path = folder / f"{_fact_key(fact, i)}.json" if folder is not None else None
             if path is not None and path.is_file():
                 cached = TraceResult.load(path)
+                clash = (
+                    cached.settings.conflict(wanted) if _same_fact(model, cached, fact) else None
+                )
+                if clash:
+                    raise InvalidInput(
+                        f"{path} was traced with {clash}: resume with the same settings or "
+                        "write to another --out folder"
+                    )
                 if cached.settings.covers(wanted) and _same_fact(model, cached, fact):
                     done.append((i, cached))
                     continue
@@ -164,14 +196,21 @@ def class_tokens(span: tuple[int, int], n_tokens: int) -> dict[str, list[int]]:
 
 
 def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
-    """Average indirect effect (restored minus corrupted probability) per layer, per kind and
-    token class. Within a fact, tokens of one class are averaged first, then facts."""
+    """Average indirect effect (restored minus corrupted probability, or the trace's metric:
+    :meth:`~tracing.results.TraceResult.indirect_effect`) per layer, per kind (severed
+    kinds included) and token class. Within a fact, tokens of one class are averaged first,
+    then facts. Traces of different corruptions, directions or metrics are refused."""
     if not results:
         raise InvalidInput("no traces to average")
     layers = {r.n_layers for r in results}
     if len(layers) != 1:
         raise InvalidInput(f"traces come from models with different layer counts: {layers}")
-    kinds = [k for k in KINDS if all(k in r.scores for r in results)]
+    kinds = [k for k in ALL_KINDS if all(k in r.scores for r in results)]
+    first = results[0].settings
+    for r in results[1:]:
+        clash = r.settings.conflict(first)
+        if clash and not clash.startswith("replacement"):
+            raise InvalidInput(f"traces differ in their settings: {r.subject!r} has {clash}")
     n = layers.pop()
     sums = {k: {c: np.zeros(n) for c in TOKEN_CLASSES} for k in kinds}
     counts = {k: dict.fromkeys(TOKEN_CLASSES, 0) for k in kinds}
@@ -186,7 +225,6 @@ def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
     effects: dict[str, dict[str, np.ndarray]] = {
         k: {c: sums[k][c] / counts[k][c] for c in TOKEN_CLASSES if counts[k][c]} for k in kinds
     }
-    first = results[0].settings
     return AverageEffects(
         effects=effects,
         counts={k: {c: n for c, n in counts[k].items() if n} for k in kinds},
@@ -200,21 +238,56 @@ def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
             "noise_spec": first.noise_spec,
             "samples": first.samples,
             "window": first.window,
+            "corruption": first.corruption,
+            "direction": first.direction,
+            "metric": first.metric,
+            "normalise": first.normalise,
         },
     )
 
 
+#: How :func:`select_layers` reads the effects.
+SELECT_BY = ("restoration", "mediation")
+
+
 def select_layers(
-    effects: AverageEffects, k: int = 5, kind: str = "mlp", token_class: str = "last_subject"
+    effects: AverageEffects,
+    k: int = 5,
+    kind: str = "mlp",
+    token_class: str = "last_subject",
+    by: str = "restoration",
 ) -> LayerSelection:
-    """The contiguous window of ``k`` layers with the largest summed average effect of ``kind``
-    at ``token_class`` (default: MLP at the last subject token, where ROME and MEMIT edit)."""
-    if kind not in effects.effects:
-        raise InvalidInput(f"no {kind!r} effects in these traces (have {list(effects.effects)})")
-    if token_class not in effects.effects[kind]:
-        raise InvalidInput(f"no facts with a {token_class!r} token in these traces")
-    per_layer = np.asarray(effects.effects[kind][token_class], dtype=float)
-    if not 1 <= k <= len(per_layer):
+    """The contiguous window of ``k`` layers with the largest summed per-layer score.
+
+    ``by="restoration"`` (default): the average effect of restoring ``kind`` at
+    ``token_class`` (default: MLP at the last subject token, where ROME and MEMIT edit).
+    ``by="mediation"`` (MEMIT's reading of the severed traces, Meng et al. 2023 §3): per
+    layer, ``effect(resid) - effect(resid/mlp-severed)`` at ``token_class``, how much of the
+    hidden state's effect is lost when the MLPs at that token are severed; the window of MLPs
+    where severing removes the most (needs traces with both kinds; ``kind`` must be mlp).
+    """
+    if by not in SELECT_BY:
+        raise InvalidInput(f"unknown selection rule {by!r}; expected one of {SELECT_BY}")
+    if by == "mediation":
+        if kind != "mlp":
+            raise InvalidInput(f"mediation selects MLP layers (kind 'mlp'), not {kind!r}")
+        needed = ("resid", "resid/mlp-severed")
+        missing = [x for x in needed if x not in effects.effects]
+        if missing:
+            raise InvalidInput(
+                f"mediation needs traces of {list(needed)}; these lack {missing} (trace them "
+                "with --kinds resid resid/mlp-severed)"
+            )
+        per_layer = _class_effect(effects, "resid", token_class) - _class_effect(
+            effects, "resid/mlp-severed", token_class
+        )
+    else:
+        if kind not in effects.effects:
+            raise InvalidInput(
+                f"no {kind!r} effects in these traces (have {list(effects.effects)})"
+            )
+        per_layer = _class_effect(effects, kind, token_class)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(per_layer):
         raise InvalidInput(f"k must be between 1 and {len(per_layer)} (the layer count), got {k}")
     window_sums = np.convolve(per_layer, np.ones(k), mode="valid")
     start = int(np.argmax(window_sums))
@@ -227,7 +300,14 @@ def select_layers(
         per_layer_effect=per_layer.tolist(),
         n_facts=effects.n_facts,
         model=str(effects.settings.get("model", "")),
+        by=by,
     )
+
+
+def _class_effect(effects: AverageEffects, kind: str, token_class: str) -> np.ndarray:
+    if token_class not in effects.effects[kind]:
+        raise InvalidInput(f"no facts with a {token_class!r} token in these traces")
+    return np.asarray(effects.effects[kind][token_class], dtype=float)
 
 
 def save_effects(effects: AverageEffects, path: str | Path) -> Path:

@@ -107,16 +107,18 @@ def resolve_noise(
 
 
 def noise_draws(
-    samples: int, n_tokens: int, d_model: int, spec: NoiseSpec, seed: int = 1
+    samples: int, n_tokens: int, d_model: int, spec: NoiseSpec, seed: int = 1, draw: int = 1
 ) -> Float[torch.Tensor, "samples tokens d_model"]:
     """The noise added to each corrupted run, in float64: exactly the reference recipe
     (``numpy.random.RandomState(seed)``, draws of shape ``[samples, tokens, d_model]``,
-    times the level)."""
+    times the level). ``draw=k`` is the ``k``-th consecutive draw of that generator (the
+    papers' severed traces score a second pass that draws again: :mod:`tracing.severing`)."""
+    if isinstance(draw, bool) or not isinstance(draw, int) or draw < 1:
+        raise InvalidInput(f"draw must be an integer >= 1, got {draw!r}")
     rs = np.random.RandomState(seed)
-    if spec.uniform:
-        z = rs.uniform(-1, 1, (samples, n_tokens, d_model))
-    else:
-        z = rs.randn(samples, n_tokens, d_model)
+    shape = (samples, n_tokens, d_model)
+    for _ in range(draw):
+        z = rs.uniform(-1, 1, shape) if spec.uniform else rs.randn(*shape)
     return spec.level * torch.from_numpy(z)
 
 

@@ -17,6 +17,14 @@ from tracing.io import write_json_atomic
 #: The kinds of state a trace restores (hook kinds of :mod:`tracing.models`).
 TraceKind = Literal["resid", "mlp", "attn"]
 KINDS: tuple[TraceKind, ...] = ("resid", "mlp", "attn")
+#: Severed-path kinds (Meng et al. 2022, Fig. 3c; :mod:`tracing.severing`): the hidden state
+#: restored while the MLP (resp. attention) outputs at its token stay at their corrupted values.
+SEVERED_KINDS: tuple[str, ...] = ("resid/mlp-severed", "resid/attn-severed")
+#: Every kind a trace can hold, in the order results list them.
+ALL_KINDS: tuple[str, ...] = (*KINDS, *SEVERED_KINDS)
+#: Settings a stored trace must share with a resumed run (they change what a score *is*, so a
+#: folder never mixes them: :meth:`TraceSettings.conflict`).
+DEFINING_SETTINGS = ("corruption", "replacement", "direction", "metric", "normalise")
 TOKEN_CLASSES = (
     "first_subject",
     "middle_subject",
@@ -31,7 +39,7 @@ TOKEN_CLASSES = (
 class TraceSettings:
     """Every setting a trace was computed with (enough to reproduce it)."""
 
-    kinds: tuple[TraceKind, ...]
+    kinds: tuple[str, ...]
     window: dict[str, int]
     noise: float  # the standard deviation actually added (after any sigma multiple)
     noise_spec: str  # what the user asked for, e.g. "3s" or "0.5" or "u3s"
@@ -44,6 +52,25 @@ class TraceSettings:
     model_fingerprint: str = ""
     exact_top: float | None = None  # atp+exact: share of each kind's cells recomputed exactly
     atp_space: str | None = None  # atp, atp+exact: "logodds" or "prob" (tracing.attribution)
+    corruption: str = "noise"  # "noise" (Gaussian noise on the subject) or "replace" (STR)
+    replacement: str | None = None  # replace: the subject put in the subject's place
+    direction: str = "denoise"  # "denoise": clean states into the corrupted run; "noise": reverse
+    metric: str = "prob"  # "prob", "logprob" or "logit-diff" (tracing.metrics)
+    normalise: bool = False  # scores as (m - m_corrupted) / (m_clean - m_corrupted)
+    severed_noise: str | None = None  # severed kinds: "papers" or "same" (tracing.severing)
+
+    def conflict(self, wanted: TraceSettings) -> str | None:
+        """The first of :data:`DEFINING_SETTINGS` in which these settings differ from
+        ``wanted``, as ``"metric 'prob' (asked: 'logprob')"``; None when they agree. A
+        replacement subject is compared only when ``wanted`` names one (else each fact's is
+        drawn: :mod:`tracing.corruption`)."""
+        for name in DEFINING_SETTINGS:
+            have, ask = getattr(self, name), getattr(wanted, name)
+            if name == "replacement" and ask is None:
+                continue
+            if have != ask:
+                return f"{name} {have!r} (asked: {ask!r})"
+        return None
 
     def covers(self, wanted: TraceSettings) -> bool:
         """Whether a trace made with these settings has every score a trace with ``wanted``
@@ -59,10 +86,16 @@ class TraceSettings:
             and self.method == wanted.method
             and self.exact_top == wanted.exact_top
             and self.atp_space == wanted.atp_space
+            and self.conflict(wanted) is None
+            and (self.severed_noise == wanted.severed_noise or not _severed(wanted.kinds))
         )
         return same and all(
             k in self.kinds and self.window.get(k) == wanted.window.get(k) for k in wanted.kinds
         )
+
+
+def _severed(kinds: tuple[str, ...]) -> bool:
+    return any(k in SEVERED_KINDS for k in kinds)
 
 
 @dataclass
@@ -76,6 +109,12 @@ class TraceResult:
     ``exact[kind]`` (a boolean ``[tokens, layers]`` array) says which cells were measured by
     restoring the state; the others are attribution-patching estimates (methods ``atp`` and
     ``atp+exact``, :mod:`tracing.attribution`). ``None``: every cell is exact.
+
+    With other settings (``settings.metric``, ``.direction``, ``.normalise``: see
+    :mod:`tracing.metrics`) the scores are in the metric's units: ``clean_value`` and
+    ``corrupted_value`` are the metric of the clean and the corrupted run in those units
+    (``None``: the probabilities ``p_clean`` and ``p_corrupted``, the default metric).
+    ``competitor`` is the token a ``logit-diff`` is taken against.
     """
 
     prompt: str
@@ -92,19 +131,39 @@ class TraceResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     exact: dict[str, np.ndarray] | None = None
+    clean_value: float | None = None
+    corrupted_value: float | None = None
+    competitor: str | None = None
+    competitor_id: int | None = None
 
     @property
     def n_layers(self) -> int:
         return int(next(iter(self.scores.values())).shape[1])
 
+    @property
+    def clean_score(self) -> float:
+        """The clean run's value in the units of ``scores`` (``p_clean`` by default)."""
+        return self.p_clean if self.clean_value is None else self.clean_value
+
+    @property
+    def corrupted_score(self) -> float:
+        """The corrupted run's value in the units of ``scores`` (``p_corrupted`` by default)."""
+        return self.p_corrupted if self.corrupted_value is None else self.corrupted_value
+
     def indirect_effect(self, kind: str) -> np.ndarray:
-        """``scores[kind] - p_corrupted``: the rise in the answer's probability per state."""
-        return self.scores[kind] - self.p_corrupted
+        """The effect of each state, positive where the state carries the answer:
+        ``scores[kind] - p_corrupted`` (the rise in the answer's probability when it is
+        restored) by default; under ``direction="noise"`` the loss ``clean - scores[kind]``
+        (how much corrupting that state alone takes away). In the metric's units."""
+        if getattr(self.settings, "direction", "denoise") == "noise":
+            return self.clean_score - self.scores[kind]
+        return self.scores[kind] - self.corrupted_score
 
     def peak(self, kind: str) -> tuple[int, int, float]:
-        """(token index, layer, probability) of the strongest restoration of ``kind``."""
+        """(token index, layer, score) of the strongest restoration of ``kind`` (under
+        ``direction="noise"``: of the state whose corruption costs the most)."""
         s = self.scores[kind]
-        t, layer = np.unravel_index(int(np.argmax(s)), s.shape)
+        t, layer = np.unravel_index(int(np.argmax(self.indirect_effect(kind))), s.shape)
         return int(t), int(layer), float(s[t, layer])
 
     @property
@@ -241,6 +300,7 @@ class LayerSelection:
     per_layer_effect: list[float]
     n_facts: int
     model: str = ""
+    by: str = "restoration"  # or "mediation" (tracing.localization.select_layers)
 
     def save(self, path: str | Path) -> Path:
         """Write as JSON (atomically); ``factscope edit --layers FILE`` reads it."""

@@ -41,27 +41,32 @@ from tqdm.auto import tqdm
 from tracing.attribution import (
     DEFAULT_EXACT_TOP,
     DEFAULT_SPACE,
-    SPACES,
     atp_exact_maps,
     atp_probs,
     before_subject,
 )
+from tracing.corruption import DEFAULT_CORRUPTION
 from tracing.engine import State, fast_probs
 from tracing.errors import InvalidInput
+from tracing.interventions import STATE_KINDS
 from tracing.memory import batch_tokens
+from tracing.metrics import DEFAULT_DIRECTION, DEFAULT_METRIC, normalised
 from tracing.models import (
     HookedModel,
-    HookKind,
     check_layer,
     decode,
-    fingerprint,
-    model_name,
     n_layers,
 )
-from tracing.noise import DEFAULT_NOISE, NoiseSpec, resolve_noise
+from tracing.noise import DEFAULT_NOISE
 from tracing.prepared_fact import PreparedFact, prepare_fact
 from tracing.reference import reference_probs
-from tracing.results import KINDS, TraceResult, TraceSettings
+from tracing.results import KINDS, TraceResult
+from tracing.severing import (
+    DEFAULT_SEVERED_NOISE,
+    check_atp,
+    parse_kind,
+    severed_grid,
+)
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -76,11 +81,7 @@ __all__ = [
     "window_layers",
 ]
 
-DEFAULT_WINDOW = {"resid": 1, "mlp": 10, "attn": 10}
-#: What :func:`restored_probs` computes with: two exact engines and the AtP estimate.
-ENGINES = ("fast", "reference", "atp")
-#: What :func:`trace_fact` takes: the exact engines, AtP, and AtP verified by the fast engine.
-METHODS = ("fast", "reference", "atp", "atp+exact")
+from tracing.trace_options import DEFAULT_WINDOW, ENGINES, METHODS, trace_settings
 
 
 def restored_probs(
@@ -104,8 +105,8 @@ def restored_probs(
     rows = max_rows or max(1, batch_tokens(model, cpu_default=256 * n_pos) // n_pos)
     for states in interventions:
         for kind, layer, tok in states:
-            if kind not in KINDS:
-                raise InvalidInput(f"unknown kind {kind!r}; expected one of {KINDS}")
+            if kind not in STATE_KINDS:
+                raise InvalidInput(f"unknown kind {kind!r}; expected one of {STATE_KINDS}")
             if not (kind == "resid" and layer == -1):
                 check_layer(model, layer)
             if not 0 <= tok < len(prep.tokens):
@@ -133,71 +134,16 @@ def window_layers(layer: int, window: int, n: int) -> range:
     return range(max(0, layer - window // 2), min(n, layer - (-window // 2)))
 
 
-def grid_interventions(kind: HookKind, n_tokens: int, n: int, window: int) -> list[list[State]]:
-    """Interventions of a [token x layer] trace of ``kind``, row-major."""
+def grid_interventions(kind: str, n_tokens: int, n: int, window: int) -> list[list[State]]:
+    """Interventions of a [token x layer] trace of ``kind``, row-major (a severed kind:
+    :func:`tracing.severing.severed_grid`)."""
+    if parse_kind(kind) is not None:
+        return severed_grid(kind, n_tokens, n, window)
     return [
         [(kind, lw, t) for lw in window_layers(layer, window, n)]
         for t in range(n_tokens)
         for layer in range(n)
     ]
-
-
-def trace_settings(
-    model: HookedModel,
-    *,
-    kinds: Sequence[str] = KINDS,
-    window: int | dict[str, int] | None = None,
-    noise: str | float = DEFAULT_NOISE,
-    uniform_noise: bool = False,
-    samples: int = 10,
-    seed: int = 1,
-    method: str = "fast",
-    exact_top: float = DEFAULT_EXACT_TOP,
-    atp_space: str = DEFAULT_SPACE,
-) -> tuple[TraceSettings, NoiseSpec]:
-    """The settings a trace with these arguments is made with (checked, noise resolved to a
-    level), and the noise specification; see :func:`trace_fact` for the arguments."""
-    if not kinds:
-        raise InvalidInput("no kinds to trace")
-    for k in kinds:
-        if k not in KINDS:
-            raise InvalidInput(f"unknown kind {k!r}; expected one of {KINDS}")
-    traced = tuple(next(x for x in KINDS if x == k) for k in dict.fromkeys(kinds))
-    windows = dict(DEFAULT_WINDOW)
-    if isinstance(window, int):
-        windows.update(mlp=window, attn=window)
-    elif window is not None:
-        windows.update(window)
-    for k, w in windows.items():
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise InvalidInput(f"window for {k} must be an integer >= 1, got {w!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InvalidInput(f"samples must be an integer >= 1, got {samples!r}")
-    if method not in METHODS:
-        raise InvalidInput(f"unknown method {method!r}; expected one of {METHODS}")
-    if not isinstance(exact_top, int | float) or isinstance(exact_top, bool):
-        raise InvalidInput(f"exact_top must be a fraction in [0, 1], got {exact_top!r}")
-    if atp_space not in SPACES:
-        raise InvalidInput(f"unknown AtP space {atp_space!r}; expected one of {SPACES}")
-    if not 0 <= exact_top <= 1:
-        raise InvalidInput(f"exact_top must be a fraction in [0, 1], got {exact_top!r}")
-    spec = resolve_noise(model, noise, uniform_noise)
-    settings = TraceSettings(
-        kinds=traced,
-        window={k: windows[k] for k in traced},
-        noise=spec.level,
-        noise_spec=spec.spec,
-        sigma=spec.sigma,
-        uniform_noise=uniform_noise,
-        samples=samples,
-        seed=seed,
-        method=method,
-        model=model_name(model),
-        model_fingerprint=fingerprint(model),
-        exact_top=float(exact_top) if method == "atp+exact" else None,
-        atp_space=atp_space if method.startswith("atp") else None,
-    )
-    return settings, spec
 
 
 def trace_fact(
@@ -216,6 +162,12 @@ def trace_fact(
     method: str = "fast",
     exact_top: float = DEFAULT_EXACT_TOP,
     atp_space: str = DEFAULT_SPACE,
+    corruption: str = DEFAULT_CORRUPTION,
+    replacement: str | None = None,
+    direction: str = DEFAULT_DIRECTION,
+    metric: str = DEFAULT_METRIC,
+    normalise: bool = False,
+    severed_noise: str = DEFAULT_SEVERED_NOISE,
     progress: bool = False,
 ) -> TraceResult:
     """Trace one fact: for each kind, a [tokens x layers] map of the answer's probability when
@@ -232,6 +184,14 @@ def trace_fact(
     ``atp_space``: where AtP takes its first-order step (``"logodds"``, default, or the
     papers' ``"prob"``; :data:`tracing.attribution.SPACES`). ``result.exact`` says which cells
     are measured.
+
+    ``kinds`` may include the severed kinds ``resid/mlp-severed`` and ``resid/attn-severed``
+    (:mod:`tracing.severing`; ``severed_noise``: ``"papers"``, default, or ``"same"``).
+    ``corruption``: ``"noise"`` (default) or ``"replace"`` (symmetric token replacement by
+    ``replacement`` or a known subject of the same relation: :mod:`tracing.corruption`).
+    ``direction``: ``"denoise"`` (default) or ``"noise"``; ``metric``: ``"prob"`` (default),
+    ``"logprob"`` or ``"logit-diff"``; ``normalise``: scores as the normalised effect, 0 at
+    the corrupted run and 1 at the clean one (:mod:`tracing.metrics`).
     """
     t0 = time.perf_counter()
     settings, spec = trace_settings(
@@ -245,7 +205,15 @@ def trace_fact(
         method=method,
         exact_top=exact_top,
         atp_space=atp_space,
+        corruption=corruption,
+        replacement=replacement,
+        direction=direction,
+        metric=metric,
+        normalise=normalise,
+        severed_noise=severed_noise,
     )
+    if replacement is not None and replacement.strip() == subject.strip():
+        raise InvalidInput(f"the replacement subject {replacement!r} is the subject itself")
     # atp alone makes its own corrupted pass (with gradients): no recorded corrupted runs
     prep, notes = prepare_fact(
         model,
@@ -253,11 +221,20 @@ def trace_fact(
         subject,
         answer,
         spec,
-        samples,
+        settings.samples,
         seed,
         occurrence,
         corrupted_runs=method != "atp",
+        corruption=corruption,
+        replacement=replacement,
+        direction=direction,
+        metric=metric,
+        severed_noise=severed_noise,
     )
+    if corruption == "replace" and samples != 1:
+        notes.append("token replacement makes one corrupted run: samples is 1")
+    if method.startswith("atp"):
+        check_atp(prep, settings.kinds)
     n, T = n_layers(model), len(prep.tokens)
     notes += [
         f"{k} window {w} is wider than the model's {n} layers: windows are clipped to the "
@@ -285,9 +262,22 @@ def trace_fact(
             scores[k] = probs.reshape(T, n)
         if method == "atp":
             exact = {k: before_subject(prep, n) for k in grids}
-    p_corrupted = prep.p_corrupted
-    if method == "reference":  # the reference engine's own corrupted run (batch numerics)
-        p_corrupted = float(restored_probs(model, prep, [[]], method="reference")[0])
+    p_corrupted, low = prep.p_corrupted, prep.corrupted_value
+    if method == "reference" and direction == "denoise":  # its own corrupted run's numerics
+        low = float(restored_probs(model, prep, [[]], method="reference")[0])
+        p_corrupted = low if metric == "prob" else p_corrupted
+    values: dict = {}
+    if metric != "prob" or normalise:
+        values = dict(clean_value=prep.clean_value, corrupted_value=low)
+    if normalise:
+        scores = {k: normalised(v, prep.clean_value, low) for k, v in scores.items()}
+        notes.append(
+            f"normalised effect: 0 at the corrupted run ({metric} {low:.4g}), 1 at the clean "
+            f"one ({prep.clean_value:.4g})"
+        )
+        values = dict(clean_value=1.0, corrupted_value=0.0)
+    settings.replacement = prep.replacement
+    competitor = prep.metric_readout.competitor_id
     return TraceResult(
         prompt=prompt,
         subject=subject,
@@ -303,4 +293,7 @@ def trace_fact(
         notes=notes,
         seconds=time.perf_counter() - t0,
         exact=exact,
+        competitor=None if competitor is None else decode(model, competitor),
+        competitor_id=competitor,
+        **values,
     )
