@@ -51,11 +51,11 @@ def test_trace_survives_out_of_memory_with_the_same_scores(toy_models, monkeypat
     real = tracing.engine._run_chunk
     calls = {"oom": 0}
 
-    def small_only(model, prep, chunk, cut):
+    def small_only(model, prep, chunk, *rest):
         if len(chunk) > 2:
             calls["oom"] += 1
             raise _oom()
-        return real(model, prep, chunk, cut)
+        return real(model, prep, chunk, *rest)
 
     monkeypatch.setattr(tracing.engine, "_run_chunk", small_only)
     halved = trace_fact(model, PROMPT, SUBJECT, samples=3, noise=0.5)
@@ -126,3 +126,74 @@ def test_an_explicit_budget_only_changes_the_chunking(toy_models):
         np.testing.assert_allclose(after.scores[kind], before.scores[kind], rtol=0, atol=1e-6)
     with pytest.raises(InvalidInput, match="positive integer"):
         set_batch_tokens(model, 0)
+
+
+# ------------------------------------------------------------------ reading the GPUs' memory
+
+GiB = 1 << 30
+
+
+def _fake_gpus(monkeypatch, model, free: dict[int, tuple[int, int, int]], blocks: list[int]):
+    """Pretend ``model`` runs on GPUs: block ``L`` on ``cuda:blocks[L]``, the embedding on the
+    first block's GPU and the unembedding on the last one's; ``free[i]`` is GPU ``i``'s
+    (driver-free, reserved, allocated) bytes as the CUDA queries would report them."""
+    import tracing.memory
+
+    cuda = [torch.device("cuda", i) for i in range(max(blocks) + 1)]
+    monkeypatch.setattr(tracing.memory, "model_device", lambda m: cuda[blocks[0]])
+    monkeypatch.setattr(tracing.memory, "layer_device", lambda m, L: cuda[blocks[L]], raising=False)
+    monkeypatch.setattr(
+        tracing.memory, "_unembed_device", lambda m: cuda[blocks[-1]], raising=False
+    )
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[d.index][0], 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: free[d.index][1])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: free[d.index][2])
+
+
+def _per_block(model) -> int:
+    """Bytes per token of one block's transient states, float32: the residual-sized states
+    (8 x d_model) and the MLP-sized ones (3 x d_mlp)."""
+    return 4 * (8 * model.cfg.d_model + 3 * model.cfg.d_mlp)
+
+
+def test_free_memory_counts_what_the_caching_allocator_holds_unused(toy_models, monkeypatch):
+    model = toy_models["llama"]
+    # the driver sees 1 GiB free; PyTorch reserved 3 GiB of which 1 GiB is in use
+    _fake_gpus(monkeypatch, model, {0: (1 * GiB, 3 * GiB, 1 * GiB)}, [0] * 4)
+    assert batch_tokens(model) == int(0.4 * (1 + 3 - 1) * GiB / _per_block(model))
+
+
+def test_a_device_mapped_model_takes_the_tightest_gpu(toy_models, monkeypatch):
+    """Blocks 0-1 on a roomy GPU 0, blocks 2-3 and the unembedding on a nearly full GPU 1:
+    the budget is GPU 1's, with its two blocks' activations and the vocabulary arrays."""
+    model = toy_models["llama"]
+    free = {0: (10 * GiB, 0, 0), 1: (GiB // 2, GiB, 3 * GiB // 4)}
+    _fake_gpus(monkeypatch, model, free, [0, 0, 1, 1])
+    vocab = 4 * 4 * model.cfg.d_vocab  # logits, log-softmax and both gradients, float32
+    gpu0 = 0.4 * 10 * GiB / (2 * _per_block(model))
+    gpu1 = 0.4 * (GiB // 2 + GiB // 4) / (2 * _per_block(model) + vocab)
+    assert gpu1 < gpu0
+    assert batch_tokens(model, grad=True) == max(256, int(gpu1))
+    assert batch_tokens(model) == int(0.4 * (GiB // 2 + GiB // 4) / _per_block(model))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_grad_estimate_counts_the_vocabulary_arrays(toy_dirs, dtype):
+    """Per position with gradient: every block's kept activations, and on the generic
+    vocabulary path ([reads, vocab] rows, every position counted as a read) the arrays
+    listed here by hand."""
+    from tracing.memory import token_bytes
+    from tracing.models import load_model
+
+    model = load_model(toy_dirs["llama"], dtype=dtype)
+    half = dtype != "float32"
+    elem = 2 if half else 4
+    rows = {
+        "logits (model dtype)": elem,
+        "their gradient": elem,
+        "log-softmax (float32)": 4,
+        "its gradient": 4,
+        **({"float32 copy of the logits": 4, "its gradient ": 4} if half else {}),
+    }
+    blocks = model.cfg.n_layers * elem * (8 * model.cfg.d_model + 3 * model.cfg.d_mlp)
+    assert token_bytes(model, grad=True) == blocks + sum(rows.values()) * model.cfg.d_vocab
