@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from tracing.chat import wrap_prompt
 from tracing.errors import InvalidInput
 from tracing.forward import next_token_probs
 from tracing.models import HookedModel, target_ids, tokenize
@@ -78,9 +79,12 @@ def tokenize_fact(
     """Tokenise ``prompt`` with the model's BOS rule and find the subject's token span.
 
     The span holds every token whose characters overlap the subject's characters (a leading
-    space merged into a subject token is fine).
+    space merged into a subject token is fine). With the model's chat template on, the
+    prompt is tokenised in its chat form and the span is the subject's inside it.
     """
     start, end = find_subject(prompt, subject, occurrence)
+    prompt, shift = wrap_prompt(model, prompt)  # the chat template, when on (tracing.chat)
+    start, end = start + shift, end + shift
     tok = model.tokenizer
     enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
     ids = tokenize(model, prompt)

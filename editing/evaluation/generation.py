@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from editing.evaluation.datasets import CounterFactRecord, ZsreRecord
+from tracing.chat import prompt_text
 from tracing.errors import InvalidInput
 from tracing.models import (
     HookedModel,
@@ -123,7 +124,7 @@ def generate_texts(
     tok = model.tokenizer
     eos = tok.eos_token_id
     pad = next((t for t in (tok.pad_token_id, eos) if t is not None), 0)
-    seqs = [tokenize(model, p) for p in prompts]
+    seqs = [tokenize(model, prompt_text(model, p)) for p in prompts]  # chat form when on
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding per batch
     gen: dict[int, list[int]] = {}
     with torch.no_grad():

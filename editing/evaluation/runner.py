@@ -50,6 +50,7 @@ from editing.evaluation.scoring import ModelScorer, Scorer
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.methods import get_method
 from editing.weights import weights_checksums, weights_key
+from tracing.chat import chat_template_on
 from tracing.distributed import barrier, gather_objects, main_first, ranks, together
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.io import write_json_atomic, write_text_atomic
@@ -250,7 +251,7 @@ def evaluate(
     filtered = cfg.only_known and task.kind == "counterfact"
     run_dir = Path(cfg.out_dir) / (cfg.name or f"{label}_{cfg.method}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    wkey = weights_key(model)
+    wkey = weights_key(model) + ("_chat" if chat_template_on(model) else "")  # other prompts
     settings_record = {
         "dataset": str(cfg.dataset),
         "label": label,

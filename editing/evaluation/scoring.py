@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from tracing.chat import prompt_text
 from tracing.errors import InvalidInput
 from tracing.forward import capture_states
 from tracing.models import (
@@ -124,7 +125,8 @@ class ModelScorer:
         self._pad = int(pad) if pad is not None else 0
 
     def _encode(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
-        p_ids, t_ids = tokenize(self.model, prompt), target_ids(self.model, target)
+        p_ids = tokenize(self.model, prompt_text(self.model, prompt))  # chat form when on
+        t_ids = target_ids(self.model, target)
         limit = context_length(self.model)
         if len(p_ids) + len(t_ids) > limit:
             raise InvalidInput(

@@ -142,6 +142,10 @@ def load(args: argparse.Namespace) -> Any:
         model = together(lambda: load_model(**where))
     if hasattr(args, "max_batch_tokens"):
         set_batch_tokens(model, args.max_batch_tokens)
+    if getattr(args, "chat_template", False):  # before anything runs (tracing.chat)
+        from tracing.chat import use_chat_template
+
+        use_chat_template(model)
     return model
 
 

@@ -177,6 +177,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="3-8, 3,5,7, auto (the hparams' layers) or a select-layers JSON (default auto)",
     )
     p.add_argument("--out", required=True, help="folder to save the edit in")
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap prompts in the tokenizer's chat template (instruct models; default: plain)",
+    )
     add_model(p)
     p.add_argument("--hparams", help="JSON file of hyper-parameters (default: shipped ones)")
     ft = p.add_argument_group("fine-tuning (ft-l, ft, mixed; Zhu et al. 2020)")

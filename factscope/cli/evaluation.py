@@ -245,6 +245,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparams", help="hyper-parameter JSON file (default: the method's defaults)")
     p.add_argument("--out", default="results", help="output folder (default results/)")
     p.add_argument("--name", default=UNSET, help="run folder inside --out (default DATASET_METHOD)")
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap prompts in the tokenizer's chat template (instruct models; default: plain)",
+    )
     add_model(p)
     add_case_selection(p)
     p.add_argument("--seed", type=nonnegative_int, default=UNSET, help="default 0")

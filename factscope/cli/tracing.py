@@ -173,6 +173,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resid-window", type=int, default=UNSET, help="resid window (default 1)")
     p.add_argument("--formats", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"])
     p.add_argument("--out", default="out", help="output folder (default out/)")
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap prompts in the tokenizer's chat template (instruct models; default: plain)",
+    )
     _trace_options(p)
     _method_options(p, ["fast", "reference", "atp", "atp+exact"], "fast")
     p.set_defaults(func=cmd_trace)

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float
 
 from editing.fisher import answered_facts
+from tracing.chat import prompt_text
 from tracing.errors import InvalidInput
 from tracing.forward import capture_states, run_blocks
 from tracing.models import (
@@ -38,7 +39,8 @@ class Example:
 def encode(model: HookedModel, prompt: str, target: str, what: str) -> Example:
     """The teacher-forced example of ``prompt`` followed by ``target``; errors name ``what``."""
     try:
-        prompt_ids, tgt = tokenize(model, prompt), target_ids(model, target)
+        prompt_ids = tokenize(model, prompt_text(model, prompt))  # chat form when on
+        tgt = target_ids(model, target)
     except InvalidInput as err:
         raise InvalidInput(f"{what}: {err}") from err
     inputs = (*prompt_ids, *tgt[:-1])
