@@ -51,11 +51,12 @@ def test_trace_survives_out_of_memory_with_the_same_scores(toy_models, monkeypat
     real = tracing.engine._run_chunk
     calls = {"oom": 0}
 
-    def small_only(model, prep, chunk, *rest):
+    def small_only(*args):
+        chunk = args[-2]  # (model, prep, [base,] chunk, cut)
         if len(chunk) > 2:
             calls["oom"] += 1
             raise _oom()
-        return real(model, prep, chunk, *rest)
+        return real(*args)
 
     monkeypatch.setattr(tracing.engine, "_run_chunk", small_only)
     halved = trace_fact(model, PROMPT, SUBJECT, samples=3, noise=0.5)
