@@ -103,11 +103,46 @@ SMALL: dict[str, dict[str, int | float]] = {
 SMALL_ROME_LAYER = 2
 SMALL_MEMIT_LAYERS = (3, 4, 5)
 
+#: Architectures beyond :data:`SPECS` that ``benchmarks/scale.py`` builds (``gpu.py`` keeps its
+#: three): Qwen2.5-7B as its config describes it (biased q/k/v, 28 heads over 4 KV heads).
+MORE_SPECS: dict[str, ModelSpec] = {
+    "qwen2.5-7b": ModelSpec(
+        "qwen2.5-7b",
+        "Qwen/Qwen2.5-7B",
+        "qwen2",
+        {
+            "layers": 28,
+            "d_model": 3584,
+            "heads": 28,
+            "kv_heads": 4,
+            "d_mlp": 18944,
+            "vocab": 152064,
+            "n_ctx": 32768,
+            "rope_theta": 1000000.0,
+        },
+        rome_layer=5,
+        memit_layers=(4, 5, 6, 7, 8),
+        prepend_bos=False,
+    ),
+}
+MORE_SMALL: dict[str, dict[str, int | float]] = {
+    "qwen2.5-7b": {
+        "layers": 8,
+        "d_model": 128,
+        "heads": 8,
+        "kv_heads": 2,
+        "d_mlp": 640,
+        "vocab": SMALL_VOCAB,
+        "n_ctx": 32768,
+        "rope_theta": 1000000.0,
+    },
+}
+
 
 def hf_config(spec: ModelSpec, shape: dict[str, int | float]) -> Any:
     """The Hugging Face config of ``spec``'s architecture with ``shape`` (the tokenizer's
     special ids: pad 0, bos 1, eos 2)."""
-    from transformers import GPT2Config, GPTJConfig, LlamaConfig
+    from transformers import GPT2Config, GPTJConfig, LlamaConfig, Qwen2Config
 
     ids: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     L, d, h, V, ctx = (int(shape[k]) for k in ("layers", "d_model", "heads", "vocab", "n_ctx"))
@@ -134,6 +169,20 @@ def hf_config(spec: ModelSpec, shape: dict[str, int | float]) -> Any:
             max_position_embeddings=ctx,
             rope_parameters={"rope_type": "default", "rope_theta": float(shape["rope_theta"])},
             rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            **ids,
+        )
+    if spec.arch == "qwen2":
+        return Qwen2Config(
+            hidden_size=d,
+            intermediate_size=int(shape["d_mlp"]),
+            num_hidden_layers=L,
+            num_attention_heads=h,
+            num_key_value_heads=int(shape["kv_heads"]),
+            vocab_size=V,
+            max_position_embeddings=ctx,
+            rope_parameters={"rope_type": "default", "rope_theta": float(shape["rope_theta"])},
+            rms_norm_eps=1e-6,
             tie_word_embeddings=False,
             **ids,
         )
@@ -171,9 +220,14 @@ def build_model(
     dtype: torch.dtype,
     folder: Path,
     name: str,
+    *,
+    fast_init: bool = False,
 ) -> Any:
     """A randomly initialised ``spec`` model of ``shape`` made directly on ``device`` in
-    ``dtype``, wrapped in a TransformerBridge with its :class:`~tracing.models.ModelInfo`."""
+    ``dtype``, wrapped in a TransformerBridge with its :class:`~tracing.models.ModelInfo`.
+
+    ``fast_init``: skip the architecture's own initialisation (minutes for billions of numbers
+    on a CPU) and fill the weights with :func:`fill_fast` instead (seconds)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tracing.loading import bridge_from_hf
@@ -189,13 +243,45 @@ def build_model(
     if len(tok) > config.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} ids, more than the vocabulary")
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if fast_init:
+        from transformers.initialization import no_init_weights
+
+        with torch.device(device), no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        fill_fast(model)
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     model.config.architectures = [type(model).__name__]
     bridge = bridge_from_hf(model, tok, spec.official_name)
     attach_info(bridge, name, spec.prepend_bos)
     return bridge
+
+
+#: Period of :func:`fill_fast`'s stream: a prime, so no row of any width repeats another.
+FILL_PERIOD = 10_000_019
+
+
+@torch.no_grad()
+def fill_fast(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Give every parameter values at memory-copy speed: matrices get windows of one seeded
+    N(0, std^2) stream of period :data:`FILL_PERIOD` (each tensor from its own seeded start),
+    one-dimensional weights (norm gains) 1 and biases 0. The arithmetic a step costs and the
+    memory it takes are those of any other random weights."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(FILL_PERIOD, generator=gen) * std
+    stream = torch.cat([base, base])
+    for name, p in model.named_parameters():
+        if p.ndim < 2:
+            p.fill_(0.0 if name.endswith("bias") else 1.0)
+            continue
+        flat = p.view(-1)
+        shift = int(torch.randint(FILL_PERIOD, (1,), generator=gen))
+        for off in range(0, flat.numel(), FILL_PERIOD):
+            n = min(FILL_PERIOD, flat.numel() - off)
+            start = (shift + off) % FILL_PERIOD
+            flat[off : off + n].copy_(stream[start : start + n])
 
 
 # --------------------------------------------------------------------------- the workload
