@@ -30,7 +30,8 @@ def pytest_report_header() -> list[str]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest first: notebooks, then the embedded model's tests, then the tiny models' (stable
     within each). With two xdist workers the long tests start at once and the short ones fill
-    the gaps, instead of a notebook running alone at the end."""
+    the gaps, instead of a notebook running alone at the end. Tests marked ``cuda`` are
+    skipped ("no CUDA device") where ``torch.cuda.is_available()`` is false."""
 
     def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("notebook"):
@@ -38,6 +39,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 1 if item.get_closest_marker("model") else 2
 
     items.sort(key=rank)
+    if not torch.cuda.is_available():  # the GPU tests show as skipped, with the reason (-rs)
+        no_cuda = pytest.mark.skip(reason="no CUDA device")
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(no_cuda)
 
 
 class NetworkAccessError(RuntimeError):
