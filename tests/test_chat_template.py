@@ -128,12 +128,6 @@ def test_rome_reaches_its_target_in_the_wrapped_prompt(chat_models, tmp_path):
     # a tiny random model moves slowly (the full 25 steps: 1.7e-4 -> 6.8e-3 measured); the
     # edit optimised on the wrapped prompts raises the target there by well over 10x
     assert float(after[target].exp()) > 10 * before
-    use_chat_template(model, False)
-    try:  # the same edit made on plain prompts is a different edit
-        plain = make_edit(model, REQ, "rome", hp, stats=stats, context_templates=TEMPLATES)
-    finally:
-        use_chat_template(model)
-    assert not torch.allclose(plain.deltas[0].matrix(), edit.deltas[0].matrix())
 
 
 def test_evaluation_scores_the_wrapped_prompts(chat_models, tmp_path, reduced_record):
