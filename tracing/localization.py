@@ -49,6 +49,17 @@ def _same_fact(model: HookedModel, trace: TraceResult, fact: Fact) -> bool:
 MEASURE_OPTIONS = ("corruption", "replacement", "direction", "metric", "normalise", "severed_noise")
 
 
+def _atp_can_estimate(kinds: Sequence[str], measure: dict[str, Any]) -> bool:
+    """Whether AtP can estimate these traces (``method="auto"`` falls back to the exact
+    engine where it cannot): the answer's probability, denoising, and no severed kind under
+    the papers' two-draw noise (:mod:`tracing.severing`)."""
+    if measure.get("metric", "prob") != "prob" or measure.get("direction", "denoise") != "denoise":
+        return False
+    papers = measure.get("severed_noise", "papers") == "papers"
+    replace = measure.get("corruption", "noise") == "replace"
+    return not (papers and not replace and any("/" in k for k in kinds))
+
+
 def _fact_key(fact: Fact, index: int) -> str:
     return f"{fact.known_id if fact.known_id is not None else index:05d}"
 
@@ -84,7 +95,9 @@ def trace_dataset(
     exact one, nor the reverse.
 
     ``method``: any of :func:`~tracing.trace.trace_fact`'s, or ``"auto"`` (default): exact
-    (``fast``) for up to :data:`AUTO_ATP_ABOVE` facts, ``atp+exact`` above. A fact list of
+    (``fast``) for up to :data:`AUTO_ATP_ABOVE` facts, ``atp+exact`` above (exact whatever the
+    count where AtP cannot estimate the traces: another metric or direction, or severed kinds
+    under the papers' noise). A fact list of
     which the model knows none (with ``only_known``) is refused before any tracing.
 
     ``measure``: :func:`~tracing.trace.trace_fact`'s ``corruption``, ``replacement``,
@@ -130,7 +143,8 @@ def trace_dataset(
     if n is not None:
         facts = facts[:n]
     if method == "auto":
-        options["method"] = "atp+exact" if len(facts) > AUTO_ATP_ABOVE else "fast"
+        estimable = _atp_can_estimate(kinds, measure)
+        options["method"] = "atp+exact" if len(facts) > AUTO_ATP_ABOVE and estimable else "fast"
         log.info("method auto: %s for %d facts", options["method"], len(facts))
     wanted, _ = trace_settings(model, **options)
     folder = Path(out_dir) / "traces" if out_dir is not None else None
@@ -242,6 +256,7 @@ def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
             "direction": first.direction,
             "metric": first.metric,
             "normalise": first.normalise,
+            "severed_noise": first.severed_noise,
         },
     )
 

@@ -18,8 +18,15 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
 from tracing.errors import InvalidInput
-from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, TraceResult
-from viz.plots import CLASS_LABELS, KIND_NAMES, average_kinds, average_title
+from tracing.results import ALL_KINDS, TOKEN_CLASSES, AverageEffects, TraceResult
+from viz.plots import (
+    CLASS_LABELS,
+    KIND_NAMES,
+    average_kinds,
+    average_title,
+    measure_caption,
+    metric_label,
+)
 from viz.style import DIFF_CMAP, kind_style, root_figure
 
 #: Panel titles per kind.
@@ -27,9 +34,45 @@ TITLES = {
     "resid": "Restoring state after corrupted input",
     "mlp": "Restoring MLP after corrupted input",
     "attn": "Restoring Attn after corrupted input",
+    "resid/mlp-severed": "Restoring state, MLP severed",
+    "resid/attn-severed": "Restoring state, Attn severed",
 }
 #: Short names per kind.
-SHORT = {"resid": "state", "mlp": "MLP", "attn": "Attn"}
+SHORT = {
+    "resid": "state",
+    "mlp": "MLP",
+    "attn": "Attn",
+    "resid/mlp-severed": "state (MLP severed)",
+    "resid/attn-severed": "state (Attn severed)",
+}
+
+
+def panel_title(result: TraceResult, kind: str) -> str:
+    """A panel's title: what is patched (``Corrupting ...`` under ``direction="noise"``)."""
+    title = TITLES.get(kind, f"Restoring {kind}")
+    if getattr(result.settings, "direction", "denoise") == "noise":
+        title = title.replace("Restoring", "Corrupting").replace(
+            "after corrupted input", "in the clean run"
+        )
+    return title
+
+
+def score_label(result: TraceResult) -> str:
+    """Colour-bar label of a trace's scores (the metric, or ``normalised effect``)."""
+    s = result.settings
+    return metric_label(
+        getattr(s, "metric", "prob"),
+        answer_label(result.answer),
+        result.competitor,
+        bool(getattr(s, "normalise", False)),
+    )
+
+
+def base_style(kind: str) -> str:
+    """The kind whose colours a kind is drawn in (a severed kind: its restored kind)."""
+    return kind.split("/")[0]
+
+
 SAVE_FORMATS = (".png", ".svg", ".pdf")
 
 
@@ -62,8 +105,8 @@ def resolve_kinds(result: TraceResult, kinds: Sequence[str] | str | None) -> lis
     """The kinds to draw: ``kinds`` (validated against the result) or all the result holds, in
     the order resid, mlp, attn."""
     if kinds is None:
-        chosen = [k for k in KINDS if k in result.scores] + [
-            k for k in result.scores if k not in KINDS
+        chosen = [k for k in ALL_KINDS if k in result.scores] + [
+            k for k in result.scores if k not in ALL_KINDS
         ]
     else:
         chosen = [kinds] if isinstance(kinds, str) else list(kinds)
@@ -187,7 +230,7 @@ def plot_trace(
         fig = root_figure(axes[0])
     labels = token_labels(result)
     ans = answer_label(result.answer)
-    floor = float(result.p_corrupted)
+    floor = float(result.corrupted_score)
     for i, (ax, kind) in enumerate(zip(axes, chosen, strict=True)):
         data = np.asarray(result.scores[kind], dtype=np.float64)
         lo, hi = _color_limits(data, floor, vmax)
@@ -196,11 +239,11 @@ def plot_trace(
             ax,
             data,
             labels,
-            cmap=kind_style(kind).cmap,
+            cmap=kind_style(base_style(kind)).cmap,
             vmin=lo,
             vmax=hi,
-            title=TITLES.get(kind, f"Restoring {kind}") + (f"\n({win})" if win else ""),
-            cbar_label=f"p({ans})",
+            title=panel_title(result, kind) + (f"\n({win})" if win else ""),
+            cbar_label=score_label(result),
             x_label=xlabel(result, kind),
             show_labels=i == 0,
         )
@@ -209,6 +252,7 @@ def plot_trace(
             f"Causal trace of {ans!r}: p_clean = {result.p_clean:.3f}, "
             f"p_corrupted = {result.p_corrupted:.3f}\n{short_prompt(result.prompt)}"
         )
+        title += f"\n{measure_caption(result.settings)}"
         if result.approximate:
             title += f"\n{result.exactness_caption()}"
     fig.suptitle(title, fontsize=11)
@@ -249,7 +293,7 @@ def plot_average_heatmap(effects: AverageEffects, kinds: Sequence[str] | None = 
             ax,
             data,
             [f"{CLASS_LABELS.get(c, c)} ({counts[c]})" for c in classes],
-            cmap=kind_style(kind).cmap,
+            cmap=kind_style(base_style(kind)).cmap,
             vmin=lo,
             vmax=hi,
             title=f"Average indirect effect of {KIND_NAMES.get(kind, kind)}",
@@ -310,7 +354,7 @@ def plot_before_after(
             ax,
             data,
             labels,
-            cmap=kind_style(kind).cmap,
+            cmap=kind_style(base_style(kind)).cmap,
             vmin=lo,
             vmax=hi,
             title=(

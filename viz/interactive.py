@@ -17,16 +17,18 @@ from plotly.subplots import make_subplots
 from tracing.results import TraceResult
 from viz.heatmap import (
     SHORT,
-    TITLES,
     answer_label,
+    base_style,
     difference,
+    panel_title,
     resolve_kinds,
+    score_label,
     short_prompt,
     token_labels,
     window_text,
     xlabel,
 )
-from viz.plots import PROMPT_KINDS, TARGETS, EditBar, to_edit_bars
+from viz.plots import PROMPT_KINDS, TARGETS, EditBar, measure_caption, to_edit_bars
 from viz.style import BAR_COLORS, DIFF_CMAP, kind_style
 
 PANEL_WIDTH = 420
@@ -35,15 +37,16 @@ TITLE_POSITION = {"x": 0.5, "y": 0.97, "yanchor": "top", "yref": "container", "p
 
 
 def hover_text(result: TraceResult, kind: str) -> list[list[str]]:
-    """Hover text per cell of ``scores[kind]`` (``[tokens][layers]``): token, layer, probability of
-    the answer with that state restored, and the indirect effect (that minus p_corrupted)."""
+    """Hover text per cell of ``scores[kind]`` (``[tokens][layers]``): token, layer, the score
+    (by default the probability of the answer with that state restored), and the indirect
+    effect (:meth:`~tracing.results.TraceResult.indirect_effect`)."""
     labels = token_labels(result)
-    ans = answer_label(result.answer)
+    what = score_label(result)
     scores = np.asarray(result.scores[kind], dtype=np.float64)
-    effect = scores - float(result.p_corrupted)
+    effect = result.indirect_effect(kind)
     return [
         [
-            f"token: {labels[t]}<br>layer: {layer}<br>p({ans}): {scores[t, layer]:.4f}"
+            f"token: {labels[t]}<br>layer: {layer}<br>{what}: {scores[t, layer]:.4f}"
             f"<br>indirect effect: {effect[t, layer]:+.4f}"
             for layer in range(scores.shape[1])
         ]
@@ -121,19 +124,19 @@ def trace_figure(result: TraceResult, kinds: Sequence[str] | str | None = None) 
     titles = []
     for kind in chosen:
         win = window_text(result, kind)
-        titles.append(TITLES.get(kind, f"Restoring {kind}") + (f"<br>({win})" if win else ""))
+        titles.append(panel_title(result, kind) + (f"<br>({win})" if win else ""))
     fig = _panel_grid(titles, len(labels), labels)
     for col, kind in enumerate(chosen, start=1):
         z = np.asarray(result.scores[kind], dtype=np.float64)
-        lo, hi = _limits(z, float(result.p_corrupted))
+        lo, hi = _limits(z, float(result.corrupted_score))
         fig.add_trace(
             _heatmap(
                 z,
                 hover_text(result, kind),
-                colorscale=kind_style(kind).colorscale,
+                colorscale=kind_style(base_style(kind)).colorscale,
                 zmin=lo,
                 zmax=hi,
-                colorbar_title=f"p({ans})",
+                colorbar_title=score_label(result),
                 name=kind,
             ),
             row=1,
@@ -144,7 +147,8 @@ def trace_figure(result: TraceResult, kinds: Sequence[str] | str | None = None) 
     fig.update_layout(
         title={
             "text": f"Causal trace of {ans!r}: p_clean = {result.p_clean:.3f}, "
-            f"p_corrupted = {result.p_corrupted:.3f}<br><sub>{short_prompt(result.prompt)}</sub>",
+            f"p_corrupted = {result.p_corrupted:.3f}<br><sub>{short_prompt(result.prompt)}"
+            f"<br>{measure_caption(result.settings)}</sub>",
             **TITLE_POSITION,
         }
     )

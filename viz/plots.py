@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from tracing.errors import InvalidInput
-from tracing.results import KINDS, TOKEN_CLASSES, AverageEffects, LayerSelection
+from tracing.results import ALL_KINDS, TOKEN_CLASSES, AverageEffects, LayerSelection
 from viz.style import BAR_COLORS, CLASS_COLORS, UNCHOSEN_COLOR, kind_style, root_figure
 
 CLASS_LABELS = {
@@ -29,7 +29,56 @@ CLASS_LABELS = {
     "further": "further tokens",
     "last": "last token",
 }
-KIND_NAMES = {"resid": "hidden state", "mlp": "MLP", "attn": "Attn"}
+KIND_NAMES = {
+    "resid": "hidden state",
+    "mlp": "MLP",
+    "attn": "Attn",
+    "resid/mlp-severed": "hidden state, MLP severed",
+    "resid/attn-severed": "hidden state, Attn severed",
+}
+#: Metric names for axis labels (``{a}``: the answer, ``{c}``: the competitor).
+METRIC_LABELS = {
+    "prob": "p({a})",
+    "logprob": "log p({a})",
+    "logit-diff": "logit({a}) − logit({c})",
+}
+
+
+def measure_caption(settings: Any) -> str:
+    """One line naming what a trace measured: corruption, direction and metric, e.g.
+    ``"noise 3s corruption · denoise · prob"`` (``settings``: a
+    :class:`~tracing.results.TraceSettings` or an :class:`AverageEffects` settings dict)."""
+
+    def get(name: str, default: Any) -> Any:
+        if isinstance(settings, Mapping):
+            return settings.get(name, default)
+        return getattr(settings, name, default)
+
+    corruption = get("corruption", "noise")
+    if corruption == "noise":
+        what = f"noise {get('noise_spec', '') or ''}".strip() + " corruption"
+    else:
+        rep = get("replacement", None)
+        what = "token replacement" + (f" by {rep!r}" if rep else "")
+    metric = get("metric", "prob") + (", normalised" if get("normalise", False) else "")
+    return f"{what} · {get('direction', 'denoise')} · {metric}"
+
+
+def effect_unit(settings: Mapping[str, Any]) -> str:
+    """The unit of an averaged effect: ``Δp`` by default, else the metric's difference."""
+    if settings.get("normalise"):
+        return "normalised"
+    return {"prob": "Δp", "logprob": "Δ log p", "logit-diff": "Δ logit diff"}.get(
+        str(settings.get("metric", "prob")), "Δ"
+    )
+
+
+def metric_label(metric: str, answer: str, competitor: str | None, normalise: bool) -> str:
+    """Colour-bar / axis label of a trace's scores."""
+    if normalise:
+        return "normalised effect"
+    return METRIC_LABELS.get(metric, metric).format(a=answer, c=(competitor or "?").strip())
+
 
 #: Prompt kinds of :func:`plot_edit_bars`, in drawing order.
 PROMPT_KINDS = ("edit", "paraphrase", "neighborhood")
@@ -48,7 +97,7 @@ def _new_figure(n_panels: int, width: float = 4.6, height: float = 3.6) -> tuple
 def average_kinds(effects: AverageEffects, kinds: Sequence[str] | None) -> list[str]:
     """The kinds to draw from ``effects``: ``kinds`` (each must be there) or all it holds."""
     chosen: list[str] = (
-        list(kinds) if kinds is not None else [k for k in KINDS if k in effects.effects]
+        list(kinds) if kinds is not None else [k for k in ALL_KINDS if k in effects.effects]
     )
     missing = [k for k in chosen if k not in effects.effects]
     if missing or not chosen:
@@ -59,12 +108,14 @@ def average_kinds(effects: AverageEffects, kinds: Sequence[str] | None) -> list[
 
 
 def average_title(effects: AverageEffects) -> str:
-    """Figure title of averaged effects: the number of facts and the mean probabilities."""
-    return (
+    """Figure title of averaged effects: the number of facts and the mean probabilities, and
+    on a second line what was measured (:func:`measure_caption`)."""
+    title = (
         f"Average indirect effects over {effects.n_facts} facts "
         f"(mean p_clean {effects.mean_p_clean:.3f}, "
         f"mean p_corrupted {effects.mean_p_corrupted:.3f})"
     )
+    return f"{title}\n{measure_caption(effects.settings)}"
 
 
 def plot_average_effects(effects: AverageEffects, kinds: Sequence[str] | None = None) -> Figure:
@@ -93,7 +144,7 @@ def plot_average_effects(effects: AverageEffects, kinds: Sequence[str] | None = 
         ax.axhline(0.0, color="0.6", linewidth=0.8, zorder=0)
         ax.set_title(f"Average indirect effect of {KIND_NAMES.get(kind, kind)}", fontsize=10)
         ax.set_xlabel("layer", fontsize=9)
-        ax.set_ylabel("average indirect effect (Δp)", fontsize=9)
+        ax.set_ylabel(f"average indirect effect ({effect_unit(effects.settings)})", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

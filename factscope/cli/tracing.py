@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,47 @@ from factscope.cli.common import (
     given,
     input_file,
     load,
+    nonnegative_int,
     output_folder,
+    positive_int,
 )
 
-KIND_NAMES = ("resid", "mlp", "attn")
+KIND_NAMES = ("resid", "mlp", "attn", "resid/mlp-severed", "resid/attn-severed")
+#: The options of what a trace measures, passed on as given.
+MEASURE = ("corruption", "replacement", "direction", "metric", "normalise", "severed_noise")
+_SIGMA_MULTIPLE = re.compile(r"^(?:s[0-9.]+|[0-9.]+s)$")
+
+
+def noise_level(text: str) -> str:
+    """argparse ``type=`` of ``--noise``: a multiple of sigma (``3s``, ``s3``) or a finite
+    number >= 0, refused while parsing otherwise (exit 2, before the model loads)."""
+    value = text.strip().lower()
+    if _SIGMA_MULTIPLE.match(value):
+        try:
+            float(value.strip("s"))
+            return value
+        except ValueError:
+            pass
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a multiple of sigma like 3s or a number >= 0, got {text!r}"
+        ) from None
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a noise level >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse ``type=``: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
 
 
 def _windows(args: argparse.Namespace) -> dict[str, Any]:
@@ -32,9 +70,11 @@ def _windows(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_trace(args: argparse.Namespace) -> None:
     """Trace one fact; write trace.json, heatmaps (PNG/SVG/PDF) and an interactive HTML."""
+    from tracing.results import SEVERED_KINDS
     from tracing.trace import trace_fact
     from viz.heatmap import plot_trace, save_figure
     from viz.interactive import trace_figure, write_html
+    from viz.severed import plot_severed, severed_figure
 
     out = output_folder(args.out)
     model = load(args)
@@ -44,7 +84,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
         args.subject,
         args.answer,
         **given(args, "kinds", "noise", "samples", "seed", "occurrence", "method"),
-        **given(args, "exact_top", "atp_space"),
+        **given(args, "exact_top", "atp_space", *MEASURE),
         **given(args, uniform_noise="uniform"),
         **_windows(args),
         progress=not args.no_progress,
@@ -55,10 +95,19 @@ def cmd_trace(args: argparse.Namespace) -> None:
     for suffix in args.formats:
         save_figure(fig, out / f"trace.{suffix}")
     write_html(trace_figure(result), out / "trace.html")
+    severed = "resid" in result.scores and any(k in result.scores for k in SEVERED_KINDS)
+    if severed:  # the papers' comparison at the last subject token
+        save_figure(plot_severed(result), out / "severed.png")
+        write_html(severed_figure(result), out / "severed.html")
     print(f"prompt      {result.prompt!r}  (subject {result.subject!r})")
     print(f"answer      {result.answer!r}")
     print(f"p_clean     {result.p_clean:.4f}")
     print(f"p_corrupted {result.p_corrupted:.4f}  (noise {result.settings.noise:.4f})")
+    s = result.settings
+    if (s.corruption, s.direction, s.metric, s.normalise) != ("noise", "denoise", "prob", False):
+        print(f"measured    {s.corruption}, {s.direction}, {s.metric}", end="")
+        print(" (normalised)" if s.normalise else "", end="")
+        print(f"; clean {result.clean_score:.4f}, corrupted {result.corrupted_score:.4f}")
     for note in result.notes:
         print(f"note        {note}")
     if result.approximate:
@@ -67,7 +116,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
         t, layer, p = result.peak(kind)
         how = "" if result.exact_mask(kind)[t, layer] else "  (AtP estimate)"
         print(f"peak {kind:<6} token {t} {result.tokens[t]!r} layer {layer}: p = {p:.4f}{how}")
-    written = ", ".join(f"trace.{s}" for s in args.formats)
+    written = ", ".join(f"trace.{s}" for s in args.formats) + (", severed.png" if severed else "")
     print(f"{result.seconds:.1f} s; wrote {out}/trace.json, trace.html, {written}")
 
 
@@ -76,8 +125,10 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
     from tracing.distributed import ranks
     from tracing.facts import load_known_facts
     from tracing.localization import average_effects, save_effects, trace_dataset
+    from tracing.results import SEVERED_KINDS
     from viz.heatmap import plot_average_heatmap, save_figure
     from viz.plots import plot_average_effects
+    from viz.severed import plot_severed
 
     out = output_folder(args.out)
     facts = load_known_facts(input_file(args.facts, "--facts")) if args.facts else None
@@ -88,6 +139,7 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
         out_dir=out,
         only_known=not args.all_facts,
         **given(args, "n", "kinds", "noise", "samples", "seed", "method", "exact_top", "atp_space"),
+        **given(args, *MEASURE),
         **given(args, uniform_noise="uniform"),
         **_windows(args),
         progress=not args.no_progress,
@@ -98,6 +150,10 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
     save_effects(effects, out / "average_effects.json")
     save_figure(plot_average_effects(effects), out / "average_effects.png")
     save_figure(plot_average_heatmap(effects), out / "average_heatmap.png")
+    wrote = "average_effects.png, average_heatmap.png"
+    if "resid" in effects.effects and any(k in effects.effects for k in SEVERED_KINDS):
+        save_figure(plot_severed(effects), out / "average_severed.png")
+        wrote += ", average_severed.png"
     methods = ", ".join(sorted({r.settings.method for r in results}))
     print(
         f"traced {effects.n_facts} facts ({methods}); mean p_clean {effects.mean_p_clean:.3f}, "
@@ -108,7 +164,7 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
         for cls, values in per.items():
             row = " ".join(f"{v:6.3f}" for v in values)
             print(f"  {cls:<17} (n={effects.counts[kind][cls]:4d}) {row}")
-    print(f"wrote {out}/traces/, average_effects.json, average_effects.png, average_heatmap.png")
+    print(f"wrote {out}/traces/, average_effects.json, {wrote}")
 
 
 def cmd_select_layers(args: argparse.Namespace) -> None:
@@ -116,27 +172,87 @@ def cmd_select_layers(args: argparse.Namespace) -> None:
     from tracing.localization import average_effects, load_traces, select_layers
 
     effects = average_effects(load_traces(args.runs))
-    sel = select_layers(effects, **given(args, "k", "kind", "token_class"))
+    sel = select_layers(effects, **given(args, "k", "kind", "token_class", "by"))
     out = Path(args.out) if args.out else Path(args.runs) / "layers.json"
     sel.save(out)
     effect = " ".join(f"{v:.3f}" for v in sel.per_layer_effect)
-    print(f"average {sel.kind} effect at {sel.token_class} over {sel.n_facts} facts: {effect}")
+    what = (
+        "effect lost by severing the MLPs (resid - resid/mlp-severed)"
+        if sel.by == "mediation"
+        else f"{sel.kind} effect"
+    )
+    print(f"average {what} at {sel.token_class} over {sel.n_facts} facts: {effect}")
     print(f"selected layers {sel.layers[0]}-{sel.layers[-1]} (mean effect {sel.window_score:.4f})")
     print(f"wrote {out}  (use: factscope edit --layers {out})")
 
 
 def _trace_options(p: argparse.ArgumentParser) -> None:
     add_model(p)
-    p.add_argument("--kinds", nargs="+", default=UNSET, choices=KIND_NAMES, help="default: all")
-    p.add_argument("--window", type=int, default=UNSET, help="mlp/attn window (default 10)")
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        default=UNSET,
+        choices=KIND_NAMES,
+        help="default: resid mlp attn; the severed kinds restore the hidden state with the MLP "
+        "(attention) outputs at its token held at their corrupted values",
+    )
+    p.add_argument(
+        "--window", type=positive_int, default=UNSET, help="mlp/attn window (default 10)"
+    )
     p.add_argument(
         "--noise",
+        type=noise_level,
         default=UNSET,
-        help="noise std: a multiple of sigma like 3s (default) or a number",
+        help="noise std: a multiple of sigma like 3s (default) or a number >= 0",
     )
-    p.add_argument("--samples", type=int, default=UNSET, help="noisy runs (default 10)")
-    p.add_argument("--seed", type=int, default=UNSET, help="noise seed (default 1)")
+    p.add_argument("--samples", type=positive_int, default=UNSET, help="noisy runs (default 10)")
+    p.add_argument(
+        "--seed",
+        type=nonnegative_int,
+        default=UNSET,
+        help="noise seed, and the draw of a replacement subject (default 1)",
+    )
     p.add_argument("--uniform", action="store_true", default=UNSET, help="uniform noise")
+    p.add_argument(
+        "--corruption",
+        choices=["noise", "replace"],
+        default=UNSET,
+        help="noise: Gaussian noise on the subject (default); replace: the subject replaced by "
+        "another of the same token length (symmetric token replacement)",
+    )
+    p.add_argument(
+        "--replacement",
+        default=UNSET,
+        help="replace: the replacement subject (default: a known subject of the same relation "
+        "with another answer, drawn by --seed)",
+    )
+    p.add_argument(
+        "--direction",
+        choices=["denoise", "noise"],
+        default=UNSET,
+        help="denoise: restore clean states into the corrupted run (default); noise: patch "
+        "corrupted states into the clean run and measure the loss",
+    )
+    p.add_argument(
+        "--metric",
+        choices=["prob", "logprob", "logit-diff"],
+        default=UNSET,
+        help="prob (default), logprob, or logit-diff (answer minus the competitor: the "
+        "corrupted run's top token, or the replacement subject's answer)",
+    )
+    p.add_argument(
+        "--normalise",
+        action="store_true",
+        default=UNSET,
+        help="scores as the normalised effect: 0 at the corrupted run, 1 at the clean one",
+    )
+    p.add_argument(
+        "--severed-noise",
+        choices=["papers", "same"],
+        default=UNSET,
+        help="severed kinds: papers (default: the scored pass draws the next noise, as the "
+        "papers' code) or same (the noise of the frozen states)",
+    )
     add_progress(p)
 
 
@@ -150,7 +266,7 @@ def _method_options(p: argparse.ArgumentParser, methods: list[str], default: str
     )
     p.add_argument(
         "--exact-top",
-        type=float,
+        type=fraction,
         default=UNSET,
         help="atp+exact: share of each kind's cells recomputed exactly (default 0.1)",
     )
@@ -169,8 +285,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     p.add_argument("--subject", required=True, help="the subject, exactly as in the prompt")
     p.add_argument("--answer", help="answer to trace (default: the model's top-1 token)")
-    p.add_argument("--occurrence", type=int, default=UNSET, help="which occurrence of the subject")
-    p.add_argument("--resid-window", type=int, default=UNSET, help="resid window (default 1)")
+    p.add_argument(
+        "--occurrence",
+        type=nonnegative_int,
+        default=UNSET,
+        help="which occurrence of the subject",
+    )
+    p.add_argument(
+        "--resid-window", type=positive_int, default=UNSET, help="resid window (default 1)"
+    )
     p.add_argument("--formats", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"])
     p.add_argument("--out", default="out", help="output folder (default out/)")
     p.add_argument(
@@ -187,7 +310,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--n",
         "--n-facts",
         dest="n",
-        type=int,
+        type=positive_int,
         default=UNSET,
         help="number of facts (default: all; under torchrun write --n-facts)",
     )
@@ -204,8 +327,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("select-layers", help="pick the contiguous MLP layers to edit")
     p.add_argument("runs", help="folder written by trace-dataset")
-    p.add_argument("--k", type=int, default=UNSET, help="window size (default 5)")
+    p.add_argument("--k", type=positive_int, default=UNSET, help="window size (default 5)")
     p.add_argument("--kind", default=UNSET, choices=KIND_NAMES, help="default mlp")
     p.add_argument("--token-class", default=UNSET, help="default last_subject")
+    p.add_argument(
+        "--by",
+        choices=["restoration", "mediation"],
+        default=UNSET,
+        help="restoration: the window of the largest MLP restoration effect (default); "
+        "mediation: the MLP window whose severing removes the most of the hidden state's "
+        "effect (needs traces of resid and resid/mlp-severed)",
+    )
     p.add_argument("--out", help="output JSON (default RUNS/layers.json)")
     p.set_defaults(func=cmd_select_layers)
