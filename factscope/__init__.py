@@ -10,7 +10,7 @@ The everyday API, in one namespace (``import factscope as fs``):
 * evaluation: :func:`evaluate`, :class:`EvalConfig`, :func:`scaling`;
 * pictures: :func:`plot_trace`, :func:`plot_before_after`, :func:`trace_figure`,
   :func:`plot_average_effects`, :func:`plot_average_heatmap`, :func:`plot_layer_selection`,
-  :func:`plot_edit_bars`, :func:`plot_scaling`, :func:`save_figure`;
+  :func:`plot_edit_bars`, :func:`plot_scaling`, :func:`plot_severed`, :func:`save_figure`;
 * errors: :class:`FactscopeError` and its kinds.
 
 Names are imported on first use, so ``factscope --help`` stays fast. The packages behind
@@ -55,6 +55,7 @@ _NAMES: dict[str, str] = {
     "plot_layer_selection": "viz.plots",
     "plot_edit_bars": "viz.plots",
     "plot_scaling": "viz.plots",
+    "plot_severed": "viz.severed",
     "FactscopeError": "tracing.errors",
     "InvalidInput": "tracing.errors",
     "InvalidRequest": "tracing.errors",
