@@ -193,7 +193,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def hparams_table(family: str) -> str:
     """Markdown table of a method family's shipped default files (one column per model), with
     each file's own account of where its numbers come from."""
-    paths = sorted(HPARAMS.glob(f"{family}_*.json"), key=lambda p: (p.stem != f"{family}_default", p.stem))
+    default = f"{family}_default"
+    paths = sorted(HPARAMS.glob(f"{family}_*.json"), key=lambda p: (p.stem != default, p.stem))
     if not paths:
         raise ValueError(f"no hyper-parameter files for {family!r} in {HPARAMS}")
     files = {p.stem.removeprefix(f"{family}_"): json.loads(p.read_text()) for p in paths}
@@ -229,12 +230,10 @@ def families_table() -> str:
 
     shared = tuple(toy_models.ARCHS)
     further = tuple(getattr(toy_models, "FAMILIES", ()))
-    adds_bos = getattr(toy_models, "ADDS_BOS", frozenset({"llama", "gemma3"}))
-    lines = ["| family | `build_toy_model` name | BOS before prompts | tested |", "|---|---|---|---|"]
+    lines = ["| family | `build_toy_model` name | tested |", "|---|---|---|"]
     for arch in (*shared, *further):
         tested = "every test's tiny-model fixtures" if arch in shared else "its own tiny model"
-        bos = "yes" if arch in adds_bos else "no"
-        lines.append(f"| {FAMILY_NAMES.get(arch, arch)} | `{arch}` | {bos} | {tested} |")
+        lines.append(f"| {FAMILY_NAMES.get(arch, arch)} | `{arch}` | {tested} |")
     return "\n".join(lines)
 
 
@@ -256,9 +255,8 @@ def on_files(files: Files, config: Any) -> Files:
     """Add the generated reference pages and the stored notebooks to the site."""
     files.append(File.generated(config, "reference/cli.md", content=cli_page()))
     for page, title, (package,), blurb in API_PAGES:
-        files.append(
-            File.generated(config, f"reference/api/{page}.md", content=api_page(package, title, blurb))
-        )
+        content = api_page(package, title, blurb)
+        files.append(File.generated(config, f"reference/api/{page}.md", content=content))
     for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
         files.append(
             File(
