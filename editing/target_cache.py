@@ -7,9 +7,11 @@ small safetensors file the moment the request stops (converged, or out of steps)
 interrupted batch resumes with only the unfinished requests.
 
 A result is only valid for the exact model state, edit point and objective that made it, so
-the cache's folder is named by a digest of the model's identity and current down-projection
-weights (:func:`editing.weights.weights_key`: after another edit the old files are not
-reused), the layer, the hook and every target hyper-parameter; a file inside is named by a
+the cache's folder is named by a digest of the model's identity and current block weights
+(:func:`editing.weights.weights_key`: after another edit the old files are not reused; the
+digests of tensors unchanged since they were last read, by torch's version counter, are
+reused, so building a cache reads only what changed, not the model), the layer, the hook
+and every target hyper-parameter; a file inside is named by a
 digest of the request's token ids in every prompt it was prepared with.
 """
 
@@ -59,7 +61,12 @@ class TargetCache:
         self, root: str | Path, model: HookedModel, layer: int, hook: str, hp: TargetHparams
     ) -> None:
         setting = json.dumps(
-            {"weights": weights_key(model), "layer": layer, "hook": hook, "hp": hp.to_dict()},
+            {
+                "weights": weights_key(model, reuse=True),
+                "layer": layer,
+                "hook": hook,
+                "hp": hp.to_dict(),
+            },
             sort_keys=True,
         )
         self.folder = Path(root) / hashlib.sha256(setting.encode()).hexdigest()[:16]

@@ -50,8 +50,9 @@ from editing.evaluation.runner import check_run
 from editing.evaluation.scoring import ModelScorer, Scorer, space_target
 from editing.evaluation.sweep_analysis import markdown_table, summarize
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
+from editing.params import target_tensor
 from editing.stats import layer_second_moments
-from editing.weights import weights_checksums, weights_key
+from editing.weights import WeightsGuard, weights_key
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.io import write_json_atomic, write_text_atomic
 from tracing.layers import parse_layers
@@ -207,8 +208,10 @@ def _sweep_row(
     edit_fn: EditFn,
     extra: Mapping[str, Any],
     seed: int,
+    guard: WeightsGuard,
 ) -> dict:
-    """Edit ``case`` at ``layer``, score it, undo; its row (without the trace effects)."""
+    """Edit ``case`` at ``layer``, score it, undo; its row (without the trace effects).
+    ``guard`` keeps a device copy of what the edit touches, for its check after the row."""
     fields = {**task.fields(case), "layer": layer}
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -219,6 +222,7 @@ def _sweep_row(
             log.warning("edit of case %d at layer %d failed: %s", case.case_id, layer, exc)
             return {**fields, "failed": str(exc)}
     t_edit = time.perf_counter() - t0
+    guard.protect(target_tensor(model, d.key) for d in getattr(edit, "deltas", ()))
     with edit.applied(model):
         (post,) = task.score(scorer, [case])
     before, after = task.metrics(pre, pre), task.metrics(post, pre)
@@ -307,21 +311,21 @@ def run_layer_sweep(
         extra["stats"] = stats
     edit = edit_fn or make_edit
     traces: dict[int, TraceResult] = {}
-    checks = weights_checksums(model)
+    guard = WeightsGuard(model)  # one full read now and one at the end, none per row
     for case, pre, layer in tqdm(todo, desc="layer sweep", disable=not config.progress):
         if case.case_id not in traces:
             traces[case.case_id] = _fact_trace(model, case, run_dir / "traces", trace_options)
         trace = traces[case.case_id]
         row = _sweep_row(
-            model, task, scorer, case, pre, layer, hps[layer], edit, extra, config.seed
+            model, task, scorer, case, pre, layer, hps[layer], edit, extra, config.seed, guard
         )
         row.update(
             trace_effects(trace, layer), p_clean=trace.p_clean, p_corrupted=trace.p_corrupted
         )
-        if weights_checksums(model) != checks:
-            raise RuntimeError(f"weights changed after case {case.case_id} at layer {layer}")
+        guard.check(f"case {case.case_id} at layer {layer}")
         append_rows(run_dir / ROWS_FILE, [row])
         done[(case.case_id, layer)] = row
+    guard.finish("the layer sweep")
     rows = [done[(c.case_id, L)] for c, _ in selected for L in layers]
     counts = {"n_requested": config.n, "n_skipped": len(skipped), "n_unknown": n_unknown}
     return write_sweep_report(run_dir, rows, counts)

@@ -49,7 +49,8 @@ from editing.evaluation.run_summary import NO_EDIT, finish_run, hparams_dict
 from editing.evaluation.scoring import ModelScorer, Scorer
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.methods import get_method
-from editing.weights import weights_checksums, weights_key
+from editing.params import target_tensor
+from editing.weights import WeightsGuard, weights_key
 from tracing.chat import chat_template_on
 from tracing.distributed import barrier, gather_objects, main_first, ranks, together
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
@@ -130,6 +131,7 @@ class _Run:
     edit_hparams: dict | None = None
     shard_targets: bool = False  # torchrun, joint units: every rank makes the same edit
     target_cache: Path | None = None  # batched methods: per-request targets, for resuming
+    guard: WeightsGuard | None = None  # proves every unit's undo bit-exact
 
 
 def check_run(path: Path, settings: dict) -> None:
@@ -186,6 +188,8 @@ def _run_unit(run: _Run, unit: list[tuple[Case, Any]], todo: set[int]) -> list[d
         posts = [pre for _, pre in cases]
         post_gen = None
     else:
+        if run.guard is not None:  # device copies of what this edit touches, for the check
+            run.guard.protect(target_tensor(model, d.key) for d in getattr(edit, "deltas", ()))
         with edit.applied(model):
             posts = task.score(run.scorer, [c for c, _ in cases])
             post_gen = generate_cases(model, [c for c, _ in cases], gen, cfg.seed) if gen else None
@@ -231,8 +235,10 @@ def evaluate(
     ``settings`` are :class:`EvalConfig` fields (``evaluate(model, method="memit", n=10)``)
     replacing those of ``config``. ``edit_fn`` replaces :func:`editing.api.make_edit` (same
     signature; its hyper-parameters are then passed through as given) and ``scorer`` the
-    model scorer. The model's weights are restored after every unit and checked: a leak
-    raises RuntimeError. Returns the :class:`EvalSummary` (also written)."""
+    model scorer. The model's weights are restored after every unit and checked
+    (:class:`~editing.weights.WeightsGuard`: the tensors each edit touched on their device,
+    every block tensor before and after the run): a leak raises RuntimeError. Returns the
+    :class:`EvalSummary` (also written)."""
     cfg = replace(config or EvalConfig(), **settings)
     cfg.check()
     t_start = time.perf_counter()
@@ -251,7 +257,9 @@ def evaluate(
     filtered = cfg.only_known and task.kind == "counterfact"
     run_dir = Path(cfg.out_dir) / (cfg.name or f"{label}_{cfg.method}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    wkey = weights_key(model) + ("_chat" if chat_template_on(model) else "")  # other prompts
+    guard = WeightsGuard(model)  # the one full read before the run (one more after it)
+    wkey = weights_key(model, reuse=True)  # the guard has just read every tensor
+    wkey += "_chat" if chat_template_on(model) else ""  # other prompts
     settings_record = {
         "dataset": str(cfg.dataset),
         "label": label,
@@ -291,7 +299,7 @@ def evaluate(
     done = read_done(run_dir)
     units = [selected[i : i + unit_size] for i in range(0, len(selected), unit_size)]
     todo_units = [u for u in units if any(c.case_id not in done for c, _ in u)]
-    run = _Run(model, cfg, task, scorer, cache, hp, edit_fn or make_edit)
+    run = _Run(model, cfg, task, scorer, cache, hp, edit_fn or make_edit, guard=guard)
     if edit_fn is None and unit_size > 1 and get_method(cfg.method).batched:
         run.target_cache = run_dir / "targets"
     gen = cfg.generation
@@ -310,18 +318,17 @@ def evaluate(
         out = jsonl if here.is_main else None
 
     def evaluate_share() -> None:
-        checks = weights_checksums(model)
         bar = tqdm(mine, desc=f"eval {cfg.method}", disable=not cfg.progress or not here.is_main)
         for unit in bar:
             todo = {c.case_id for c, _ in unit if c.case_id not in done}
             rows = _run_unit(run, unit, todo)
-            if weights_checksums(model) != checks:
-                raise RuntimeError(f"model weights changed after evaluating cases {sorted(todo)}")
+            guard.check(f"evaluating cases {sorted(todo)}")
             if out is not None:
                 append_rows(out, rows)
             done.update({r["case_id"]: r for r in rows})
 
     together(evaluate_share)
+    guard.finish(f"the evaluation in {run_dir}")
     if here.world > 1:
         run.edit_hparams = next((h for h in gather_objects(run.edit_hparams) if h), None)
         barrier()

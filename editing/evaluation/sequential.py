@@ -200,7 +200,8 @@ def evaluate_sequential(
     scorer = scorer or ModelScorer(model)
     run_dir = run_folder(cfg, label)
     run_dir.mkdir(parents=True, exist_ok=True)
-    original, wkey = weights_checksums(model), weights_key(model)
+    # the one full read (digests are then kept per tensor: a batch's key reads what it changed)
+    original, wkey = weights_checksums(model), weights_key(model, reuse=True)
     record = {**asdict(cfg), "out_dir": None, "progress": None}
     record.update(dataset=str(cfg.dataset), facts=None if cfg.facts is None else str(cfg.facts))
     record.update(label=label, model=model_name(model), weights=wkey, hparams=hp.to_dict())
@@ -290,7 +291,7 @@ def evaluate_sequential(
             if entry["status"] == "applied":
                 stream.push(Edit.load(run_dir / "batches" / f"{b:05d}"))
                 applied += take
-                if weights_key(model) != entry["weights"]:
+                if weights_key(model, reuse=True) != entry["weights"]:
                     log.warning("batch %d: rebuilt weights differ from the recorded ones", b)
             seconds_edit += entry.get("seconds", 0.0)
         else:
@@ -353,7 +354,8 @@ def _edit_batch(
     except (InvalidRequest, EditFailed) as exc:
         log.warning("batch %d refused (model unchanged): %s", b, exc)
         return {"index": b, "status": "refused", "reason": str(exc), "cases": ids}
-    return {"index": b, "status": "applied", "cases": ids, "weights": weights_key(model)}
+    key = weights_key(model, reuse=True)  # reads the tensors this batch changed
+    return {"index": b, "status": "applied", "cases": ids, "weights": key}
 
 
 def _finite(tensors: Iterable[torch.Tensor]) -> bool:
