@@ -16,6 +16,13 @@ of the solution lies in the range of ``P``, so ``k0 Delta ~ 0`` for preserved ke
 ``alpha`` is ``l2_weight`` (the code's ``L2``). MEMIT's ``lambda C`` term is not used: the
 projection takes its place (``mom2_update_weight`` is ignored, as in AlphaEdit's code).
 
+At real widths (``d_mlp`` 14,336-16,384) that ``[d_mlp, d_mlp]`` system is never formed
+(:func:`alphaedit_solver`): exact identities reduce it to an ``[n, n]`` one, with one
+``[d_mlp, d_mlp]`` float64 matrix for the earlier edits' term and none without them, and
+``P`` is applied a block of rows at a time. ``P`` stays float32, as cached: against a
+float64 ``P`` (tiny Llama, layer 1, ``d_mlp`` 128) the update differs by 3e-8 relative and
+leaks 2e-8 of its norm outside the null space, below float32 weights' own rounding.
+
 The returned :class:`~editing.edit.Edit` carries the keys each layer was solved for, so the
 caller of a sequence adds their ``K^T K`` to what the next batch must preserve (the
 sequential runner, :mod:`editing.evaluation.sequential`, does).
@@ -29,10 +36,18 @@ from dataclasses import dataclass
 from typing import no_type_check
 
 import torch
+from jaxtyping import Float
 
 from editing.edit import Edit
 from editing.hparams import check_number
-from editing.methods.memit import MemitHparams, Solver, batch_targets, check_memit, layer_updates
+from editing.methods.memit import (
+    MemitHparams,
+    Solver,
+    batch_targets,
+    check_memit,
+    layer_updates,
+    lu_solve_in_place,
+)
 from editing.methods.registry import EditInputs, EditMethod
 from editing.nullspace import layer_projectors
 from editing.prepared import PreparedRequest
@@ -68,21 +83,69 @@ class AlphaEditHparams(MemitHparams):
         check_number("l2_weight", self.l2_weight, allow_zero=True)
 
 
+#: Elements of a float32 projector cast to float64 at a time (2**24: 128 MiB of float64).
+CAST_BLOCK = 2**24
+
+
+def _rows(d: int) -> int:
+    """Rows of a ``[d, d]`` matrix taken at a time when one is cast to float64."""
+    return max(1, CAST_BLOCK // max(1, d))
+
+
+def project(
+    P: Float[torch.Tensor, "d d"], X: Float[torch.Tensor, "d n"]
+) -> Float[torch.Tensor, "d n"]:
+    """``P @ X`` in float64 for a projector kept in float32 (or float64): ``P`` is cast a
+    block of rows at a time, so no float64 ``[d, d]`` copy of it is made."""
+    out = torch.empty(P.shape[0], X.shape[1], dtype=torch.float64, device=X.device)
+    step = _rows(P.shape[1])
+    for i in range(0, P.shape[0], step):
+        out[i : i + step] = P[i : i + step].to(X.device, torch.float64) @ X
+    return out
+
+
 def alphaedit_solver(
     hp: AlphaEditHparams,
     projectors: Mapping[int, torch.Tensor],
     preserved: Mapping[int, torch.Tensor] | None,
 ) -> Solver:
     """``left = (P (K^T K + K_p^T K_p) + alpha I)^-1 P K^T`` (so the update is
-    ``left @ T``)."""
+    ``left @ T``), computed without forming that ``[d_mlp, d_mlp]`` system (float64, on the
+    keys' device):
+
+    * no earlier edits: the push-through identity ``(P K^T K + a I)^-1 P K^T =
+      P K^T (K P K^T + a I)^-1`` leaves an ``[n, n]`` system; nothing of size ``d_mlp^2``
+      beyond the projector is made;
+    * with ``M = K_p^T K_p``: ``A = P M + a I`` is the one ``[d_mlp, d_mlp]`` float64 matrix
+      (filled a block of rows at a time, LU-factored in place), and Woodbury's form
+      ``(A + P K^T K)^-1 P K^T = Y (I + K Y)^-1`` with ``Y = A^-1 P K^T`` leaves an
+      ``[n, n]`` system.
+
+    Both are exact identities (for any ``P``), so the result is that of the formula to
+    float64 rounding. ``alpha = 0`` without earlier edits gives the limit ``alpha -> 0``
+    (the least-norm exact solution inside the null space) where the formula is singular."""
 
     def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
-        P = projectors[layer].to(keys.device, torch.float64)
-        gram = keys.T @ keys
-        if preserved is not None and layer in preserved:
-            gram = gram + preserved[layer].to(keys.device, torch.float64)
-        eye = torch.eye(gram.shape[0], dtype=torch.float64, device=keys.device)
-        return torch.linalg.solve(P @ gram + hp.l2_weight * eye, P @ keys.T)
+        P = projectors[layer]
+        dev = keys.device
+        pk = project(P, keys.T)  # [d, n]: P K^T
+        d = keys.shape[1]
+        M = None if preserved is None else preserved.get(layer)
+        if M is None:
+            inner = keys @ pk  # K P K^T
+            inner.diagonal().add_(hp.l2_weight)
+            return torch.linalg.solve(inner.T, pk.T).T
+        M = M.to(dev, torch.float64)
+        A = torch.empty(d, d, dtype=torch.float64, device=dev).mT  # column-major: LU in place
+        step = _rows(d)
+        for i in range(0, d, step):
+            A[i : i + step] = P[i : i + step].to(dev, torch.float64) @ M
+        A.diagonal().add_(hp.l2_weight)
+        Y = lu_solve_in_place(A, pk, f"layer {layer}: P (K_p^T K_p) + alpha I")  # A^-1 P K^T
+        del A
+        small = keys @ Y
+        small.diagonal().add_(1.0)
+        return torch.linalg.solve(small.T, Y.T).T
 
     return solve
 

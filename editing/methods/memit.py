@@ -6,7 +6,8 @@
    in the weights: the template-averaged keys ``K`` ([n, d_mlp]), the current residual ``h``
    at the last edit layer, ``R = (z - h) / (layers remaining)``, and the least-squares update
 
-       delta W_l = (lambda C_l + K^T K)^-1 K^T T_l        (solved in float64)
+       delta W_l = (lambda C_l + K^T K)^-1 K^T T_l        (solved in float64, in place:
+                                                           :func:`memit_solver`)
 
    where ``T_l`` is the change wanted in layer ``l``'s down-projection output. MEMIT as
    published takes ``T_l = R`` (a change of the down-projection output adds straight onto the
@@ -143,13 +144,36 @@ Solver = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def memit_solver(hp: MemitHparams, moms: Mapping[int, torch.Tensor]) -> Solver:
-    """MEMIT's least squares: ``left = (lambda C + K^T K)^-1 K^T``."""
+    """MEMIT's least squares: ``left = (lambda C + K^T K)^-1 K^T``.
+
+    The system is built in one column-major float64 ``[d_mlp, d_mlp]`` matrix (``C`` cast
+    into it, scaled, ``K^T K`` added: the same operations as the formula, so the same bits)
+    and LU-factored in place, so at most two such matrices live at once (it and ``K^T K``;
+    the formula as written holds four, and the solve a hidden copy for LAPACK's layout)."""
 
     def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
-        mom = moms[layer].to(keys.device, torch.float64)
-        return torch.linalg.solve(hp.mom2_update_weight * mom + keys.T @ keys, keys.T)
+        d = keys.shape[1]
+        A = torch.empty(d, d, dtype=torch.float64, device=keys.device).mT
+        A.copy_(moms[layer])
+        A.mul_(hp.mom2_update_weight)
+        A.add_(keys.T @ keys)
+        return lu_solve_in_place(A, keys.T, f"layer {layer}: lambda C + K^T K")
 
     return solve
+
+
+def lu_solve_in_place(
+    A: Float[torch.Tensor, "d d"], B: Float[torch.Tensor, "d n"], what: str
+) -> Float[torch.Tensor, "d n"]:
+    """``A^-1 B``, LU-factoring ``A`` in its own memory (``A`` is overwritten; make it
+    column-major, ``torch.empty(d, d).mT``, or LAPACK works on a copy). Raises
+    ``torch.linalg.LinAlgError`` naming ``what`` when ``A`` is singular."""
+    pivots = torch.empty(A.shape[0], dtype=torch.int32, device=A.device)
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    torch.linalg.lu_factor_ex(A, out=(A, pivots, info))
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError(f"{what} is singular")
+    return torch.linalg.lu_solve(A, pivots, B)
 
 
 def layer_updates(

@@ -1,0 +1,106 @@
+"""The AlphaEdit and MEMIT solves at the sizes of real models: what they make of size
+``d_mlp^2``, and that the algebra that avoids the rest gives the paper's formula.
+
+Every float64 tensor of at least ``d^2`` elements that an operation of the solve returns is
+recorded (a :class:`TorchDispatchMode`), and at each operation those still alive (weak
+references, one per storage) are counted: AlphaEdit makes none without earlier edits and
+one (``P K_p^T K_p + alpha I``, factored in place) with them, beside the cached projector.
+Results are compared with a plain float64 transcription of the formula
+``(P (K^T K + K_p^T K_p) + alpha I)^-1 P K^T``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import editing.methods.alphaedit as alphaedit
+from editing.methods.alphaedit import AlphaEditHparams, alphaedit_solver
+from editing.methods.memit import MemitHparams, memit_solver
+
+
+class LiveSquares(TorchDispatchMode):
+    """Records every float64 op output of at least ``d * d`` elements; ``peak``: the most
+    alive at once (by storage), ``inputs`` excluded."""
+
+    def __init__(self, d: int, inputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.d, self.refs, self.peak = d, [], 0
+        self.skip = {t.untyped_storage().data_ptr() for t in inputs}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dtype == torch.float64
+                and t.numel() >= self.d * self.d
+            ):
+                self.refs.append(weakref.ref(t))
+        alive = {r().untyped_storage().data_ptr() for r in self.refs if r() is not None}
+        self.peak = max(self.peak, len(alive - self.skip))
+        return out
+
+
+def _problem(d: int, n: int, null: int, seed: int = 0):
+    """A projector onto ``null`` random directions (float32, as cached), keys, earlier
+    edits' ``K_p^T K_p`` (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, null, generator=g, dtype=torch.float64))
+    P = (Q @ Q.T).float()
+    keys = torch.randn(n, d, generator=g, dtype=torch.float64)
+    kp = torch.randn(3 * n, d, generator=g, dtype=torch.float64)
+    return P, keys, kp.T @ kp
+
+
+def _formula(P, keys, M, alpha):
+    """The update's left factor as the formula reads (float64 throughout)."""
+    P64 = P.double()
+    gram = keys.T @ keys + (0 if M is None else M)
+    eye = torch.eye(P.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(P64 @ gram + alpha * eye, P64 @ keys.T)
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+@pytest.mark.parametrize("alpha", [10.0, 0.1])
+def test_alphaedit_solve_is_the_formula(earlier, alpha):
+    P, keys, M = _problem(d=80, n=6, null=50)
+    hp = AlphaEditHparams(layers=[0], l2_weight=alpha)
+    got = alphaedit_solver(hp, {0: P}, {0: M} if earlier else None)(0, keys)
+    want = _formula(P, keys, M if earlier else None, alpha)
+    err = float((got - want).norm() / want.norm())
+    assert err < 1e-10, err
+    # the update lies in the null space: the preserved directions are untouched
+    leak = (torch.eye(80, dtype=torch.float64) - P.double()) @ got
+    assert float(leak.norm() / got.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_alphaedit_solve_makes_at_most_one_square_float64_matrix(earlier, monkeypatch):
+    d = 96
+    monkeypatch.setattr(alphaedit, "CAST_BLOCK", 16 * d)  # blocks of 16 rows, as at 16,384
+    P, keys, M = _problem(d=d, n=5, null=60)
+    hp = AlphaEditHparams(layers=[0], l2_weight=10.0)
+    solve = alphaedit_solver(hp, {0: P}, {0: M} if earlier else None)
+    with LiveSquares(d, [P, M, keys]) as live:
+        left = solve(0, keys)
+    assert live.peak <= (1 if earlier else 0), live.peak
+    assert torch.isfinite(left).all() and left.shape == (d, 5)
+
+
+def test_memit_solve_keeps_its_result_and_two_square_matrices():
+    d = 96
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4 * d, d, generator=g)
+    mom = (x.T @ x / x.shape[0]).float()
+    keys = torch.randn(7, d, generator=g, dtype=torch.float64)
+    hp = MemitHparams(layers=[0], mom2_update_weight=15.0)
+    with LiveSquares(d, [mom, keys]) as live:
+        left = memit_solver(hp, {0: mom})(0, keys)
+    want = torch.linalg.solve(15.0 * mom.double() + keys.T @ keys, keys.T)
+    assert torch.equal(left, want)  # the same operations, the same bits
+    assert live.peak <= 2, live.peak
