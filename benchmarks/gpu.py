@@ -30,7 +30,10 @@ ROME and MEMIT get their second moments precomputed (an identity matrix per edit
 ``stats={layer: C}``): the statistics are timed in their own column and are not inside the
 edit times. Context templates are fixed texts of the lengths the hyper-parameters ask for
 (generating them is a one-off cost, cached per model). Every measurement is guarded: a failure
-puts ``OOM`` or ``error: ...`` in its cell and the table is still printed.
+puts ``OOM`` or ``error: ...`` in its cell, its full traceback goes to stderr, and the table is
+still printed; then the script exits with status 1 naming the failed cells. An out-of-memory
+cell counts as a failure too, unless ``--allow-oom`` is given (a real shape that does not fit
+a smaller GPU is then a result, not an error).
 
 Anchors from the papers: ROME (Meng et al. 2022) about 2 s per edit for GPT-2 XL on one
 A6000; MEMIT (Meng et al. 2023) about 36 h for GPT-J's statistics on one A6000 (44M tokens,
@@ -51,14 +54,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ log = logging.getLogger("benchmarks.gpu")
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the helper module next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_cells import Row, _free, _sync, failure_cell, fmt_number, guarded  # noqa: E402, F401
 from gpu_models import (  # noqa: E402
     ANSWER,
     PROMPT,
@@ -87,57 +89,7 @@ from gpu_models import hf_config as hf_config  # noqa: E402  (the tests call it 
 STATS_LAYERS = range(3, 9)  # layers 3-8: MEMIT's GPT-J layers
 
 
-@dataclass
-class Row:
-    """One model's line of the table: cells by column key."""
-
-    model: str
-    shape: str
-    dtype: str
-    device: str
-    cells: dict[str, str] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------- measurements
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def fmt_number(x: float) -> str:
-    """A positive number for a cell: thousands separators above 1,000, else 3 significant
-    digits."""
-    return f"{x:,.0f}" if x >= 1000 else f"{x:.3g}"
-
-
-def guarded(what: str, fn: Callable[[], float], device: torch.device) -> str:
-    """Run one measurement; its cell: the formatted number, ``OOM`` or ``error: ...``."""
-    from tracing.memory import is_out_of_memory
-
-    try:
-        value = fn()
-    except Exception as exc:  # any failure becomes a cell, never a crash of the table
-        _free(device)
-        if is_out_of_memory(exc):
-            log.warning("%s: out of memory", what)
-            return "OOM"
-        first = (str(exc).strip().splitlines() or [""])[0]
-        log.warning("%s failed: %s: %s", what, type(exc).__name__, first)
-        return f"error: {type(exc).__name__}: {first[:80]}".replace("|", "/")
-    _free(device)
-    log.info("%s: %s", what, fmt_number(value))
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        log.info("%s: peak GPU memory so far %.1f GiB", what, peak)
-    return fmt_number(value)
 
 
 def time_trace(model: Any, samples: int) -> float:
@@ -282,13 +234,9 @@ def bench_model(
     try:
         model = build_model(spec, shape, device, dtype, folder, name)
     except Exception as exc:
-        from tracing.memory import is_out_of_memory
-
         _free(device)
-        first = (str(exc).strip().splitlines() or [""])[0]
-        cell = "OOM" if is_out_of_memory(exc) else f"error: {type(exc).__name__}: {first[:80]}"
-        log.warning("%s: building failed: %s", name, cell)
-        row.cells = {k: cell.replace("|", "/") for k in cols}
+        cell = failure_cell(f"{name} building", exc, row.failures)
+        row.cells = dict.fromkeys(cols, cell)
         return row
     log.info("%s: built in %.1f s", name, time.perf_counter() - t)
 
@@ -307,17 +255,23 @@ def bench_model(
     def memit(n: int) -> float:
         return time_memit(model, hparams("memit"), n)
 
-    row.cells["trace"] = guarded(f"{name} trace", lambda: time_trace(model, args.samples), device)
+    fails = row.failures
+    row.cells["trace"] = guarded(
+        f"{name} trace", lambda: time_trace(model, args.samples), device, fails
+    )
     row.cells["stats"] = guarded(
         f"{name} statistics",
         lambda: time_stats(model, stats_layers(n_layers), args.stats_tokens),
         device,
+        fails,
     )
     row.cells["rome"] = guarded(
-        f"{name} ROME", lambda: time_rome(model, hparams("rome"), args.rome_edits), device
+        f"{name} ROME", lambda: time_rome(model, hparams("rome"), args.rome_edits), device, fails
     )
     for n in sizes:
-        row.cells[f"memit{n}"] = guarded(f"{name} MEMIT {n}", functools.partial(memit, n), device)
+        row.cells[f"memit{n}"] = guarded(
+            f"{name} MEMIT {n}", functools.partial(memit, n), device, fails
+        )
     if device.type == "cuda":
         row.cells["peak"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}"
     else:
@@ -349,6 +303,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--samples", type=int, default=10, help="noise samples of the trace")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    ap.add_argument(
+        "--allow-oom",
+        action="store_true",
+        help="an out-of-memory cell is a result, not a failure (exit 0 if nothing else failed)",
+    )
     args = ap.parse_args(argv)
     if args.memit_sizes is None:
         args.memit_sizes = "10,20" if args.small else "1000,10000"
@@ -388,7 +347,9 @@ def resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[s
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """Run the benchmark; prints the table to stdout (and ``--out``) and returns it."""
+    """Run the benchmark; prints the table to stdout (and ``--out``) and returns it. When a
+    cell failed (out of memory included, unless ``--allow-oom``) it exits with status 1
+    after the table, naming the failed cells (their tracebacks are on stderr)."""
     args = parse_args(argv)
     device, dtype, models, sizes = resolve(args)
     if not logging.getLogger().handlers:
@@ -414,6 +375,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     print(table, flush=True)
     if args.out is not None:
         args.out.write_text(table + "\n")
+    failed = [f for r in rows for f in r.failures if not (f.oom and args.allow_oom)]
+    if failed:
+        names = "; ".join(f"{f.what}: {f.message}" for f in failed)
+        raise SystemExit(f"gpu.py: {len(failed)} measurement(s) failed ({names})")
     return table
 
 

@@ -154,3 +154,58 @@ def test_half_precision_without_cpu_kernels_is_refused_at_load(toy_models, monke
     with pytest.raises(InvalidInput, match="dtype float16 is not supported on the CPU"):
         _check_cpu_half(model, torch.float16)
     assert model.embed.original_component.weight.grad is None
+
+
+def test_the_bridge_leaves_a_device_mapped_model_where_accelerate_put_it(
+    toy_dirs, toy_models, tmp_path, monkeypatch
+):
+    """Two 'devices' on the CPU (the CPU and disk offload): wrapping the model moves no weight,
+    even where TransformerLens would guess CUDA, and the bridge traces as the one-device one."""
+    from tracing.loading import Placement, bridge_from_hf, load_hf
+    from tracing.models import attach_info
+
+    place = Placement(device_map=_map("llama"), offload_folder=tmp_path / "off")
+    hf, tok, official = load_hf(toy_dirs["llama"], place)
+
+    def where() -> list[tuple[str, int, tuple[int, ...]]]:  # the bridge renames modules
+        return sorted((p.device.type, p.data_ptr(), tuple(p.shape)) for p in hf.parameters())
+
+    before = where()
+    assert {d for d, _, _ in before} == {"cpu", "meta"}  # block 2 offloaded
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # TL's guess would be cuda
+    bridge = bridge_from_hf(hf, tok, official)
+    monkeypatch.undo()
+    assert where() == before
+    assert str(bridge.cfg.device) == "cpu"
+    attach_info(bridge, toy_dirs["llama"], True)
+    a, b = (
+        trace_fact(m, "The Space Needle is in", "The Space Needle", samples=2, noise=0.5)
+        for m in (toy_models["llama"], bridge)
+    )
+    for kind in a.scores:
+        np.testing.assert_allclose(b.scores[kind], a.scores[kind], rtol=0, atol=1e-6)
+
+
+def test_an_offloaded_input_embedding_is_refused_in_one_line(toy_dirs, tmp_path):
+    from tracing.errors import ModelLoadError
+
+    dmap = {**_map("llama"), "model.embed_tokens": "disk"}
+    with pytest.raises(ModelLoadError, match="'model.embed_tokens': 'disk'") as caught:
+        load_model(toy_dirs["llama"], device_map=dmap, offload_folder=str(tmp_path))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_map_mixing_gpus_and_offload_is_refused_before_loading(monkeypatch):
+    """TransformerLens 4.3 refuses a model split between GPUs and CPU/disk offload when it
+    wraps it, after the weights were read; the map is refused when it is parsed."""
+    import tracing.devices
+
+    monkeypatch.setattr(tracing.devices, "_cuda_count", lambda: 1)
+    with pytest.raises(InvalidInput, match="'model.layers.1' on 'disk' beside GPUs"):
+        parse_device_map({"model.layers.0": "cuda:0", "model.layers.1": "disk"})
+    with pytest.raises(InvalidInput, match="beside GPUs"):
+        parse_device_map('{"model.layers.0": 0, "lm_head": "cpu"}')
+    assert parse_device_map({"model.layers.0": "cuda:0", "lm_head": 0}) == {
+        "model.layers.0": "cuda:0",
+        "lm_head": 0,
+    }

@@ -104,3 +104,48 @@ def test_real_shapes_are_the_published_ones(gpu):
             model = AutoModelForCausalLM.from_config(config)
         count = sum(p.numel() for p in model.parameters())
         assert abs(count - n) / n < 0.01, (key, count)
+
+
+SMALL_ARGS = ["--small", "--device", "cpu", "--models", "gpt2-xl", "--memit-sizes", "4"]
+SMALL_ARGS += ["--stats-tokens", "512", "--rome-edits", "1"]
+
+
+def _inject(gpu, monkeypatch, **failing: Exception) -> None:
+    """The --small path with the measurements stubbed (fast), the ones in ``failing``
+    raising their exception."""
+
+    def stub(name: str):
+        def measure(*_a) -> float:
+            if name in failing:
+                raise failing[name]
+            return 1.5
+
+        return measure
+
+    for name in ("time_trace", "time_stats", "time_rome", "time_memit"):
+        monkeypatch.setattr(gpu, name, stub(name))
+
+
+def test_a_failed_cell_prints_its_traceback_and_fails_the_run(gpu, monkeypatch, capsys, caplog):
+    _inject(gpu, monkeypatch, time_rome=ValueError("injected failure"))
+    with pytest.raises(SystemExit) as stop:
+        gpu.main(SMALL_ARGS)
+    assert stop.value.code != 0
+    message = str(stop.value)
+    assert "1 measurement(s) failed" in message and "ROME" in message and "\n" not in message
+    header, rows = _rows(capsys.readouterr().out.strip())  # the table is still printed
+    col = {h: i for i, h in enumerate(header)}
+    assert rows[0][col["ROME s/edit"]] == "error: ValueError: injected failure"
+    assert rows[0][col["MEMIT 4 s/request"]] == "1.5"
+    logged = [r for r in caplog.records if r.exc_info and "injected failure" in str(r.exc_info[1])]
+    assert len(logged) == 1 and logged[0].exc_info[2] is not None  # the full traceback
+
+
+def test_out_of_memory_fails_the_run_unless_allowed(gpu, monkeypatch, capsys):
+    _inject(gpu, monkeypatch, time_trace=torch.OutOfMemoryError("CUDA out of memory."))
+    with pytest.raises(SystemExit, match="1 measurement"):
+        gpu.main(SMALL_ARGS)
+    capsys.readouterr()
+    table = gpu.main([*SMALL_ARGS, "--allow-oom"])
+    header, rows = _rows(table)
+    assert rows[0][header.index(next(h for h in header if h.startswith("trace")))] == "OOM"

@@ -152,6 +152,16 @@ def parse_device_map(spec: str | Mapping[str, str | int] | None) -> DeviceMap | 
         spec = loaded
         if local_ranks() > 1 and any(_names_gpu(w) for w in loaded.values()):
             raise _shared_map(spec)
+    gpus = [m for m, w in spec.items() if _names_gpu(w)]
+    offloaded = [m for m, w in spec.items() if w in ("cpu", "disk")]
+    if gpus and offloaded:
+        # TransformerLens 4.3 refuses such a map when it wraps the model, after every weight
+        # has been read; say so before any is.
+        raise InvalidInput(
+            f"device map puts {offloaded[0]!r} on {spec[offloaded[0]]!r} beside GPUs "
+            f"({gpus[0]!r} on {spec[gpus[0]]!r}): TransformerLens 4.3 does not run a model "
+            "split between GPUs and CPU/disk offload; map every module to a GPU, or none"
+        )
     out: dict[str, str | int] = {}
     for module, where in spec.items():
         if isinstance(where, int) or (isinstance(where, str) and where.isdigit()):

@@ -188,19 +188,50 @@ def bridge_from_hf(
     model: PreTrainedModel, tokenizer: object, official_name: str
 ) -> TransformerBridge:
     """Wrap a loaded (placed, cast) HF causal LM in a TransformerBridge, with no weight
-    processing: the bridge's weights are the HF model's own tensors."""
+    processing: the bridge's weights are the HF model's own tensors, left where they are.
+
+    The bridge is told the input embedding's device (where tokens go). TransformerLens 4.3,
+    given ``hf_model=``, never moves or casts the model; with ``device=None`` it would guess
+    ``cuda`` when CUDA is present before correcting itself from ``hf_device_map``, so the
+    device is given rather than guessed. A model whose input embedding was offloaded (to
+    ``disk``, or to the CPU beside GPUs) is refused in one line: factscope reads that
+    embedding's weights directly (the fingerprint, the noise scale), which offloading leaves
+    on the meta device."""
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
-    first = next(model.parameters())
-    device = None if getattr(model, "hf_device_map", None) else str(first.device)
-    with hub_offline():
-        bridge = TransformerBridge.boot_transformers(
-            official_name, hf_model=model, tokenizer=tokenizer, device=device, dtype=first.dtype
+    embedding = model.get_input_embeddings().weight
+    if embedding.device.type == "meta":
+        where = dict(getattr(model, "hf_device_map", None) or {})
+        raise ModelLoadError(
+            f"the device map puts the input embedding of {official_name!r} on "
+            f"{_embedding_entry(model, where)}: map it (and its tied unembedding) to a device"
         )
+    with hub_offline():
+        try:
+            bridge = TransformerBridge.boot_transformers(
+                official_name,
+                hf_model=model,
+                tokenizer=tokenizer,
+                device=str(embedding.device),
+                dtype=embedding.dtype,
+            )
+        except ValueError as exc:  # TransformerLens refuses the placement (a mixed map)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(f"TransformerLens cannot wrap {official_name!r}: {first}") from exc
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
     return bridge
+
+
+def _embedding_entry(model: PreTrainedModel, device_map: dict[str, object]) -> str:
+    """The device-map entry that holds the input embedding, as ``'module': target``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    name = names.get(id(model.get_input_embeddings()), "")
+    for key in sorted(device_map, key=len, reverse=True):
+        if key == "" or name == key or name.startswith(key + "."):
+            return f"{key!r}: {device_map[key]!r}"
+    return "an offload device"
 
 
 def load_bridge(

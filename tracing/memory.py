@@ -68,7 +68,10 @@ def device_shares(model: HookedModel) -> dict[torch.device, DeviceShare]:
     share of the work; empty for a model on the CPU."""
     blocks: dict[torch.device, int] = {}
     for layer in range(n_layers(model)):
-        dev = layer_device(model, layer)
+        try:
+            dev = layer_device(model, layer)
+        except InvalidInput:  # an offloaded block: its weights visit a device per pass
+            continue
         blocks[dev] = blocks.get(dev, 0) + 1
     unembed = _unembed_device(model)
     touched = {*blocks, model_device(model), unembed}
