@@ -52,7 +52,14 @@ from editing.methods import get_method
 from editing.params import target_tensor
 from editing.weights import WeightsGuard, weights_key
 from tracing.chat import chat_template_on
-from tracing.distributed import barrier, gather_objects, main_first, ranks, together
+from tracing.distributed import (
+    RankFailed,
+    barrier,
+    gather_objects,
+    main_first,
+    ranks,
+    together,
+)
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.io import write_json_atomic, write_text_atomic
 from tracing.models import HookedModel, model_name
@@ -152,6 +159,48 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
+def _agreed_edit(sharded: bool, make: Callable[[], Edit]) -> tuple[Edit | None, str | None]:
+    """``(edit, None)``, or ``(None, reason)`` when the method refuses or cannot compute the
+    edit (:class:`InvalidRequest`, :class:`EditFailed`: the unit's cases are recorded as
+    failed and the run goes on); any other error propagates.
+
+    ``sharded`` (torchrun, every rank making the same edit with its targets split): every
+    rank reaches the same outcome. A rank whose share failed raises its own error and the
+    others :class:`RankFailed`; here the ranks compare what they saw, and if any rank's edit
+    failed as a case does, every rank records that rank's reason and goes on in step; if
+    any rank failed otherwise, every rank stops (that one with its error, the others with
+    :class:`RankFailed` naming it)."""
+    if not sharded:
+        try:
+            return make(), None
+        except (InvalidRequest, EditFailed) as exc:
+            return None, str(exc)
+    edit, own, report = None, None, None
+    try:
+        edit = make()
+    except (InvalidRequest, EditFailed) as exc:
+        report = ("case", str(exc))
+    except RankFailed as exc:  # another rank's failure, seen from here: its own report says
+        report = ("echo", str(exc))
+    except Exception as exc:  # noqa: BLE001  (re-raised below, after the others learn of it)
+        own, report = exc, ("stop", f"{type(exc).__name__}: {exc}")
+    reports = gather_objects(report)
+    for rank, r in enumerate(reports):
+        if r is not None and r[0] == "stop":
+            if own is not None:
+                raise own
+            raise RankFailed(f"rank {rank} failed: {r[1]}")
+    for r in reports:
+        if r is not None and r[0] == "case":
+            return None, r[1]
+    if report is not None:  # only echoes: nobody's own error to record
+        raise RankFailed(report[1])
+    echoed = next((r[1] for r in reports if r is not None), None)
+    if echoed is not None:
+        raise RankFailed(echoed)
+    return edit, None
+
+
 def _run_unit(run: _Run, unit: list[tuple[Case, Any]], todo: set[int]) -> list[dict]:
     """Edit one unit's cases, score those in ``todo`` on the edited model, undo; rows."""
     cfg, model, task = run.config, run.model, run.task
@@ -159,13 +208,14 @@ def _run_unit(run: _Run, unit: list[tuple[Case, Any]], todo: set[int]) -> list[d
     edit = None
     if cfg.method != NO_EDIT:
         requests = [task.request(c) for c, _ in unit]
+        extra: dict[str, Any] = {"shard_targets": True} if run.shard_targets else {}
+        if run.target_cache is not None:
+            extra["target_cache"] = run.target_cache
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(case_seed(cfg.seed, unit[0][0].case_id))
-            try:
-                extra: dict[str, Any] = {"shard_targets": True} if run.shard_targets else {}
-                if run.target_cache is not None:
-                    extra["target_cache"] = run.target_cache
-                edit = run.edit_fn(
+            edit, failed = _agreed_edit(
+                run.shard_targets,
+                lambda: run.edit_fn(
                     model,
                     requests,
                     cfg.method,
@@ -173,12 +223,11 @@ def _run_unit(run: _Run, unit: list[tuple[Case, Any]], todo: set[int]) -> list[d
                     layers=cfg.layers,
                     progress=False,
                     **extra,
-                )
-            except (InvalidRequest, EditFailed) as exc:
-                log.warning("edit of cases %s failed: %s", [c.case_id for c, _ in unit], exc)
-                return [
-                    {**task.fields(c), "failed": str(exc)} for c, _ in unit if c.case_id in todo
-                ]
+                ),
+            )
+        if failed is not None:
+            log.warning("edit of cases %s failed: %s", [c.case_id for c, _ in unit], failed)
+            return [{**task.fields(c), "failed": failed} for c, _ in unit if c.case_id in todo]
         if run.edit_hparams is None:
             run.edit_hparams = getattr(edit, "hparams", None)
     t_edit = time.perf_counter() - t0
