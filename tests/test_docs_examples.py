@@ -106,3 +106,26 @@ def test_every_public_name_has_a_docstring():
     hooks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hooks)
     assert hooks.docstring_problems() == []
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub and MkDocs' default toc write it."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_readme_links_resolve():
+    """README.md is not part of the docs site, so its relative links and their anchors are
+    checked here: every linked file exists and every ``#anchor`` names a heading of it."""
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links
+    for link in links:
+        if re.match(r"[a-z]+://", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.is_file(), f"README links to a missing file: {link}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(), re.M)
+            assert anchor in {_slug(h) for h in headings}, f"README links to no heading: {link}"
