@@ -222,12 +222,15 @@ def build_model(
     name: str,
     *,
     fast_init: bool = False,
+    reuse_tokenizer: bool = False,
 ) -> Any:
     """A randomly initialised ``spec`` model of ``shape`` made directly on ``device`` in
     ``dtype``, wrapped in a TransformerBridge with its :class:`~tracing.models.ModelInfo`.
 
     ``fast_init``: skip the architecture's own initialisation (minutes for billions of numbers
-    on a CPU) and fill the weights with :func:`fill_fast` instead (seconds)."""
+    on a CPU) and fill the weights with :func:`fill_fast` instead (seconds).
+    ``reuse_tokenizer``: keep a tokenizer an earlier build left in ``folder`` (it is trained
+    with fixed settings, so it is the same one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tracing.loading import bridge_from_hf
@@ -235,8 +238,9 @@ def build_model(
     from tracing.toy_models import build_tokenizer
 
     tok_dir = folder / f"tokenizer-{spec.arch}"
-    with stdout_to_stderr():  # the BPE trainer's progress lines would land in the table
-        build_tokenizer(tok_dir, vocab_size=TOKENIZER_VOCAB, add_bos=spec.prepend_bos)
+    if not (reuse_tokenizer and (tok_dir / "tokenizer_config.json").is_file()):
+        with stdout_to_stderr():  # the BPE trainer's progress lines would land in the table
+            build_tokenizer(tok_dir, vocab_size=TOKENIZER_VOCAB, add_bos=spec.prepend_bos)
     # Re-read from the folder: TransformerLens reloads the tokenizer by its name_or_path.
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     config = hf_config(spec, shape)

@@ -205,6 +205,14 @@ def _note(row: dict[str, Any]) -> str:
     return "; ".join(n for n in notes if n).replace("|", "/")
 
 
+def _lower_bound(row: dict[str, Any]) -> str:
+    """A stopped cell's transient is at least its last resident size minus what it held."""
+    if str(row.get("status", "")).startswith("over") and "GB" in row["status"]:
+        if row.get("in_hand_gb") is not None and row.get("peak_gb") is not None:
+            return f"> {row['peak_gb'] - row['in_hand_gb']:.2f}"
+    return "-"
+
+
 def render(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table (one row per cell) and the steps' bounds."""
     head = ["model", "shape (built/real L, d, d_mlp, heads, V)", "weights GB", "step", "s",
@@ -220,7 +228,7 @@ def render(rows: Sequence[dict[str, Any]]) -> str:
             _num(r, "seconds") if ok else "-",
             _num(r, "peak_gb"),
             _num(r, "in_hand_gb"),
-            _num(r, "transient_gb") if ok else "-",
+            _num(r, "transient_gb") if ok else _lower_bound(r),
             _note(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -268,6 +276,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="folder for tokenizers and the cache (default beside --jsonl)",
     )
     ap.add_argument("--force", action="store_true", help="measure cells already in --jsonl")
+    ap.add_argument(
+        "--table-only", action="store_true", help="measure nothing: the table of what is on file"
+    )
     ap.add_argument("--cap-gb", type=float, default=11.0, help="stop a worker above this RSS")
     ap.add_argument(
         "--min-free-gb",
@@ -388,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     done = read_rows(args.jsonl)
     for cell in todo:
         key = (cell.model, cell.step, cell.small, cell.layers)
+        if args.table_only:
+            continue
         if key in done and not args.force:
             log.info("%s %s: already measured, skipped", cell.model, cell.step)
             continue

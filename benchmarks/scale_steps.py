@@ -458,7 +458,10 @@ def run_cell(cell: Cell, partial: Callable[[dict[str, Any]], None]) -> dict[str,
     # The tokenizer's folder doubles as the model's name: an export reads its tokenizer there.
     name = str(work / f"tokenizer-{spec.arch}")
     t = time.perf_counter()
-    model = build_model(spec, shape, torch.device("cpu"), torch.float32, work, name, fast_init=True)
+    cpu = torch.device("cpu")
+    model = build_model(
+        spec, shape, cpu, torch.float32, work, name, fast_init=True, reuse_tokenizer=True
+    )
     built_s = time.perf_counter() - t
     gc.collect()
     built = resident_gb()
