@@ -141,6 +141,14 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return {}
 
 
+def _summaries(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each sub-command's one-line ``help`` as the parent parser lists it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return {a.dest: a.help or "" for a in action._choices_actions}
+    return {}
+
+
 def cli_page() -> str:
     """Markdown of every command of ``factscope`` with its usage and options."""
     from factscope.cli import build_parser
@@ -162,9 +170,12 @@ def cli_page() -> str:
     ]
 
     def walk(prefix: str, sub: argparse.ArgumentParser) -> None:
+        summaries = _summaries(sub)
         for name, child in _subcommands(sub).items():
             full = f"{prefix} {name}"
             lines.extend([f"## `{full}`", ""])
+            if summaries.get(name):
+                lines.extend([summaries[name][:1].upper() + summaries[name][1:] + ".", ""])
             if child.description:
                 lines.extend([child.description, ""])
             lines.extend(["```text", child.format_usage().strip(), "```", "", *_options(child), ""])
