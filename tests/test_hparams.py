@@ -178,3 +178,80 @@ def test_parse_layers():
     for bad in ("", "a", "3-", "5-2", "-1", "1,,2", "2.5"):
         with pytest.raises(ValueError):
             parse_layers(bad)
+
+
+def _config_folder(tmp_path, name: str, **config) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+LLAMA3 = dict(
+    architectures=["LlamaForCausalLM"],
+    num_hidden_layers=32,
+    hidden_size=4096,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+)
+QWEN25 = dict(architectures=["Qwen2ForCausalLM"], num_hidden_layers=28, hidden_size=3584)
+
+
+def test_published_numbers_of_the_7b_and_8b_models_by_name():
+    r = load_hparams("rome", "meta-llama/Meta-Llama-3-8B-Instruct")
+    assert r.layer == 5 and not r.mom2_adjustment
+    assert (r.target.num_steps, r.target.lr, r.target.loss_layer) == (25, 0.5, 31)
+    assert (r.target.weight_decay, r.target.clamp_norm_factor) == (1e-3, 4.0)
+    m = load_hparams("memit", "/models/Llama-3-8B/")  # another spelling of the name
+    assert m.layers == [4, 5, 6, 7, 8] and m.target.lr == 0.1 and m.mom2_update_weight == 15000
+    assert m.target.clamp_norm_factor == 0.75 and m.target.weight_decay == 0.5
+    a = load_hparams("alphaedit", "meta-llama/Meta-Llama-3-8B-Instruct")
+    assert a.l2_weight == 10.0 and a.nullspace_threshold == 0.02 and a.layers == [4, 5, 6, 7, 8]
+    q = load_hparams("memit", "Qwen/Qwen2.5-7B")
+    assert q.layers == [4, 5, 6, 7, 8] and q.target.loss_layer == 27
+    assert (q.target.lr, q.target.clamp_norm_factor, q.target.weight_decay) == (0.5, 4.0, 1e-3)
+    assert load_hparams("alphaedit", "Qwen/Qwen2.5-7B-Instruct").l2_weight == 1.0
+    assert load_hparams("rome", "mistralai/Mistral-7B-v0.3").target.loss_layer == 31
+    assert load_hparams("memit", "mistralai/Mistral-7B-v0.3").layers == [4, 5, 6, 7, 8]
+    assert not load_hparams("alphaedit", "mistralai/Mistral-7B-v0.3").layers  # none published
+
+
+def test_a_folder_is_recognised_by_its_config(tmp_path, caplog):
+    """A folder whose name says nothing gets its model's files from its config.json: the
+    base and instruct Llama 3 differ in the eos id, Qwen2.5's in the eos id and context."""
+    inst = _config_folder(tmp_path, "ckpt", **LLAMA3, eos_token_id=128009)
+    base = _config_folder(tmp_path, "ckpt2", **LLAMA3, eos_token_id=128001)
+    with caplog.at_level(logging.INFO, logger="editing.hparams"):
+        assert load_hparams("alphaedit", inst).l2_weight == 10.0
+        assert load_hparams("rome", base).layer == 5
+    assert "alphaedit_meta-llama-3-8b-instruct.json" in caplog.text
+    assert "rome_meta-llama-3-8b.json" in caplog.text
+    qwen = _config_folder(
+        tmp_path, "q", **QWEN25, vocab_size=152064, max_position_embeddings=32768,
+        eos_token_id=151645,
+    )  # fmt: skip
+    assert load_hparams("alphaedit", qwen).l2_weight == 1.0
+    llama31 = _config_folder(  # Llama 3.1: a longer context, no published files here
+        tmp_path, "l31", **{**LLAMA3, "max_position_embeddings": 131072}, eos_token_id=128001
+    )
+    assert not load_hparams("memit", llama31).layers
+    assert not load_hparams("memit", str(tmp_path / "missing")).layers
+
+
+def test_rome_without_mom2_adjustment_updates_along_the_key(toy_models):
+    """mom2_adjustment false (the published Llama-3, Qwen2.5, Mistral ROME files): C = I, so
+    the update's left vector is k* itself, and no statistics are collected."""
+    import torch
+
+    from editing.api import make_edit
+    from editing.keys import subject_keys
+    from editing.prepared import prepare_requests
+    from editing.requests import EditRequest
+
+    model = toy_models["llama"]
+    req = EditRequest("{} is located in the city of", "The Space Needle", "Paris")
+    hp = RomeHparams(layer=1, target=TargetHparams(num_steps=2), mom2_adjustment=False)
+    edit = make_edit(model, req, "rome", hp, context_templates=["{}"], progress=False)
+    left = edit.deltas[0].left[:, 0].double()
+    k = subject_keys(model, prepare_requests(model, [req], ["{}"]), 1)[0].double()
+    assert float(torch.dot(left, k) / (left.norm() * k.norm())) > 1 - 1e-6

@@ -8,6 +8,12 @@ model's folder, no factscope code.
   per context-template group, then the residual is spread over the remaining layers and
   solved against lambda C + K^T K);
 * ROME's rank-one update (in test_rome.py): W' k* = v* and the explicit closed form.
+
+Every architecture is checked: the four shared tiny models and the seven further families
+(Qwen2, Qwen3, Mistral, Phi-3, GPT-NeoX, OLMo-2, Gemma 2), each built once for this module.
+For the families with a norm between the down-projection and the residual add (OLMo-2,
+Gemma 2, Gemma 3) the norm-aware spreading is checked too: the reference maps the residual
+back through the Hugging Face norm module's own gain in float64.
 """
 
 from __future__ import annotations
@@ -22,10 +28,37 @@ from editing.objective import TargetObjective
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
 from editing.weights import restoring_weights
+from tracing.models import load_model
+from tracing.toy_models import ARCHS, FAMILIES, build_toy_model
 
 TEMPLATES = ["{}", "Because of this. {}", "I think that the. {}"]
 REQ = EditRequest("{} is located in the city of", "The Space Needle", "Paris")
 HP = TargetHparams(weight_decay=0.5, kl_factor=0.0625)  # the reference objective's defaults
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> dict[str, tuple[str, object]]:
+    """Folder and loaded bridge of each further family's tiny model (built once here)."""
+    root = tmp_path_factory.mktemp("parity_families")
+    folders = {arch: str(build_toy_model(arch, root / arch)) for arch in FAMILIES}
+    return {arch: (folder, load_model(folder)) for arch, folder in folders.items()}
+
+
+#: The architectures with an RMSNorm between the down-projection and the residual add.
+POST_NORM = ("gemma3", "olmo2", "gemma2")
+
+
+@pytest.fixture
+def arch_model(request, toy_dirs, toy_models) -> tuple[str, str, object]:
+    """(architecture, folder, bridge) of the tiny model named by the test's ``arch``."""
+    arch = request.node.callspec.params["arch"]
+    if arch in FAMILIES:
+        folder, model = request.getfixturevalue("family_models")[arch]
+        return arch, folder, model
+    return arch, toy_dirs[arch], toy_models[arch]
 
 
 # --------------------------------------------------------------------------- reference
@@ -39,13 +72,13 @@ def _hf(folder: str) -> tuple[torch.nn.Module, object]:
 
 
 def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "transformer", None) or model.model
+    inner = getattr(model, "transformer", None) or getattr(model, "gpt_neox", None) or model.model
     return inner.h if hasattr(inner, "h") else inner.layers
 
 
 def _down(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     mlp = _blocks(model)[layer].mlp
-    for name in ("c_proj", "fc_out", "down_proj"):
+    for name in ("c_proj", "fc_out", "down_proj", "dense_4h_to_h"):
         if hasattr(mlp, name):
             return getattr(mlp, name)
     raise AssertionError("no down-projection found")
@@ -106,6 +139,25 @@ def _reference_loss(model, tok, layer, hook, delta):
     return sum(nll) / len(nll) + HP.kl_factor * kl + wd, init
 
 
+def _post_norm_gain(model, layer: int) -> torch.Tensor | None:
+    """The per-coordinate gain of the RMSNorm after the down-projection (OLMo-2: ``w``;
+    Gemma 2 and 3 store ``w - 1``: ``1 + w``), or None where the MLP output is added as is."""
+    block = _blocks(model)[layer]
+    norm = getattr(block, "post_feedforward_layernorm", None)
+    if norm is None:
+        return None
+    w = norm.weight.detach().double()
+    return 1 + w if "Gemma" in type(norm).__name__ else w
+
+
+def _norm_aware_target(y, m, resid, gain) -> torch.Tensor:
+    """The change of the raw down-projection output ``y`` that turns the normed output
+    ``m = g y / rms(y)`` into the direction of ``m + resid`` at ``y``'s own scale."""
+    rms = lambda x: x.pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
+    pre = (m + resid) / gain
+    return pre / rms(pre) * rms(y) - y
+
+
 def _key(model, layer: int, ids: list[int]) -> torch.Tensor:
     """The down-projection's input (the MLP key) at every position of one sequence."""
     seen = []
@@ -124,10 +176,11 @@ def _key(model, layer: int, ids: list[int]) -> torch.Tensor:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("arch", ARCHS + FAMILIES)
 @pytest.mark.parametrize("hook", ["mlp_raw", "resid"])
-def test_target_loss_and_gradient_match_the_reference(toy_dirs, toy_models, toy_arch, hook):
-    model = toy_models[toy_arch]
-    hf, tok = _hf(toy_dirs[toy_arch])
+def test_target_loss_and_gradient_match_the_reference(arch, arch_model, hook):
+    _, folder, model = arch_model
+    hf, tok = _hf(folder)
     layer = 1
     obj = TargetObjective(model, prepare_requests(model, [REQ], TEMPLATES), layer, hook, HP)
     g = torch.Generator().manual_seed(0)
@@ -143,12 +196,17 @@ def test_target_loss_and_gradient_match_the_reference(toy_dirs, toy_models, toy_
     assert float((grad - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_memit_layer_updates_match_the_reference(toy_dirs, toy_models, toy_arch):
+@pytest.mark.parametrize(
+    "arch, norm_aware",
+    [(a, False) for a in ARCHS + FAMILIES] + [(a, True) for a in POST_NORM],
+)
+def test_memit_layer_updates_match_the_reference(arch, arch_model, norm_aware):
     """For the same z and statistics, every layer's delta W equals MEMIT's, computed here in
-    float64 with the earlier layers' updates in the weights (norm_aware off: MEMIT as
-    published)."""
-    model = toy_models[toy_arch]
-    hf, tok = _hf(toy_dirs[toy_arch])
+    float64 with the earlier layers' updates in the weights: norm_aware off is MEMIT as
+    published; on, a model with a post-MLP norm gets the residual mapped back through it
+    (the others' updates are the published ones)."""
+    _, folder, model = arch_model
+    hf, tok = _hf(folder)
     layers, lam = [1, 2], 10.0
     prepared = prepare_requests(model, [REQ], TEMPLATES)
     d_mlp, d_model = int(model.cfg.d_mlp), int(model.cfg.d_model)
@@ -160,7 +218,7 @@ def test_memit_layer_updates_match_the_reference(toy_dirs, toy_models, toy_arch)
     bare_ids, bare_last = _ids_and_last(tok, REQ.prompt, REQ.subject, 0)
     h = _run(hf, bare_ids, layers[-1], "resid", bare_last, torch.zeros(d_model))[1]
     z = h + 0.3 * h.norm() * torch.randn(d_model, generator=g, dtype=torch.float64) / d_model**0.5
-    hp = MemitHparams(layers=layers, mom2_update_weight=lam, norm_aware=False)
+    hp = MemitHparams(layers=layers, mom2_update_weight=lam, norm_aware=norm_aware)
     with restoring_weights(model, layers, always=True):
         deltas, _, _ = layer_updates(model, prepared, hp, z[None].float(), memit_solver(hp, moms))
     for i, L in enumerate(layers):
@@ -176,6 +234,11 @@ def test_memit_layer_updates_match_the_reference(toy_dirs, toy_models, toy_arch)
         k = torch.stack(group_means).mean(0)[None]  # [1, d_mlp]
         cur = _run(hf, bare_ids, layers[-1], "resid", bare_last, torch.zeros(d_model))[1]
         resid = (z - cur)[None] / (len(layers) - i)
+        gain = _post_norm_gain(hf, L) if norm_aware else None
+        if gain is not None:  # the wanted change of y, through the norm at the bare prompt
+            y = _run(hf, bare_ids, L, "mlp_raw", bare_last, torch.zeros(d_model))[1][None]
+            m = _blocks(hf)[L].post_feedforward_layernorm(y)
+            resid = _norm_aware_target(y, m, resid, gain)
         expected = torch.linalg.solve(lam * moms[L] + k.T @ k, k.T) @ resid  # [d_mlp, d_model]
         got = deltas[i].matrix(torch.float64)
         assert float((got - expected).norm() / expected.norm()) < 1e-5, L

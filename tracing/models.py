@@ -15,6 +15,24 @@ touches this module only. What it holds:
 * text: :func:`tokenize` / :func:`target_ids` (with the model's own BOS rule), :func:`decode`,
   :func:`final_logits`.
 
+* family: :func:`family` (the row of :data:`tracing.families.FAMILIES` a model belongs to).
+
+The same reading holds in every supported family (:mod:`tracing.families`; each checked on a
+tiny model against the Hugging Face modules in ``tests/test_families.py``). ``mlp_key`` is
+the input of the down-projection (Phi-3's fused ``gate_up_proj`` sits before it: the key is
+still ``act(gate) * up``), ``mlp_raw`` its output with any bias (GPT-2, GPT-J, GPT-NeoX).
+Where a norm follows the down-projection (Gemma 2 and 3 before and after each sublayer,
+OLMo-2 only after), ``mlp``/``attn`` are the *normed* sublayer outputs added to the residual
+and :func:`post_mlp_norm` returns that norm: MEMIT's z is a residual-stream state, so the
+change ``R`` it asks of a layer is a change of the normed ``m``, which MEMIT's norm-aware
+spreading maps back to the raw ``y`` the weights write (Gemma 3's handling, unchanged for
+OLMo-2 and Gemma 2); ROME's v* lives at ``mlp_raw`` and reaches the residual through the norm.
+In a parallel block (GPT-J; GPT-NeoX with ``use_parallel_residual``, every Pythia)
+``x' = x + attn(ln1 x) + mlp(ln2 x)``: the MLP reads the block input, not ``x + attn``, so
+``resid_mid`` does not exist, MEMIT's residual ``z - h`` is added by the down-projection
+directly, restoring ``attn`` at layer L leaves that layer's MLP input alone (only later
+blocks see it) and restoring ``mlp`` restores that MLP's own term of the sum.
+
 Models come from :func:`load_model` (:mod:`tracing.loading`): a TransformerLens 4.x
 ``TransformerBridge`` over a Hugging Face model with weight processing off, so an in-place
 edit of a bridge weight *is* an edit of the HF weight. Running a model (capture states, stop
@@ -34,6 +52,7 @@ from jaxtyping import Float
 from transformer_lens.model_bridge import TransformerBridge
 
 from tracing.errors import InvalidInput
+from tracing.families import Family, family_of
 from tracing.loading import (  # noqa: F401  (re-exported: the public entry points)
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
@@ -161,6 +180,12 @@ def fingerprint(model: HookedModel) -> str:
     Computed once per model (:class:`ModelInfo`).
     """
     return model_info(model).fingerprint
+
+
+def family(model: HookedModel) -> Family | None:
+    """The supported family of ``model`` (by its Hugging Face architecture class), or None
+    for an architecture factscope has not tested."""
+    return family_of(type(model.original_model).__name__)
 
 
 def prepends_bos(model: HookedModel) -> bool:

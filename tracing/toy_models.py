@@ -4,6 +4,13 @@ Tests and benchmarks use them to exercise every architecture path (GPT-2's Conv1
 parallel block, Llama, Gemma 3's sandwich norms) exactly as a real checkpoint would be
 loaded: each model is saved as a Hugging Face folder with its tokenizer and then loaded by
 :func:`tracing.models.load_model` like any local folder.
+
+:data:`FAMILIES` are the further families factscope supports with tiny models only (no real
+weights ship): Qwen2 (Qwen2.5: biased q/k/v), Qwen3 (q/k norms), Mistral, Phi-3 (fused qkv
+and gate/up projections), GPT-NeoX (Pythia: parallel attention and MLP, biased Linear
+down-projection), OLMo-2 (norms after attention and MLP, none before) and Gemma 2 (norms
+before and after both, logit soft-capping). Each tokenizer follows its family's BOS rule
+(``adds_bos`` of :data:`tracing.families.FAMILIES`).
 """
 
 from __future__ import annotations
@@ -14,9 +21,16 @@ from typing import Any, Literal
 import torch
 
 from tracing.errors import InvalidInput
+from tracing.families import FAMILIES as FAMILY_TABLE
 
-Arch = Literal["gpt2", "gptj", "llama", "gemma3"]
+Arch = Literal[
+    "gpt2", "gptj", "llama", "gemma3", "qwen2", "qwen3", "mistral", "phi3", "gptneox", "olmo2",
+    "gemma2",
+]  # fmt: skip
+#: The architectures the shared test fixtures build for every test.
 ARCHS: tuple[Arch, ...] = ("gpt2", "gptj", "llama", "gemma3")
+#: The further families, tested on their own tiny models (tests/test_families.py).
+FAMILIES: tuple[Arch, ...] = ("qwen2", "qwen3", "mistral", "phi3", "gptneox", "olmo2", "gemma2")
 
 
 def build_tokenizer(folder: Path, vocab_size: int = 512, add_bos: bool = False):
@@ -95,7 +109,36 @@ def tiny_config(arch: Arch, vocab_size: int, size: Literal["tiny", "small"] = "t
             sliding_window=16,
             **common,
         )
-    raise InvalidInput(f"unknown architecture {arch!r}; expected one of {ARCHS}")
+    if arch in FAMILIES:
+        return _family_config(arch, d, n_layer, heads, common)
+    raise InvalidInput(f"unknown architecture {arch!r}; expected one of {ARCHS + FAMILIES}")
+
+
+def _family_config(arch: Arch, d: int, n_layer: int, heads: int, common: dict[str, Any]):
+    """The config of one of :data:`FAMILIES` (width ``d``, ``n_layer`` blocks)."""
+    import transformers as tf
+
+    shape: dict[str, Any] = dict(
+        hidden_size=d,
+        intermediate_size=2 * d,
+        num_hidden_layers=n_layer,
+        num_attention_heads=heads,
+        max_position_embeddings=256,
+    )
+    if arch == "gptneox":  # Pythia: parallel residual, rotary on a quarter of each head
+        return tf.GPTNeoXConfig(**shape, rotary_pct=0.25, use_parallel_residual=True, **common)
+    shape["num_key_value_heads"] = max(1, heads // 2)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**shape, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**shape, head_dim=d // heads, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(**shape, sliding_window=None, **common)
+    if arch == "phi3":
+        return tf.Phi3Config(**shape, original_max_position_embeddings=256, **common)
+    if arch == "olmo2":
+        return tf.Olmo2Config(**shape, **common)
+    return tf.Gemma2Config(**shape, head_dim=d // heads, sliding_window=16, **common)
 
 
 def build_toy_model(
@@ -107,7 +150,7 @@ def build_toy_model(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(folder, add_bos=arch in ("llama", "gemma3"))
+    tok = build_tokenizer(folder, add_bos=FAMILY_TABLE[arch].adds_bos)
     config = tiny_config(arch, len(tok), size)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

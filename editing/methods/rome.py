@@ -61,12 +61,15 @@ class RomeHparams(KeyValueHparams):
     system; ROME's own closed form does not depend on the scale of C, so it is unused here.
     ``consistent_key``: r-ROME's fix, the same template-averaged key in the update and in v*.
     ``layer`` None (only in ``_default`` files): the caller must choose the layer.
+    ``mom2_adjustment``: ROME's own switch (its compute_u); off, ``C = I`` (``u = k*``) and
+    no statistics are collected, as the published Llama-3, Qwen2.5 and Mistral files set it.
     """
 
     family = "rome"
 
     layer: int | None = None
     consistent_key: bool = True
+    mom2_adjustment: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -198,8 +201,12 @@ def edit_rome(
     several give one combined Edit. The caller restores the weights."""
     if hp.layer is None:
         raise InvalidHparams("ROME needs a layer: set hp.layer (or pass layers=[L])")
-    mom2 = layer_stats(model, [hp.layer], hp, given=inputs.stats, progress=inputs.progress)
-    solver = MomentSolver(mom2[hp.layer], down_proj(model, hp.layer).device)  # one for all
+    if hp.mom2_adjustment:
+        mom2 = layer_stats(model, [hp.layer], hp, given=inputs.stats, progress=inputs.progress)
+        moment = mom2[hp.layer]
+    else:  # ROME's mom2_adjustment off: C = I
+        moment = torch.eye(down_proj(model, hp.layer).shape[0], dtype=torch.float64)
+    solver = MomentSolver(moment, down_proj(model, hp.layer).device)  # one for all
     edits = []
     for i, p in enumerate(prepared):
         if len(prepared) > 1:

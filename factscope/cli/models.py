@@ -8,7 +8,9 @@ from factscope.cli.common import UNSET, add_model, given, load, positive_int
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    """List the models that can be loaded without a network."""
+    """List the models that can be loaded without a network, then the supported model
+    families with what has been tested on each (tracing.families)."""
+    from tracing.families import FAMILIES
     from tracing.models import available_models
 
     rows = available_models()
@@ -16,6 +18,11 @@ def cmd_models(args: argparse.Namespace) -> None:
     for r in rows:
         extra = f"  ({r['how']})" if r["how"] else ""
         print(f"{r['name']:<{width}}  {r['status']:<14}  {r['description']}{extra}")
+    print()
+    print("supported families (any local Hugging Face folder of these loads):")
+    width = max(len(f.label) for f in FAMILIES.values())
+    for fam in FAMILIES.values():
+        print(f"  {fam.label:<{width}}  {'/'.join(fam.architectures)}: {fam.status}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
