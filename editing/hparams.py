@@ -199,7 +199,8 @@ class TargetHparams(Hparams):
     it to reach another subject of the relation, leave that subject's answer alone: a
     preservation term on neighbouring inputs as in MEND's locality loss (Mitchell et al. 2022,
     "Fast Model Editing at Scale", L_loc), on CounterFact's notion of a neighbour (Meng et al.
-    2022). Issue 12's specificity lever; the ``"total"`` early-stop rule includes it.
+    2022). A lever of the specificity sweep (docs/RESULTS.md); the ``"total"`` early-stop rule
+    includes it.
     """
 
     num_steps: int = 20
