@@ -188,12 +188,15 @@ def test_fine_tuning_on_cuda_matches_the_cpu(devices_pairs, arch, dtype):
     edits = [make_edit(m, REQS[:1], "ft-l", hp, progress=False) for m in (cpu, gpu)]
     for a, b in zip(edits[0].deltas, edits[1].deltas, strict=True):
         assert _rel(b.matrix(), a.matrix()) < FT_REL[dtype], a.layer
-    half_ulp = max(float(w.abs().max()) for w in before.values()) * 2.0**-8
+    # the rounding of W + delta to the weights' dtype: half an ulp (bfloat16), one (float32)
+    ulp = max(float(w.abs().max()) for w in before.values()) * (
+        2.0**-8 if dtype == "bfloat16" else 2.0**-23
+    )
     with edits[1].applied(gpu):
         moved = max(
             float((down_proj(gpu, L).float() - before[L].float()).abs().max()) for L in (1, 2)
         )
-    assert 0.5 * eps < moved <= eps + (half_ulp if dtype == "bfloat16" else 1e-7)
+    assert 0.5 * eps < moved <= eps + ulp
     assert all(torch.equal(down_proj(gpu, L), before[L]) for L in (1, 2))
 
 
@@ -207,11 +210,11 @@ def test_export_from_a_cuda_model(devices_pairs, tmp_path, dtype):
     with edit.applied(gpu):
         folder = export_model(gpu, tmp_path / "exported", origin={"method": "rome"})
         edited = down_proj(gpu, 1).detach().cpu().clone()
-        on_gpu = trace_fact(gpu, PROMPT, SUBJECT, samples=2, noise=0.5)
+        on_gpu = trace_fact(gpu, PROMPT, SUBJECT, " Paris", samples=2, noise=0.5)
     back = load_model(str(folder), device="cpu", dtype=dtype)
     assert torch.equal(down_proj(back, 1), edited)
     assert not torch.equal(down_proj(back, 1), down_proj(cpu, 1))
-    again = trace_fact(back, PROMPT, SUBJECT, samples=2, noise=0.5)
+    again = trace_fact(back, PROMPT, SUBJECT, " Paris", samples=2, noise=0.5)
     assert again.answer_id == on_gpu.answer_id
     for kind in again.scores:
         np.testing.assert_allclose(
