@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
@@ -118,7 +119,7 @@ def load_hf(
 
     Returns ``(model, tokenizer, official_name)``; ``official_name`` is what TransformerLens
     uses to pick its architecture adapter. A failure is one :class:`ModelLoadError` line
-    naming its cause (:func:`load_failure`); only a damaged cache of an embedded model is
+    naming its cause (:func:`raise_load_failure`); only a damaged cache of an embedded model is
     rebuilt, once.
     """
     if name_or_path in EMBEDDED_MODELS:
@@ -131,21 +132,21 @@ def load_hf(
             model, tok = _read(str(folder), place)
         except Exception as exc:  # noqa: BLE001  (sorted below: the cache's fault or not)
             if cache_is_sound(folder):
-                raise load_failure(name_or_path, place, exc) from exc
+                raise_load_failure(name_or_path, place, exc)
             log.warning("cached copy of %s is damaged (%s); rebuilding", name_or_path, exc)
             folder = build_embedded_cache(name_or_path, force=True)
             try:
                 model, tok = _read(str(folder), place)
             except Exception as again:  # noqa: BLE001
-                raise load_failure(name_or_path, place, again) from again
+                raise_load_failure(name_or_path, place, again)
         return model, tok, spec.official_name
 
     source = resolve_source(name_or_path)
     place = placement or Placement()
     try:
         model, tok = _read(source, place, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001  (a bug keeps its traceback: see load_failure)
-        raise load_failure(name_or_path, place, exc) from exc
+    except Exception as exc:  # noqa: BLE001  (a bug keeps its traceback: see raise_load_failure)
+        raise_load_failure(name_or_path, place, exc)
     return model, tok, _official_name(model.config, name_or_path)
 
 
@@ -162,26 +163,27 @@ def _read(source: str, place: Placement, **kwargs: object) -> tuple[PreTrainedMo
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, AssertionError, ImportError)
 
 
-def load_failure(name: str, place: Placement, exc: BaseException) -> BaseException:
-    """The one-line :class:`ModelLoadError` for a load of ``name`` placed at ``place`` that
-    raised ``exc``, naming the cause: out of memory on a device, a device map that cannot be
-    followed, files that cannot be read. An exception of another kind (a ``TypeError``, an
-    ``AttributeError``: a bug) is returned as it is, to keep its traceback."""
+def raise_load_failure(name: str, place: Placement, exc: Exception) -> NoReturn:
+    """Raise the one-line :class:`ModelLoadError` for a load of ``name`` placed at ``place``
+    that raised ``exc``, naming the cause: out of memory on a device, a device map that
+    cannot be followed, files that cannot be read. An exception of another kind (a
+    ``TypeError``, an ``AttributeError``: a bug) is raised again as it is, traceback and
+    all."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     where = f"device map {place.device_map}" if place.device_map is not None else str(place.device)
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text.lower():
-        return ModelLoadError(
+        raise ModelLoadError(
             f"cannot load {name!r}: out of memory on {where} ({first}); free the device, "
             "choose a smaller --dtype or split the model with --device-map"
-        )
+        ) from exc
     if not isinstance(exc, _LOAD_ERRORS):
-        return exc
+        raise exc
     if place.device_map is not None:
-        return ModelLoadError(f"cannot load {name!r} with {where}: {first}")
-    return ModelLoadError(
+        raise ModelLoadError(f"cannot load {name!r} with {where}: {first}") from exc
+    raise ModelLoadError(
         f"cannot load {name!r} from local files onto {where} (no network is used): {first}"
-    )
+    ) from exc
 
 
 def bridge_from_hf(
