@@ -17,6 +17,7 @@ re-uses; :func:`base_run` picks and makes it (lazily: the default trace makes no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,7 +61,7 @@ class Run:
     value: float
 
 
-def base_key(prep: PreparedFact, states: tuple[State, ...] | list[State]) -> str:
+def base_key(prep: PreparedFact, states: Sequence[State]) -> str:
     """Which run ``states`` are patched into: ``"corrupted"`` (the prepared corrupted runs),
     ``"clean"`` (direction noise) or ``"second"`` (a severed intervention under the papers'
     noise: the scored pass draws the next noise, :mod:`tracing.severing`)."""

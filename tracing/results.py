@@ -163,7 +163,8 @@ class TraceResult:
         """(token index, layer, score) of the strongest restoration of ``kind`` (under
         ``direction="noise"``: of the state whose corruption costs the most)."""
         s = self.scores[kind]
-        t, layer = np.unravel_index(int(np.argmax(self.indirect_effect(kind))), s.shape)
+        noising = getattr(self.settings, "direction", "denoise") == "noise"
+        t, layer = np.unravel_index(int(np.argmax(-s if noising else s)), s.shape)
         return int(t), int(layer), float(s[t, layer])
 
     @property

@@ -263,6 +263,8 @@ def trace_fact(
         if method == "atp":
             exact = {k: before_subject(prep, n) for k in grids}
     p_corrupted, low = prep.p_corrupted, prep.corrupted_value
+    if metric == "prob":  # (AtP alone fills p_corrupted in from its own pass)
+        low = p_corrupted
     if method == "reference" and direction == "denoise":  # its own corrupted run's numerics
         low = float(restored_probs(model, prep, [[]], method="reference")[0])
         p_corrupted = low if metric == "prob" else p_corrupted

@@ -20,7 +20,7 @@ from tracing.severing import (
     parse_kind,
 )
 
-__all__ = ["DEFAULT_WINDOW", "ENGINES", "METHODS", "trace_settings"]
+__all__ = ["DEFAULT_WINDOW", "ENGINES", "METHODS", "check_measure", "trace_settings"]
 
 DEFAULT_WINDOW = {
     "resid": 1,
@@ -56,24 +56,17 @@ def trace_settings(
 ) -> tuple[TraceSettings, NoiseSpec]:
     """The settings a trace with these arguments is made with (checked, noise resolved to a
     level), and the noise specification; see :func:`trace_fact` for the arguments."""
-    if not kinds or isinstance(kinds, str):
-        raise InvalidInput("no kinds to trace" if not kinds else "kinds must be a list of kinds")
-    for k in kinds:
-        check_kind(k)
-    traced = tuple(k for k in ALL_KINDS if k in set(kinds))
+    traced = check_measure(
+        kinds,
+        method=method,
+        corruption=corruption,
+        replacement=replacement,
+        direction=direction,
+        metric=metric,
+        normalise=normalise,
+        severed_noise=severed_noise,
+    )
     severed = [k for k in traced if parse_kind(k)]
-    _check_options(corruption, replacement, direction, metric, normalise, severed_noise)
-    if severed and direction != "denoise":
-        raise InvalidInput(
-            f"severed kinds {severed} restore clean states into the corrupted run: they need "
-            "direction 'denoise'"
-        )
-    if method.startswith("atp") and (metric != "prob" or direction != "denoise"):
-        raise InvalidInput(
-            f"AtP estimates the answer's probability restored into the corrupted run only "
-            f"(metric 'prob', direction 'denoise'), not metric {metric!r} / direction "
-            f"{direction!r}; use --method fast"
-        )
     windows = dict(DEFAULT_WINDOW)
     if isinstance(window, int):
         windows.update(mlp=window, attn=window)
@@ -119,6 +112,46 @@ def trace_settings(
     if corruption == "replace":  # one corrupted run: the replaced prompt
         settings.samples = 1
     return settings, spec
+
+
+def check_measure(
+    kinds: Sequence[str] = KINDS,
+    *,
+    method: str = "fast",
+    corruption: str = DEFAULT_CORRUPTION,
+    replacement: str | None = None,
+    direction: str = DEFAULT_DIRECTION,
+    metric: str = DEFAULT_METRIC,
+    normalise: bool = False,
+    severed_noise: str = DEFAULT_SEVERED_NOISE,
+    subject: str | None = None,
+) -> tuple[str, ...]:
+    """Check the kinds and what a trace measures without a model (the command line calls
+    this before it loads one); returns the kinds in result order. One-line errors: unknown
+    or inapplicable kinds, a severed kind in the noising direction, an unknown corruption,
+    direction, metric or severed noise, a replacement without ``replace`` or equal to
+    ``subject``, AtP asked for what it cannot estimate."""
+    if not kinds or isinstance(kinds, str):
+        raise InvalidInput("no kinds to trace" if not kinds else "kinds must be a list of kinds")
+    for k in kinds:
+        check_kind(k)
+    traced = tuple(k for k in ALL_KINDS if k in set(kinds))
+    severed = [k for k in traced if parse_kind(k)]
+    _check_options(corruption, replacement, direction, metric, normalise, severed_noise)
+    if subject is not None and replacement is not None and replacement.strip() == subject.strip():
+        raise InvalidInput(f"the replacement subject {replacement!r} is the subject itself")
+    if severed and direction != "denoise":
+        raise InvalidInput(
+            f"severed kinds {severed} restore clean states into the corrupted run: they need "
+            "direction 'denoise'"
+        )
+    if method.startswith("atp") and (metric != "prob" or direction != "denoise"):
+        raise InvalidInput(
+            f"AtP estimates the answer's probability restored into the corrupted run only "
+            f"(metric 'prob', direction 'denoise'), not metric {metric!r} / direction "
+            f"{direction!r}; use --method fast"
+        )
+    return traced
 
 
 def _check_options(

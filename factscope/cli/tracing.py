@@ -72,11 +72,13 @@ def cmd_trace(args: argparse.Namespace) -> None:
     """Trace one fact; write trace.json, heatmaps (PNG/SVG/PDF) and an interactive HTML."""
     from tracing.results import SEVERED_KINDS
     from tracing.trace import trace_fact
+    from tracing.trace_options import check_measure
     from viz.heatmap import plot_trace, save_figure
     from viz.interactive import trace_figure, write_html
     from viz.severed import plot_severed, severed_figure
 
     out = output_folder(args.out)
+    check_measure(**given(args, "kinds", "method", *MEASURE), subject=args.subject)
     model = load(args)
     result = trace_fact(
         model,
@@ -126,12 +128,15 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
     from tracing.facts import load_known_facts
     from tracing.localization import average_effects, save_effects, trace_dataset
     from tracing.results import SEVERED_KINDS
+    from tracing.trace_options import check_measure
     from viz.heatmap import plot_average_heatmap, save_figure
     from viz.plots import plot_average_effects
     from viz.severed import plot_severed
 
     out = output_folder(args.out)
     facts = load_known_facts(input_file(args.facts, "--facts")) if args.facts else None
+    method = getattr(args, "method", "auto")
+    check_measure(**given(args, "kinds", *MEASURE), method="fast" if method == "auto" else method)
     model = load(args)
     results = trace_dataset(
         model,
