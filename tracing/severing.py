@@ -27,11 +27,14 @@ the default here:
 
 **Parallel blocks** (GPT-J, GPT-NeoX/Pythia): attention and MLP read the same residual
 stream, ``h_{L+1} = h_L + attn(ln1 h_L) + mlp(ln2 h_L)``. Severing the MLP at token t holds
-``mlp(ln2 h)`` at its corrupted value in every block at t, so a restored state reaches the
-answer through the attention of later tokens (reading t's keys and values) and the residual
-stream; nothing of the block's attention output at t is held. There is no MLP input that
-the attention output feeds, so "severing" cuts exactly the MLP's own read of the stream,
-the same definition as in a serial block (where the MLP also reads the attention's output).
+``mlp(ln2 h)`` at its corrupted value in every block at t, and nothing else: the restored
+state still reaches the answer through the residual stream and through the attention (of
+token t and, via t's keys and values, of later tokens). In a serial block the MLP reads the
+stream *after* the same block's attention; in a parallel one both read the block's input,
+so there severing the MLP removes only what the MLPs at t compute from the restored state,
+never an attention output passed through an MLP. Severing the attention is symmetric.
+The definition (which outputs are held, at which token, from which run) is the same for
+every architecture; the tests check it against a plain loop on every tiny family.
 
 **Restored windows.** A severed kind's window (default 1, as ``resid``) is a window of
 restored hidden states; a window that reaches the last layer from every layer (``window >=
