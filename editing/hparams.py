@@ -10,7 +10,11 @@ Defaults live in ``editing/hparams_defaults/{family}_{model}.json`` (e.g. ``rome
 ``memit_gemma-3-270m.json``, ``ft_gpt-j-6b.json``); each file's ``"_source"`` says where its
 numbers come from (the published ROME / MEMIT hparams files, or tuning on the embedded model).
 A model without its own file gets ``{family}_default.json``, whose layer choice is empty
-(``null``): pass the layers explicitly (e.g. from ``select-layers``).
+(``null``): pass the layers explicitly (e.g. from ``select-layers``). Files are found by the
+model's name, another spelling of it, or a local folder's ``config.json``
+(:mod:`editing.hparams_files`): published numbers ship for GPT-2 XL, GPT-J 6B, Llama-3-8B
+and its Instruct model, Qwen2.5-7B and its Instruct model, and Mistral-7B-v0.3 (ROME and
+MEMIT; no AlphaEdit numbers are published for Mistral).
 
 A file may hold ``"variants"``: settings that hold only when a field takes a value, keyed
 ``"field=value"`` (``ft_gemma-3-270m.json``: ``"params=block"`` tunes block 2 with its own
@@ -29,14 +33,21 @@ Wikipedia *articles* (each up to the model's context); ``mom2_n_tokens`` here co
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, no_type_check
 
+from editing.hparams_files import (  # noqa: F401  (re-exported)
+    ALIASES,
+    CONFIG_SIGNATURES,
+    config_key,
+    default_file,
+    defaults_dir,
+    model_key,
+    read_file,
+)
 from tracing.errors import InvalidHparams
 
 log = logging.getLogger(__name__)
@@ -286,95 +297,6 @@ class KeyValueHparams(Hparams):
         self.context_templates = _template_settings(self.context_templates)
 
 
-# --------------------------------------------------------------------------- default files
-
-
-def defaults_dir() -> Path:
-    """The folder of the shipped default files."""
-    return Path(str(files("editing").joinpath("hparams_defaults")))
-
-
-def model_key(model_name: str) -> str:
-    """File-name form of a model name: the last path component, lower case
-    (``EleutherAI/gpt-j-6B`` -> ``gpt-j-6b``; ``/models/gpt2-xl/`` -> ``gpt2-xl``)."""
-    return Path(str(model_name).rstrip("/")).name.lower()
-
-
-#: Other spellings of the models that have published files, by the file's model key.
-ALIASES: dict[str, str] = {
-    "llama-3-8b": "meta-llama-3-8b",
-    "llama3-8b": "meta-llama-3-8b",
-    "llama-3-8b-instruct": "meta-llama-3-8b-instruct",
-    "llama3-8b-instruct": "meta-llama-3-8b-instruct",
-}
-
-#: A local folder's ``config.json`` -> the model key, for folders whose name says nothing:
-#: (architecture, layers, width, vocabulary, context, eos id). The released configs of a
-#: base model and its instruct model differ in the eos id (and Qwen2.5 in the context);
-#: Qwen2-7B's config equals Qwen2.5-7B's, so such a folder gets Qwen2.5's file (logged).
-CONFIG_SIGNATURES: dict[tuple[str, int, int, int, int, int], str] = {
-    ("LlamaForCausalLM", 32, 4096, 128256, 8192, 128001): "meta-llama-3-8b",
-    ("LlamaForCausalLM", 32, 4096, 128256, 8192, 128009): "meta-llama-3-8b-instruct",
-    ("Qwen2ForCausalLM", 28, 3584, 152064, 131072, 151643): "qwen2.5-7b",
-    ("Qwen2ForCausalLM", 28, 3584, 152064, 32768, 151645): "qwen2.5-7b-instruct",
-    ("MistralForCausalLM", 32, 4096, 32768, 32768, 2): "mistral-7b-v0.3",
-}
-
-
-def config_key(folder: str | Path) -> str | None:
-    """The model key a local Hugging Face folder's ``config.json`` identifies
-    (:data:`CONFIG_SIGNATURES`), or None (no config, or a model without published files)."""
-    path = Path(folder).expanduser() / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cfg, dict):
-        return None
-    eos = cfg.get("eos_token_id")
-    signature = (
-        str((cfg.get("architectures") or [""])[0]),
-        cfg.get("num_hidden_layers"),
-        cfg.get("hidden_size"),
-        cfg.get("vocab_size"),
-        cfg.get("max_position_embeddings"),
-        eos[0] if isinstance(eos, list) and eos else eos,
-    )
-    return CONFIG_SIGNATURES.get(signature)  # type: ignore[arg-type]
-
-
-def default_file(family: str, model_name: str | None = None) -> Path:
-    """The default file of a method family for ``model_name`` (the family's ``_default``
-    file when that model has none).
-
-    ``model_name`` is found by its key (:func:`model_key`), then by another spelling of it
-    (:data:`ALIASES`), then, for a local folder, by what its ``config.json`` says the model
-    is (:func:`config_key`: a folder named ``/data/ckpt`` holding Llama-3-8B-Instruct gets
-    the Llama-3-8B-Instruct files)."""
-    if model_name is not None:
-        key = model_key(model_name)
-        for candidate in (key, ALIASES.get(key), config_key(model_name)):
-            path = defaults_dir() / f"{family}_{candidate}.json"
-            if candidate is not None and path.exists():
-                if candidate != key:
-                    log.info("%s defaults for %r: %s", family, model_name, path.name)
-                return path
-        log.info("no %s defaults for model %r: using %s_default.json", family, model_name, family)
-    return defaults_dir() / f"{family}_default.json"
-
-
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise InvalidHparams(f"no hyper-parameter file {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InvalidHparams(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise InvalidHparams(f"{path}: expected a JSON object of hyper-parameters")
-    return data
-
-
 def read_hparams(
     cls: type[H],
     model_name: str | None = None,
@@ -393,7 +315,7 @@ def read_hparams(
     raise :class:`~tracing.errors.InvalidHparams` naming them.
     """
     src = Path(path) if path is not None else default_file(cls.family, model_name)
-    data = _read(src)
+    data = read_file(src)
     top = {f.name for f in fields(cls)}
     implied = dict(fixed) if fixed and "mode" not in overrides else {}
     data.update(_variant(src, data.pop("variants", {}), {**data, **implied, **overrides}, top))

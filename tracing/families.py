@@ -97,7 +97,8 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "olmo2", "OLMo-2", ("Olmo2ForCausalLM",), "down_proj", False,
-            "post_feedforward_layernorm", False, False, TINY_ONLY,
+            "post_feedforward_layernorm", False, False,
+            TINY_ONLY + "; float32 only (TransformerLens 4.3 fails it in bfloat16)",
         ),
         Family(
             "gemma2", "Gemma 2", ("Gemma2ForCausalLM",), "down_proj", False,

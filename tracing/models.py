@@ -140,9 +140,10 @@ def _check_cpu_half(model: HookedModel, dtype: torch.dtype) -> None:
             model(ids, use_cache=False).float().sum().backward()
     except (RuntimeError, NotImplementedError) as exc:
         first = str(exc).strip().splitlines()[0]
+        other = "float32" if dtype == torch.bfloat16 else "float32 or bfloat16"
         raise InvalidInput(
             f"dtype {str(dtype).removeprefix('torch.')} is not supported on the CPU by this "
-            f"torch ({first}); use float32 or bfloat16"
+            f"torch for this model ({first}); use {other}"
         ) from exc
     finally:
         embed.requires_grad_(False)
