@@ -102,6 +102,10 @@ class TargetObjective:
         # optimiser's first step: the same forward pass, not a second one), else computed then
         self.kl_ref: list[DistRefs] | None = None
         self._pending: list[torch.Tensor] = []  # per pass: per-request losses with their graphs
+        # float16 models: the optimiser's loss scaler (torch.amp.GradScaler); every backward
+        # pass then runs on the scaled loss, so that small gradients inside the model do not
+        # flush to zero (float16 keeps nothing below 6e-8), and delta.grad holds scale * grad
+        self.scaler: torch.amp.GradScaler | None = None
 
     def evaluate(
         self,
@@ -170,7 +174,7 @@ class TargetObjective:
                 if defer:
                     self._pending.append(by_request)
                 else:
-                    by_request.sum().backward()
+                    self._backward(by_request.sum())
         if reuse:
             self.kl_ref = refs_now
         norm = delta.norm(dim=-1)
@@ -180,7 +184,7 @@ class TargetObjective:
             if defer:
                 self._pending.append(wd)
             else:
-                wd.sum().backward()
+                self._backward(wd.sum())
         wd = wd.detach()
         total = nll + hp.kl_factor * kl + hp.neighbour_kl_factor * neighbour_kl + wd
         return LossParts(nll=nll, kl=kl, neighbour_kl=neighbour_kl, weight_decay=wd, total=total)
@@ -201,4 +205,8 @@ class TargetObjective:
         sums = [x[keep.to(x.device)].sum() for x in pending]
         if sums and bool(keep.any()):
             at = sums[0].device
-            torch.stack([x.to(at) for x in sums]).sum().backward()
+            self._backward(torch.stack([x.to(at) for x in sums]).sum())
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, on the loss times the scaler's scale when there is one."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()

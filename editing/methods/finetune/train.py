@@ -24,6 +24,7 @@ from editing.methods.finetune.batches import (
 )
 from editing.methods.finetune.hparams import METHOD_NAMES, FTHparams
 from editing.methods.registry import EditInputs, EditMethod
+from editing.objective import loss_scaler
 from editing.params import (
     TargetKey,
     block_parameters,
@@ -121,7 +122,9 @@ def finetune_edit(
     Loss: minus the mean over a batch's sequences of the mean log-probability of each target
     token under teacher forcing (``target_new`` for requests, the kept answer for neutral
     facts), plus, with ``hp.constraint == "fisher"``, ``hp.fisher_weight * Σ F (θ − θ0)²``.
-    Adam (``hp.lr``, ``hp.weight_decay``) on float32 master copies of the tuned tensors;
+    Adam (``hp.lr``, ``hp.weight_decay``) on float32 master copies of the tuned tensors
+    (through a float16 model with torch's dynamic loss scaling, :func:`editing.objective.
+    loss_scaler`: a step whose scaled gradient overflows is skipped and the scale halved);
     ``hp.num_steps`` passes over the requests in batches of ``hp.batch_size``, one optimiser
     step per batch; with the ``linf`` constraint every tuned number is projected into
     ``θ0 ± hp.norm_constraint`` after every step. Only the tuned tensors get gradients, the
@@ -190,6 +193,8 @@ def finetune_edit(
         penalties: list[float] = []
         with grad_only(model, params):
             opt = torch.optim.Adam(masters, lr=hp.lr, weight_decay=hp.weight_decay)
+            # float16: dynamic loss scaling (gradients through a float16 model underflow)
+            scaler = loss_scaler(model, masters[0].device)
             bar = tqdm(schedule, desc=f"{METHOD_NAMES[hp.mode]} fine-tuning", disable=not progress)
             for step, batches in enumerate(bar):
                 step_loss = step_penalty = 0.0
@@ -204,16 +209,18 @@ def finetune_edit(
                             f"fine-tuning loss became {loss.item()} at step {step}: weights "
                             "restored (lower the learning rate?)"
                         )
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     for p, m in zip(params, masters, strict=True):
                         g = p.grad
                         m.grad = torch.zeros_like(m) if g is None else g.float()
                         p.grad = None
                     if weights:
                         penalty = fisher_penalty(masters, anchors, weights, hp.fisher_weight)
-                        penalty.backward()  # adds 2 λ F (θ − θ0) to each master's gradient
+                        # adds 2 λ F (θ − θ0) to each master's gradient, at the same scale
+                        scaler.scale(penalty).backward()
                         step_penalty += penalty.item() / len(batches)
-                    opt.step()
+                    scaler.step(opt)  # float16: unscaled first; skipped on inf or NaN
+                    scaler.update()
                     with torch.no_grad():
                         for p, m, a in zip(params, masters, anchors, strict=True):
                             if eps:
