@@ -159,8 +159,9 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
-def _agreed_edit(sharded: bool, make: Callable[[], Edit]) -> tuple[Edit | None, str | None]:
-    """``(edit, None)``, or ``(None, reason)`` when the method refuses or cannot compute the
+def _agreed_edit(sharded: bool, make: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(edit, None)`` (an :class:`~editing.edit.Edit`, or what a stand-in ``edit_fn``
+    returns), or ``(None, reason)`` when the method refuses or cannot compute the
     edit (:class:`InvalidRequest`, :class:`EditFailed`: the unit's cases are recorded as
     failed and the run goes on); any other error propagates.
 
