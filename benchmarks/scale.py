@@ -54,22 +54,25 @@ SMALL_LAYERS = 4
 #: What bounds each step's transient memory (beyond weights and statistics in hand), read
 #: off the code: n requests, P prompts, T tokens in a chunk, d = d_mlp, D = d_model, V vocab.
 BOUNDS = {
-    "stats": "the sums (layers x d^2 float32) + one batch's activations to the deepest layer",
+    "stats": "the sums (layers x d^2 float32), mom2 = sums / count (another d^2) and "
+    "safetensors' save_file building the file in memory (about 2 d^2 more): ~4 d^2 x 4 B",
     "trace": "the engine's rows x tokens x D states per chunk, one row's final logits [V]",
     "rome": "C in float64 + its LU (2 d^2 x 8 B) + W in float64 (d D x 8 B) + the v* graph",
     "memit-z": "MEMIT's solve (below) + the z graph of the requests' prompts",
-    "memit100": "K [n x d] float64 + the solve: lambda C, K^T K, their sum and its LU "
-    "(up to ~4 d^2 x 8 B)",
+    "memit100": "K [n x d] float64 + the solve: lambda C, K^T K, their sum and LAPACK's copy "
+    "(~4 d^2 x 8 B; 2 d^2 x 8 B once the system is built and factored in place)",
     "memit1000": "as memit100; K grows to n x d x 8 B",
-    "alphaedit": "eigh of C (d^2 float64 x ~3) for P, then P, K^T K, P K^T K, I, the sum and "
-    "its LU (up to ~6 d^2 x 8 B)",
-    "ft-linf": "the block's float32 master copy, anchors, gradients and two Adam moments "
-    "(~5 x block bytes) + activations",
-    "ft-fisher": "as ft-linf + the block's Fisher (1 x block bytes) and its sums",
-    "eval": "the ROME edit + the runner's per-unit weight checks (each block's bytes "
-    "copied to hash them)",
-    "save-load": "the edit's factors (d + D floats)",
-    "export": "the rank-one delta (d x D float32) and save_pretrained's buffers",
+    "alphaedit": "the null space: C in float64, eigh's vectors and workspace, the kept "
+    "columns and U U^T (>= 4 d^2 x 8 B); the solve: P, K^T K, P K^T K, I, the sum and its LU "
+    "(~6 d^2 x 8 B; none of d^2 once pushed through to [n, n])",
+    "alphaedit-solve": "AlphaEdit's solve alone (as in alphaedit)",
+    "ft-linf": "the block's snapshot, float32 anchors and masters, gradients, Adam's two "
+    "moments, the projection's temporaries and the Edit's dense deltas (~7 x block bytes)",
+    "ft-fisher": "as ft-linf + the block's Fisher and its per-source sums (~2 x block bytes)",
+    "eval": "the ROME edit + scoring + the runner's weight checks (each block tensor copied "
+    "to the host to hash it, one at a time)",
+    "save-load": "applying: the delta matrix, the saved original and the sum (3 d D x 4 B)",
+    "export": "applying (as save-load); save_pretrained writes tensor by tensor",
 }
 
 
@@ -207,7 +210,7 @@ def _note(row: dict[str, Any]) -> str:
 
 def _lower_bound(row: dict[str, Any]) -> str:
     """A stopped cell's transient is at least its last resident size minus what it held."""
-    if str(row.get("status", "")).startswith("over") and "GB" in row["status"]:
+    if str(row.get("status", "")).startswith(("over", "stopped", "killed")):
         if row.get("in_hand_gb") is not None and row.get("peak_gb") is not None:
             return f"> {row['peak_gb'] - row['in_hand_gb']:.2f}"
     return "-"

@@ -315,6 +315,40 @@ def prep_alphaedit(cell: Cell, model: Any) -> Prepared:
     return _z_given(cell, model, 100, "alphaedit")
 
 
+def prep_alphaedit_solve(cell: Cell, model: Any) -> Prepared:
+    """AlphaEdit's solve alone, its projector given: a random orthogonal projector of the
+    statistics' size (rank d_mlp - 512), built before the clock starts (float32, as
+    :func:`editing.nullspace.layer_projectors` returns them)."""
+    from editing.methods.alphaedit import alphaedit_solver
+    from editing.methods.memit import layer_updates
+    from editing.prepared import prepare_requests
+    from editing.weights import restoring_weights
+    from tracing.models import mlp_width
+
+    _, memit = edit_layers(cell.model, cell.small, cell.layers)
+    layers = [memit[-1]]
+    hp = _hparams(cell, model, "alphaedit", layers)
+    d, n = mlp_width(model), 100
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, min(512, d - 1), generator=gen))
+    P = torch.eye(d).addmm_(q, q.T, alpha=-1.0)
+    del q
+    prepared = prepare_requests(model, synthetic_requests(n), ("{}",))
+    z = torch.randn(n, int(model.cfg.d_model), generator=gen)
+
+    def run() -> dict[str, Any]:
+        solver = alphaedit_solver(hp, {layers[0]: P}, None)
+        with restoring_weights(model, layers, always=True):
+            layer_updates(model, prepared, hp, z, solver)
+        return {}
+
+    notes = (
+        f"AlphaEdit keys + layer update of {n} requests with z and the projector given "
+        f"(random, rank d_mlp - 512, 1 x d_mlp^2 float32 in hand), layer {layers[0]}, bare prompt"
+    )
+    return run, notes, 0.0
+
+
 def _ft(cell: Cell, model: Any, constraint: str) -> Prepared:
     from editing.api import make_edit
     from tracing.loading import cache_dir
@@ -440,6 +474,7 @@ STEPS: dict[str, Callable[[Cell, Any], Prepared]] = {
     "memit100": prep_memit100,
     "memit1000": prep_memit1000,
     "alphaedit": prep_alphaedit,
+    "alphaedit-solve": prep_alphaedit_solve,
     "ft-linf": prep_ft_linf,
     "ft-fisher": prep_ft_fisher,
     "eval": prep_eval,
