@@ -125,8 +125,8 @@ def _family_config(arch: Arch, d: int, n_layer: int, heads: int, common: dict[st
         num_attention_heads=heads,
         max_position_embeddings=256,
     )
-    if arch == "gptneox":  # Pythia: parallel residual, rotary on a quarter of each head
-        return tf.GPTNeoXConfig(**shape, rotary_pct=0.25, use_parallel_residual=True, **common)
+    if arch == "gptneox":  # Pythia: parallel residual, rotary on a quarter of each head (default)
+        return tf.GPTNeoXConfig(**shape, use_parallel_residual=True, **common)
     shape["num_key_value_heads"] = max(1, heads // 2)
     if arch == "qwen2":
         return tf.Qwen2Config(**shape, **common)
