@@ -154,17 +154,20 @@ def severed_effects(model: HookedModel, prep: PreparedFact, module: str, token: 
     deltas: dict[str, torch.Tensor] = {}
     seen: dict[str, torch.Tensor] = {}
 
-    def add_delta(x: torch.Tensor, hook) -> torch.Tensor:
-        seen[hook.name] = x.detach()
-        deltas[hook.name] = torch.zeros_like(x, requires_grad=True)
-        return x + deltas[hook.name]
+    def add_delta(name: str):
+        def hook(x: torch.Tensor, hook) -> torch.Tensor:
+            seen[name] = x.detach()
+            deltas[name] = torch.zeros_like(x, requires_grad=True)
+            return x + deltas[name]
+
+        return hook
 
     def detach_token(x: torch.Tensor, hook) -> torch.Tensor:
         y = x.clone()
         y[:, token] = x[:, token].detach()
         return y
 
-    hooks = [(nm, add_delta) for nm in resid] + [(nm, detach_token) for nm in cut]
+    hooks = [(nm, add_delta(nm)) for nm in resid] + [(nm, detach_token) for nm in cut]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         h = run_blocks(model, prep.corrupt_resid[0].detach(), prep.block_kwargs, 0)
         logp = torch.log_softmax(model_logits(model, h), -1)[:, prep.answer_id]
