@@ -352,7 +352,7 @@ def layer_second_moments(
         all_reduce_sum(sums[L])
     seconds = time.perf_counter() - t0
     for L in todo:
-        mom2 = sums[L] / count
+        mom2 = sums.pop(L).div_(count)  # in place: one d_mlp^2 matrix per layer, not two
         _check_finite(mom2, L, f"after {count} tokens")
         info = {
             "layer": L,

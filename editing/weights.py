@@ -32,7 +32,10 @@ def add_to_weight(weight: torch.Tensor, delta: torch.Tensor) -> None:
     is not rounded twice (delta to bfloat16, then the sum)."""
     work = torch.promote_types(torch.promote_types(weight.dtype, delta.dtype), torch.float32)
     with torch.no_grad():
-        weight.copy_((weight.to(work) + delta.to(weight.device, work)).to(weight.dtype))
+        if work == weight.dtype:  # float32 (or wider) weights: the same sum, with no new matrix
+            weight.add_(delta.to(weight.device, work))
+        else:
+            weight.copy_((weight.to(work) + delta.to(weight.device, work)).to(weight.dtype))
 
 
 def weights_snapshot(

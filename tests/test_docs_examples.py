@@ -89,14 +89,14 @@ def test_python_examples_run(page, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("page", [pytest.param(p, id=p.name) for p in PAGES])
 def test_shell_commands_parse(page):
-    from factscope.cli import build_parser
+    from factscope.cli import UsageError, build_parser
 
     parser = build_parser()
     for script, _ in blocks(page, "bash"):
         for args in factscope_commands(script):
             try:
                 parser.parse_args(args)
-            except SystemExit as exc:
+            except (SystemExit, UsageError) as exc:
                 pytest.fail(f"{page.name}: `factscope {shlex.join(args)}` does not parse ({exc})")
 
 

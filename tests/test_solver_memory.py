@@ -104,3 +104,47 @@ def test_memit_solve_keeps_its_result_and_two_square_matrices():
     want = torch.linalg.solve(15.0 * mom.double() + keys.T @ keys, keys.T)
     assert torch.equal(left, want)  # the same operations, the same bits
     assert live.peak <= 2, live.peak
+
+
+def _rome_problem(d_mlp: int, d_model: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * d_mlp, d_mlp, generator=g)
+    C = (x.T @ x / x.shape[0]).float()
+    W = torch.randn(d_mlp, d_model, generator=g)
+    k = torch.randn(d_mlp, generator=g)
+    v = torch.randn(d_model, generator=g)
+    return C, W, k, v
+
+
+@pytest.mark.parametrize("adjust", [True, False])
+def test_rome_closed_form_is_the_formula(adjust, monkeypatch):
+    """ROME's ``left = C^-1 k / (k . C^-1 k)``, ``right = v - k W`` (``C = I`` with
+    mom2_adjustment off), with ``k W`` read a few rows at a time, against float64 solves."""
+    import editing.methods.rome as rome
+
+    monkeypatch.setattr(rome, "ROW_BLOCK", 7)  # several blocks, the last one short
+    C, W, k, v = _rome_problem(d_mlp=40, d_model=12)
+    left, right = rome.rank_one_update(W, rome.MomentSolver(C if adjust else None, W.device), k, v)
+    C64 = C.double() if adjust else torch.eye(40, dtype=torch.float64)
+    u = torch.linalg.solve(C64, k.double())
+    assert torch.allclose(left, u / (u @ k.double()), rtol=1e-10, atol=0)
+    assert torch.allclose(right, v.double() - k.double() @ W.double(), rtol=1e-12, atol=1e-12)
+    # the edited weight maps k to v
+    edited = W.double() + torch.outer(left, right)
+    assert torch.allclose(k.double() @ edited, v.double(), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("adjust", [True, False])
+def test_rome_holds_at_most_one_float64_square(adjust, monkeypatch):
+    """The factored ``C`` is the one ``d_mlp^2`` float64 matrix of a ROME solve (cast and
+    factored in its own memory); with mom2_adjustment off (``C = I``) there is none, and the
+    weight is never copied whole to float64 (which at d_model >= d_mlp would be one)."""
+    import editing.methods.rome as rome
+
+    d = 256
+    monkeypatch.setattr(rome, "ROW_BLOCK", 32)  # blocks of the weight well below d^2
+    C, W, k, v = _rome_problem(d_mlp=d, d_model=d)
+    with LiveSquares(d, [C, W]) as mode:
+        solver = rome.MomentSolver(C if adjust else None, W.device)
+        rome.rank_one_update(W, solver, k, v)
+    assert mode.peak == (1 if adjust else 0), mode.peak

@@ -81,16 +81,34 @@ class RomeHparams(KeyValueHparams):
             self.layer = checked[0]
 
 
+ROW_BLOCK = 2048
+"""Rows of the down-projection read per float64 product in :func:`rank_one_update`."""
+
+
 class MomentSolver:
     """``C`` factored once (LU with partial pivoting, float64, on ``device``), so that each
     edit's ``C^-1 k`` costs a triangular solve instead of a factorisation (the same
     factorisation :func:`torch.linalg.solve` makes each time: the same numbers). Sequential
     ROME (:func:`edit_rome` over many requests) factors once for all of them."""
 
-    def __init__(self, mom2: Float[torch.Tensor, "d_mlp d_mlp"], device: torch.device) -> None:
-        # float64 whatever the model's dtype: C is ill-conditioned.
-        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(mom2.to(device, torch.float64))
-        self.singular = bool(info.item() != 0)
+    def __init__(
+        self, mom2: Float[torch.Tensor, "d_mlp d_mlp"] | None, device: torch.device
+    ) -> None:
+        # float64 whatever the model's dtype: C is ill-conditioned. ``None`` is ``C = I``
+        # (ROME's mom2_adjustment off): nothing is built or factored.
+        self.lu: torch.Tensor | None = None
+        self.singular = False
+        if mom2 is None:
+            return
+        # C is cast into one column-major matrix and factored in its own memory (LAPACK's
+        # layout), so one d_mlp^2 float64 matrix lives, not a cast copy and a factor.
+        d = mom2.shape[0]
+        lu = torch.empty(d, d, dtype=torch.float64, device=device).mT
+        lu.copy_(mom2)
+        self.pivots = torch.empty(d, dtype=torch.int32, device=device)
+        info = torch.empty((), dtype=torch.int32, device=device)
+        torch.linalg.lu_factor_ex(lu, out=(lu, self.pivots, info))
+        self.lu, self.singular = lu, bool(info.item() != 0)
 
     def solve(self, key: Float[torch.Tensor, " d_mlp"]) -> Float[torch.Tensor, " d_mlp"]:
         """``C^-1 key`` in float64; :class:`~tracing.errors.EditFailed` when ``C`` is
@@ -99,6 +117,8 @@ class MomentSolver:
             raise EditFailed(
                 "the second-moment matrix is singular: use more tokens for the statistics"
             )
+        if self.lu is None:
+            return key.to(torch.float64)
         k = key.to(self.lu.device, torch.float64)[:, None]
         return torch.linalg.lu_solve(self.lu, self.pivots, k)[:, 0]
 
@@ -124,11 +144,15 @@ def rank_one_update(
     k_res = key_u if key_res is None else key_res
     dev = weight.device
     solver = mom2 if isinstance(mom2, MomentSolver) else MomentSolver(mom2, dev)
-    w = weight.double()
     key_u, k_res, value = key_u.to(dev), k_res.to(dev), value.to(dev)
     u = solver.solve(key_u).to(dev)
     denom = torch.dot(u, k_res.double())
-    current = k_res.double() @ w + (0 if bias is None else bias.double())
+    # k_res W in float64, a block of rows at a time (no float64 copy of the whole weight)
+    current = torch.zeros(weight.shape[1], dtype=torch.float64, device=dev)
+    for i in range(0, weight.shape[0], ROW_BLOCK):
+        current += k_res[i : i + ROW_BLOCK].double() @ weight[i : i + ROW_BLOCK].double()
+    if bias is not None:
+        current = current + bias.double()
     right = value.double() - current
     if not torch.isfinite(u).all() or not torch.isfinite(denom) or denom.abs() < 1e-30:
         raise EditFailed("the second-moment matrix is singular for this key: use more tokens")
@@ -203,9 +227,9 @@ def edit_rome(
         raise InvalidHparams("ROME needs a layer: set hp.layer (or pass layers=[L])")
     if hp.mom2_adjustment:
         mom2 = layer_stats(model, [hp.layer], hp, given=inputs.stats, progress=inputs.progress)
-        moment = mom2[hp.layer]
+        moment: torch.Tensor | None = mom2[hp.layer]
     else:  # ROME's mom2_adjustment off: C = I
-        moment = torch.eye(down_proj(model, hp.layer).shape[0], dtype=torch.float64)
+        moment = None
     solver = MomentSolver(moment, down_proj(model, hp.layer).device)  # one for all
     edits = []
     for i, p in enumerate(prepared):

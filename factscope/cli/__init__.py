@@ -15,19 +15,32 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from factscope import __version__
 from factscope.cli import editing, evaluation, models, sweep, tracing
 from factscope.cli.common import check_placement
 from tracing.distributed import init_from_env, leave
-from tracing.errors import FactscopeError
+from tracing.errors import FactscopeError, InvalidInput
 
 SECTIONS = (models, tracing, editing, evaluation, sweep)
 
 
+class UsageError(InvalidInput):
+    """A command line argparse refused (an unknown option, a count below 1, ...)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose refusals are one line: it raises :class:`UsageError`
+    (``main`` prints ``error: ...`` and returns 2) instead of printing its usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102 (argparse's hook)
+        raise UsageError(f"{message} (see {self.prog} -h)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="factscope", description="Locate and edit facts in transformer language models."
     )
     parser.add_argument("--version", action="version", version=f"factscope {__version__}")
@@ -40,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
     )
