@@ -256,4 +256,4 @@ def test_cli_trace_with_atp(toy_dirs, tmp_path, capsys):
         t, layer, _ = r.peak(kind)
         assert r.exact_mask(kind)[t, layer]
     assert main([*args, "--method", "atp+exact", "--exact-top", "2"]) == 2
-    assert "exact_top" in capsys.readouterr().err
+    assert "--exact-top" in capsys.readouterr().err

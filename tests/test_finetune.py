@@ -441,7 +441,9 @@ def test_cli_edit_with_block_options_end_to_end(toy_dirs, tmp_path, capsys):
         "--params bogus": (["--params", "bogus"], "unknown part"),
         "--epsilon 0": (["--epsilon", "0"], "epsilon"),
         "--epsilon nan": (["--epsilon", "nan"], "epsilon"),
-        "--fisher-weight -1": (["--constraint", "fisher", "--fisher-weight", "-1"], "fisher_w"),
+        "--fisher-weight -1": (
+            ["--constraint", "fisher", "--fisher-weight", "-1"], "--fisher-weight"
+        ),
         "--constraint l2": (["--constraint", "l2"], "unknown constraint"),
         "--blocks and --layers": (["--blocks", "1", "--layers", "2"], "not both"),
         "--blocks x": (["--blocks", "x"], "bad layer spec"),

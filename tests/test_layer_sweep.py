@@ -345,7 +345,7 @@ def no_model_load(monkeypatch):
 BAD = {
     "empty layers": (["--layers", ""], "empty layer list"),
     "unreadable layers": (["--layers", "five"], "bad layer spec"),
-    "n < 1": (["--n", "0"], "n must be at least 1"),
+    "n < 1": (["--n", "0"], "argument --n/--n-cases: expected an integer >= 1"),
     "an existing non-sweep folder": (["--out", "{folder}"], "not a layer-sweep folder"),
     "an existing file as --out": (["--out", "{file}"], "is an existing file"),
     "an unknown dataset": (["--dataset", "{folder}/nope.json"], "unknown dataset"),
