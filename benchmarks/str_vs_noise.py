@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,25 +35,11 @@ from tracing.models import load_model
 from tracing.results import KINDS, TraceResult
 from tracing.trace import trace_fact
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # the script next to this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from atp_agreement import spearman  # noqa: E402  (ranks with ties averaged, as there)
+
 CORRUPTIONS = ("noise", "replace")
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation (NaN when either side is constant)."""
-
-    def ranks(x: np.ndarray) -> np.ndarray:
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for value in np.unique(x):
-            tied = x == value
-            if tied.sum() > 1:
-                r[tied] = r[tied].mean()
-        return r
-
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def traced(model, fact, folder: Path, corruption: str, samples: int) -> TraceResult:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_precision import _rel, model_pairs
 
 from editing.api import make_edit
 from editing.hparams import TargetHparams
@@ -25,8 +26,7 @@ from editing.methods.rome import RomeHparams
 from editing.objective import loss_scaler
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from editing.stats import layer_second_moments
-from tracing.models import down_proj, down_proj_bias, load_model, model_dtype
+from tracing.models import down_proj, down_proj_bias, model_dtype
 
 TEMPLATES = ["{}", "Because of this. {}", "I think that the. {}"]
 REQS = [
@@ -41,26 +41,7 @@ ARCHS = ["gpt2", "gptj", "llama", "gemma3"]
 @pytest.fixture(scope="module")
 def pairs(toy_dirs, tmp_path_factory):
     """Per architecture: (float32 model, float16 model, their statistics of layers 1-2)."""
-    out = {}
-    for arch, folder in toy_dirs.items():
-        models = [load_model(folder, dtype=d) for d in ("float32", "float16")]
-        stats = [
-            layer_second_moments(
-                m,
-                [1, 2],
-                n_tokens=2000,
-                seq_len=64,
-                cache_dir=tmp_path_factory.mktemp(f"{arch}_stats16"),
-                progress=False,
-            )
-            for m in models
-        ]
-        out[arch] = (*models, stats)
-    return out
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return model_pairs(toy_dirs, tmp_path_factory, "float16")
 
 
 def test_float16_gradients_flush_to_zero_unless_the_loss_is_scaled(pairs):

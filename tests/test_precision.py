@@ -35,25 +35,30 @@ REQS = [
 TARGET = TargetHparams(num_steps=4, lr=0.5)
 
 
-@pytest.fixture(scope="module")
-def pairs(toy_dirs, tmp_path_factory):
-    """Per architecture: (float32 model, bfloat16 model, their statistics of layers 1-2)."""
+def model_pairs(toy_dirs, tmp_path_factory, dtype: str) -> dict:
+    """Per architecture: (float32 model, ``dtype`` model, their statistics of layers 1-2)."""
     out = {}
     for arch, folder in toy_dirs.items():
-        models = [load_model(folder, dtype=d) for d in ("float32", "bfloat16")]
+        models = [load_model(folder, dtype=d) for d in ("float32", dtype)]
         stats = [
             layer_second_moments(
                 m,
                 [1, 2],
                 n_tokens=2000,
                 seq_len=64,
-                cache_dir=tmp_path_factory.mktemp(f"{arch}_stats"),
+                cache_dir=tmp_path_factory.mktemp(f"{arch}_stats_{dtype}"),
                 progress=False,
             )
             for m in models
         ]
         out[arch] = (*models, stats)
     return out
+
+
+@pytest.fixture(scope="module")
+def pairs(toy_dirs, tmp_path_factory):
+    """Per architecture: (float32 model, bfloat16 model, their statistics of layers 1-2)."""
+    return model_pairs(toy_dirs, tmp_path_factory, "bfloat16")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
