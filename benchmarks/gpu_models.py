@@ -158,8 +158,9 @@ def hf_config(spec: ModelSpec, shape: dict[str, int | float]) -> Any:
             rotary_dim=int(shape["rotary_dim"]),
             **ids,
         )
-    if spec.arch == "llama":
-        return LlamaConfig(
+    if spec.arch in ("llama", "qwen2"):  # the same fields; Qwen2 adds biases on q/k/v itself
+        config_class, eps = (LlamaConfig, 1e-5) if spec.arch == "llama" else (Qwen2Config, 1e-6)
+        return config_class(
             hidden_size=d,
             intermediate_size=int(shape["d_mlp"]),
             num_hidden_layers=L,
@@ -168,21 +169,7 @@ def hf_config(spec: ModelSpec, shape: dict[str, int | float]) -> Any:
             vocab_size=V,
             max_position_embeddings=ctx,
             rope_parameters={"rope_type": "default", "rope_theta": float(shape["rope_theta"])},
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            **ids,
-        )
-    if spec.arch == "qwen2":
-        return Qwen2Config(
-            hidden_size=d,
-            intermediate_size=int(shape["d_mlp"]),
-            num_hidden_layers=L,
-            num_attention_heads=h,
-            num_key_value_heads=int(shape["kv_heads"]),
-            vocab_size=V,
-            max_position_embeddings=ctx,
-            rope_parameters={"rope_type": "default", "rope_theta": float(shape["rope_theta"])},
-            rms_norm_eps=1e-6,
+            rms_norm_eps=eps,
             tie_word_embeddings=False,
             **ids,
         )

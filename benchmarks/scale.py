@@ -183,8 +183,14 @@ def describe(key: str, small: bool, layers: int) -> str:
 
 
 def _num(row: dict[str, Any], key: str) -> str:
+    """A cell: seconds to 0.1 from 10 s and to 3 significant digits below 1 s (a step of a
+    few milliseconds is not shown as 0.00); everything else to 0.01."""
     v = row.get(key)
-    return "-" if v is None else f"{v:.1f}" if key == "seconds" and v >= 10 else f"{v:.2f}"
+    if v is None:
+        return "-"
+    if key == "seconds":
+        return f"{v:.1f}" if v >= 10 else f"{v:.3g}" if v < 1 else f"{v:.2f}"
+    return f"{v:.2f}"
 
 
 def _note(row: dict[str, Any]) -> str:

@@ -517,7 +517,7 @@ def run_cell(cell: Cell, partial: Callable[[dict[str, Any]], None]) -> dict[str,
     seconds = time.perf_counter() - t
     peak = peak_gb()
     return {
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 4),  # a few-millisecond step stays above 0
         "peak_gb": round(peak, 2),
         "transient_gb": round(peak - before - inside, 2),
         "build_seconds": round(built_s, 1),
