@@ -92,7 +92,7 @@ def test_alphaedit_solve_makes_at_most_one_square_float64_matrix(earlier, monkey
     assert torch.isfinite(left).all() and left.shape == (d, 5)
 
 
-def test_memit_solve_keeps_its_result_and_two_square_matrices():
+def test_memit_solve_keeps_one_square_matrix():
     d = 96
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4 * d, d, generator=g)
@@ -102,8 +102,8 @@ def test_memit_solve_keeps_its_result_and_two_square_matrices():
     with LiveSquares(d, [mom, keys]) as live:
         left = memit_solver(hp, {0: mom})(0, keys)
     want = torch.linalg.solve(15.0 * mom.double() + keys.T @ keys, keys.T)
-    assert torch.equal(left, want)  # the same operations, the same bits
-    assert live.peak <= 2, live.peak
+    torch.testing.assert_close(left, want, rtol=1e-10, atol=1e-12)
+    assert live.peak <= 1, live.peak  # K^T K accumulated into the system, never a matrix
 
 
 def _rome_problem(d_mlp: int, d_model: int, seed: int = 0):

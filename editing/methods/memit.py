@@ -147,16 +147,16 @@ def memit_solver(hp: MemitHparams, moms: Mapping[int, torch.Tensor]) -> Solver:
     """MEMIT's least squares: ``left = (lambda C + K^T K)^-1 K^T``.
 
     The system is built in one column-major float64 ``[d_mlp, d_mlp]`` matrix (``C`` cast
-    into it, scaled, ``K^T K`` added: the same operations as the formula, so the same bits)
-    and LU-factored in place, so at most two such matrices live at once (it and ``K^T K``;
-    the formula as written holds four, and the solve a hidden copy for LAPACK's layout)."""
+    into it, scaled, ``K^T K`` accumulated into it by ``addmm_``) and LU-factored in place,
+    so one such matrix lives at once (the formula as written holds four, and the solve a
+    hidden copy for LAPACK's layout)."""
 
     def solve(layer: int, keys: torch.Tensor) -> torch.Tensor:
         d = keys.shape[1]
         A = torch.empty(d, d, dtype=torch.float64, device=keys.device).mT
         A.copy_(moms[layer])
         A.mul_(hp.mom2_update_weight)
-        A.add_(keys.T @ keys)
+        A.addmm_(keys.T, keys)
         return lu_solve_in_place(A, keys.T, f"layer {layer}: lambda C + K^T K")
 
     return solve
