@@ -77,7 +77,7 @@ def counterfact_requests(model, n: int) -> list:
 
 
 def bench_stats(model, layers: list[int], n_tokens: int) -> None:
-    from editing.stats import layer_second_moments
+    from editing.statistics.stats import layer_second_moments
 
     print(f"\n## Statistics E[kk^T]: {n_tokens} tokens, layers {layers[0]}-{layers[-1]}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,9 +102,9 @@ def bench_stats(model, layers: list[int], n_tokens: int) -> None:
 def bench_rome(model, n_edits: int) -> None:
     from editing.api import make_edit
     from editing.context import context_templates
-    from editing.keys import layer_stats
     from editing.methods import load_hparams
     from editing.methods.rome import RomeHparams
+    from editing.statistics.keys import layer_stats
 
     hp = load_hparams("rome", "gemma-3-270m")
     assert isinstance(hp, RomeHparams) and hp.layer is not None
@@ -233,8 +233,8 @@ def memit_child(n: int, method: str, out: Path) -> dict:
     from editing.evaluation import evaluate
     from editing.evaluation.results import read_rows
     from editing.hparams import KeyValueHparams
-    from editing.keys import layer_stats
     from editing.methods import load_hparams
+    from editing.statistics.keys import layer_stats
     from tracing.models import load_model
 
     model = load_model("gemma-3-270m")

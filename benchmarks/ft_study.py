@@ -261,10 +261,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     from editing.evaluation.tasks import TASKS
-    from editing.fisher import FACTS_SEED, FisherSettings, answered_facts, fisher_diagonal
     from editing.methods.finetune import default_neutral_facts, finetune_edit
     from editing.params import block_parameters
     from editing.prepared import prepare_requests
+    from editing.statistics.fisher import (
+        FACTS_SEED,
+        FisherSettings,
+        answered_facts,
+        fisher_diagonal,
+    )
     from tracing.facts import known_facts, load_known_facts
     from tracing.layers import parse_layers
     from tracing.models import load_model, n_layers

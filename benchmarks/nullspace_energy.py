@@ -51,9 +51,9 @@ def main() -> None:
 
     from editing.evaluation.ability import heldout_sequences, known_fact_accuracy, perplexity
     from editing.hparams import KeyValueHparams
-    from editing.keys import layer_stats
     from editing.methods import load_hparams
-    from editing.nullspace import null_space_projector
+    from editing.statistics.keys import layer_stats
+    from editing.statistics.nullspace import null_space_projector
     from editing.weights import add_to_weight, restoring_weights, weights_checksums
     from tracing.errors import InvalidInput
     from tracing.facts import known_facts, load_known_facts, tokenize_fact

@@ -96,8 +96,8 @@ def subject_key_moment(
     """``C_subj = mean_s k_s k_s^T`` over the cases' MLP keys at ``layer`` read at the
     subject's last token of each case's own prompt (float64 sums, float32 result)."""
     from editing.evaluation.tasks import TASKS
-    from editing.keys import subject_keys
     from editing.prepared import prepare_requests
+    from editing.statistics.keys import subject_keys
 
     task = TASKS["counterfact"]
     prepared = prepare_requests(model, [task.request(c) for c in cases])
@@ -110,7 +110,7 @@ def weighted_stats(
 ) -> dict[int, torch.Tensor]:
     """``{layer: (1 - weight) C + weight C_subj}`` for ROME's layer, ``C`` the corpus second
     moment ``hp`` names (read from the statistics cache or computed)."""
-    from editing.stats import layer_second_moments
+    from editing.statistics.stats import layer_second_moments
 
     layer = hp.layers[0]
     c = layer_second_moments(

@@ -20,10 +20,10 @@ import torch
 from editing.context import context_template_groups
 from editing.edit import Edit
 from editing.hparams import Hparams, KeyValueHparams
-from editing.keys import Stats
 from editing.methods import EditInputs, get_method
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.statistics.keys import Stats
 from editing.weights import restoring_weights
 from tracing.errors import InvalidHparams, InvalidInput
 from tracing.models import HookedModel, check_layer, down_proj, model_name

@@ -130,10 +130,10 @@ def context_template_groups(
     {}, ...], ...]``, one group per ``(length, count)`` pair of ``length_params`` (as in ROME's
     and MEMIT's hyper-parameters): ``count`` texts of ``length`` tokens each, spread over the
     prefixes The / Therefore / Because / I / You. MEMIT averages keys per group first
-    (:func:`editing.keys.subject_keys`). Generation is seeded (``seed``) and the result is
-    cached on disk (``cache_dir``, default ``tracing.loading.cache_dir()/context``) per model
-    fingerprint and settings, so the same model always gets the same templates. Braces in
-    generated text become spaces; a template repeated in a later group is dropped there.
+    (:func:`editing.statistics.keys.subject_keys`). Generation is seeded (``seed``) and the
+    result is cached on disk (``cache_dir``, default ``tracing.loading.cache_dir()/context``)
+    per model fingerprint and settings, so the same model always gets the same templates.
+    Braces in generated text become spaces; a template repeated in a later group is dropped there.
     """
     params = [(int(a), int(b)) for a, b in length_params]
     for length, count in params:

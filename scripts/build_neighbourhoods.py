@@ -53,7 +53,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from editing.corpus import data_path
+from editing.statistics.corpus import data_path
 
 OUT_NAME = "counterfact_neighbourhoods.json.gz"
 SOURCE_NAME = "counterfact_reduced.json.gz"

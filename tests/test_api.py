@@ -16,7 +16,7 @@ from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
 from editing.requests import EditRequest
-from editing.stats import layer_second_moments
+from editing.statistics.stats import layer_second_moments
 from factscope.cli import main
 from tracing.models import down_proj
 
@@ -138,7 +138,7 @@ def test_bad_input_raises_and_keeps_weights(toy_models, tmp_path, monkeypatch, m
 def test_edit_layer_without_a_path_to_the_loss_is_refused(toy_models, monkeypatch, method):
     """At the last layer no attention carries v*/z to the target positions (the gradient is
     zero): refused before statistics or any weight is touched, naming the layers that work."""
-    import editing.keys as keys
+    import editing.statistics.keys as keys
 
     model = toy_models["gpt2"]
     last = model.cfg.n_layers - 1

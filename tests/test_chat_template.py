@@ -23,7 +23,7 @@ from editing.hparams import TargetHparams
 from editing.methods.rome import RomeHparams
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from editing.stats import layer_second_moments
+from editing.statistics.stats import layer_second_moments
 from tracing.chat import chat_template_on, render_chat, use_chat_template
 from tracing.errors import InvalidInput
 from tracing.facts import tokenize_fact

@@ -43,7 +43,7 @@ from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
 from editing.objective import TargetObjective
 from editing.prepared import prepare_requests
-from editing.stats import layer_second_moments
+from editing.statistics.stats import layer_second_moments
 from tracing.models import down_proj, load_model, model_device, model_dtype
 from tracing.trace import trace_fact
 

@@ -23,7 +23,7 @@ from editing.api import make_edit
 from editing.hparams import TargetHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
-from editing.stats import layer_second_moments
+from editing.statistics.stats import layer_second_moments
 from tracing.memory import set_batch_tokens
 from tracing.models import down_proj, load_model
 from tracing.toy_models import build_toy_model

@@ -14,7 +14,7 @@ from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
 from editing.requests import EditRequest
-from editing.stats import layer_second_moments
+from editing.statistics.stats import layer_second_moments
 from tracing.devices import check_dtype, parse_device_map, resolve_device, resolve_dtype
 from tracing.errors import InvalidInput
 from tracing.models import down_proj, load_model

@@ -25,11 +25,11 @@ import torch
 from editing.api import make_edit
 from editing.edit import Edit
 from editing.hparams import TargetHparams
-from editing.keys import subject_keys
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.statistics.keys import subject_keys
 from tracing.errors import InvalidInput
 from tracing.families import FAMILIES as TABLE
 from tracing.forward import last_token_logits

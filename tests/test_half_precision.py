@@ -18,7 +18,6 @@ from test_precision import _rel, model_pairs
 
 from editing.api import make_edit
 from editing.hparams import TargetHparams
-from editing.keys import subject_keys
 from editing.methods.alphaedit import AlphaEditHparams
 from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams
@@ -26,6 +25,7 @@ from editing.methods.rome import RomeHparams
 from editing.objective import loss_scaler
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.statistics.keys import subject_keys
 from tracing.models import down_proj, down_proj_bias, model_dtype
 
 TEMPLATES = ["{}", "Because of this. {}", "I think that the. {}"]

@@ -244,9 +244,9 @@ def test_rome_without_mom2_adjustment_updates_along_the_key(toy_models):
     import torch
 
     from editing.api import make_edit
-    from editing.keys import subject_keys
     from editing.prepared import prepare_requests
     from editing.requests import EditRequest
+    from editing.statistics.keys import subject_keys
 
     model = toy_models["llama"]
     req = EditRequest("{} is located in the city of", "The Space Needle", "Paris")

@@ -35,7 +35,7 @@ from editing.evaluation.sweep_analysis import (
 from editing.evaluation.tasks import TASKS, Case
 from editing.hparams import TargetHparams
 from editing.methods.rome import RomeHparams
-from editing.stats import layer_second_moments
+from editing.statistics.stats import layer_second_moments
 from factscope.cli import main
 from tracing.errors import InvalidHparams, InvalidInput
 from tracing.models import target_ids, tokenize

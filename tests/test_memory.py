@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import editing.stats
+import editing.statistics.stats
 import tracing.engine
 from editing.hparams import TargetHparams
 from editing.objective import compute_targets
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from editing.stats import layer_second_moments
+from editing.statistics.stats import layer_second_moments
 from tracing.errors import InvalidInput
 from tracing.memory import batch_tokens, halving, set_batch_tokens
 from tracing.trace import trace_fact
@@ -71,7 +71,7 @@ def test_statistics_survive_out_of_memory(toy_models, monkeypatch, tmp_path):
     model = toy_models["gpt2"]
     kw = dict(n_tokens=1500, seq_len=64, batch_size=4, progress=False)
     whole = layer_second_moments(model, [0, 2], cache_dir=tmp_path / "a", **kw)
-    real = editing.stats.run_until
+    real = editing.statistics.stats.run_until
 
     def fails_late(model, tokens, hooks, stop_after):
         if tokens.shape[0] > 1:
@@ -79,7 +79,7 @@ def test_statistics_survive_out_of_memory(toy_models, monkeypatch, tmp_path):
             raise _oom()
         return real(model, tokens, hooks, stop_after=stop_after)
 
-    monkeypatch.setattr(editing.stats, "run_until", fails_late)
+    monkeypatch.setattr(editing.statistics.stats, "run_until", fails_late)
     split = layer_second_moments(model, [0, 2], cache_dir=tmp_path / "b", **kw)
     for L in (0, 2):
         assert split[L].count == whole[L].count

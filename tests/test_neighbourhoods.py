@@ -13,11 +13,11 @@ import re
 import pytest
 from script_loader import load_script
 
-from editing.corpus import data_path
 from editing.evaluation import evaluate
 from editing.evaluation.datasets import CounterFactRecord, load_counterfact
 from editing.evaluation.metrics import TokenScores, counterfact_metrics, score_counterfact
 from editing.evaluation.tasks import load_cases, split_cases, tuning_case_ids
+from editing.statistics.corpus import data_path
 from tracing.errors import InvalidInput
 
 bn = load_script("scripts/build_neighbourhoods.py")

@@ -16,13 +16,13 @@ import torch
 
 from editing.api import make_edit
 from editing.hparams import TargetHparams
-from editing.keys import subject_keys
 from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from editing.stats import layer_second_moments
+from editing.statistics.keys import subject_keys
+from editing.statistics.stats import layer_second_moments
 from tracing.errors import InvalidInput
 from tracing.models import down_proj, down_proj_bias, load_model, model_dtype
 from tracing.trace import trace_fact

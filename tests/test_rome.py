@@ -8,12 +8,12 @@ import torch
 from editing.api import make_edit
 from editing.context import context_templates
 from editing.hparams import TargetHparams
-from editing.keys import subject_keys
 from editing.methods import load_hparams
 from editing.methods.rome import RomeHparams, rank_one_update
 from editing.prepared import prepare_requests, templated_prompt
 from editing.requests import EditRequest
-from editing.stats import layer_second_moments
+from editing.statistics.keys import subject_keys
+from editing.statistics.stats import layer_second_moments
 from tracing.forward import capture_states, top_k
 from tracing.models import down_proj, down_proj_bias
 

@@ -4,7 +4,7 @@ both at every checkpoint; a model that collapses under many edits shows it here 
 
 * :func:`heldout_sequences`: the *last* ``n_tokens`` of WikiText-2's validation split, in
   sequences of ``seq_len``. Second-moment statistics read WikiText-2 from the start of the
-  test split (:func:`editing.stats.corpus_sequences`) and reach the validation split only
+  test split (:func:`editing.statistics.stats.corpus_sequences`) and reach the validation split only
   beyond the test split's length, so this text is not what the statistics saw (checked by
   :func:`check_heldout`).
 * :func:`perplexity`: ``exp`` of the mean next-token NLL over every predicted position.
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from editing.corpus import wikitext_paragraphs
+from editing.statistics.corpus import wikitext_paragraphs
 from tracing.errors import InvalidInput
 from tracing.facts import Fact
 from tracing.forward import capture_states, last_token_logits

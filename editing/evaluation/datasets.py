@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from editing.corpus import data_path
+from editing.statistics.corpus import data_path
 from tracing.errors import InvalidInput
 
 

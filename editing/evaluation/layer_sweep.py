@@ -51,7 +51,7 @@ from editing.evaluation.scoring import ModelScorer, Scorer, space_target
 from editing.evaluation.sweep_analysis import markdown_table, summarize
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.params import target_tensor
-from editing.stats import layer_second_moments
+from editing.statistics.stats import layer_second_moments
 from editing.weights import WeightsGuard, weights_key
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.io import write_json_atomic, write_text_atomic

@@ -17,7 +17,10 @@ the batch it arrived in, so that whether early edits wear off or later ones take
 told apart (:mod:`editing.evaluation.arrival`).
 
 Methods that protect earlier edits (``EditMethod.protects_edits``: AlphaEdit) get the keys
-of every batch applied so far (``sum K^T K`` by layer, from ``Edit.keys``).
+of every batch applied so far (``sum K^T K`` by layer, from ``Edit.keys``). Methods that carry
+a state along the stream (``EditMethod.lifelong``: UltraEdit's normalisation statistics) get
+the state the last applied batch left (its ``Edit.metadata["lifelong_state"]``), so a
+resumed stream, rebuilt from the saved batches, continues from exactly that state.
 
 Reliability:
 
@@ -65,6 +68,7 @@ from editing.evaluation.scoring import ModelScorer, Scorer
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, load_cases, split_cases
 from editing.hparams import KeyValueHparams
 from editing.methods import get_method
+from editing.methods.ultraedit import STATE_KEY, make_stream_edit
 from editing.requests import ConflictIndex
 from editing.weights import weights_checksums, weights_key
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
@@ -117,12 +121,14 @@ class SequentialConfig:
 class EditStream:
     """Edits applied one after another to one model: :meth:`push` applies (refusing
     non-finite results, model unchanged), :meth:`undo_all` undoes every edit in reverse, and
-    :attr:`preserved` keeps ``sum K^T K`` of their keys by layer (float64)."""
+    :attr:`preserved` keeps ``sum K^T K`` of their keys by layer (float64) and
+    :attr:`lifelong` the lifelong state the last edit left (None before any)."""
 
     def __init__(self, model: HookedModel) -> None:
         self.model = model
         self.edits: list[Edit] = []
         self.preserved: dict[int, torch.Tensor] = {}
+        self.lifelong: dict[str, Any] | None = None
 
     def push(self, edit: Edit) -> None:
         """Apply ``edit`` on top of the stream; EditFailed (weights unchanged) if the delta
@@ -140,12 +146,15 @@ class EditStream:
             k = k.double()
             gram = k.T @ k
             self.preserved[L] = self.preserved[L] + gram if L in self.preserved else gram
+        if STATE_KEY in edit.metadata:
+            self.lifelong = edit.metadata[STATE_KEY]
 
     def undo_all(self) -> None:
         """Undo every edit, last first: the weights are the original ones bit for bit."""
         while self.edits:
             self.edits.pop().undo(self.model)
         self.preserved.clear()
+        self.lifelong = None
 
 
 @dataclass
@@ -339,16 +348,20 @@ def _edit_batch(
         return {"index": b, "status": "empty", "cases": []}
     ids = [c.case_id for c, _ in take]
     extra: dict[str, Any] = {}
-    if edit_fn is None:
+    if edit_fn is None and not spec.lifelong:
         extra["target_cache"] = run_dir / "targets"
         if spec.protects_edits and stream.preserved:
             extra["preserved_keys"] = stream.preserved
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1_000_003 + ids[0])
-            edit = (edit_fn or make_edit)(
-                model, [task.request(c) for c, _ in take], cfg.method, hp, progress=False, **extra
-            )
+            requests = [task.request(c) for c, _ in take]
+            if edit_fn is None and spec.lifelong:
+                edit = make_stream_edit(model, requests, hp, stream.lifelong)
+            else:
+                edit = (edit_fn or make_edit)(
+                    model, requests, cfg.method, hp, progress=False, **extra
+                )
         edit.save(run_dir / "batches" / f"{b:05d}")
         stream.push(edit)
     except (InvalidRequest, EditFailed) as exc:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from editing.corpus import data_path
 from editing.evaluation.datasets import (
     CounterFactRecord,
     ZsreRecord,
@@ -38,6 +37,7 @@ from editing.evaluation.metrics import (
     zsre_metrics,
 )
 from editing.requests import EditRequest
+from editing.statistics.corpus import data_path
 from tracing.errors import InvalidInput
 from tracing.models import HookedModel, target_ids
 

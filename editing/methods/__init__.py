@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from editing.hparams import Hparams
-from editing.methods import alphaedit, finetune, memit, rome
+from editing.methods import alphaedit, finetune, memit, rome, ultraedit
 from editing.methods.registry import EditInputs, EditMethod, lookup
 
 METHODS: dict[str, EditMethod] = {
@@ -19,6 +19,7 @@ METHODS: dict[str, EditMethod] = {
         rome.METHOD,
         memit.METHOD,
         alphaedit.METHOD,
+        ultraedit.METHOD,
         *finetune.METHODS,
     )
 }

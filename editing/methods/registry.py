@@ -40,13 +40,16 @@ class EditInputs:
     methods keep each request's finished target, so that an interrupted batch resumes
     (``target_cache``, :class:`editing.target_cache.TargetCache`); and, for methods that
     protect earlier edits (AlphaEdit), the sum ``K^T K`` of the keys of the edits already made
-    in a sequence, by layer (``preserved_keys``, [d_mlp, d_mlp])."""
+    in a sequence, by layer (``preserved_keys``, [d_mlp, d_mlp]); for methods that carry
+    state along a stream (UltraEdit's lifelong normalisation), the state the stream has
+    reached, as JSON data (``lifelong_state``; None: a fresh stream)."""
 
     stats: Stats | None = None
     progress: bool = False
     shard_targets: bool = False
     target_cache: Path | None = None
     preserved_keys: Mapping[int, torch.Tensor] | None = None
+    lifelong_state: Mapping[str, Any] | None = None
 
 
 #: The signature of every method's edit function: ``(model, prepared, hp, inputs) -> Edit``.
@@ -67,6 +70,9 @@ class EditMethod:
     work on a model (e.g. an edit layer with no path to the loss), before any work.
     ``protects_edits``: in a sequence, the method takes the keys of the edits already made
     (``EditInputs.preserved_keys``) and keeps them mapped as they are (AlphaEdit).
+    ``lifelong``: in a sequence, the method carries a state from batch to batch
+    (``EditInputs.lifelong_state``, returned in ``Edit.metadata["lifelong_state"]``:
+    UltraEdit's normalisation statistics).
     """
 
     name: str
@@ -79,6 +85,7 @@ class EditMethod:
     file_defaults: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[HookedModel, Any], None] | None = None
     protects_edits: bool = False
+    lifelong: bool = False
 
     def load_hparams(
         self, model_name: str | None = None, path: str | Path | None = None, **overrides: Any
