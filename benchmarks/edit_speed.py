@@ -17,7 +17,7 @@ Prints four tables:
    slice of the vocabulary at a time (:mod:`tracing.vocab`, what ``final_logits`` does on
    the CPU), forward and forward + backward; then the v*/z objective's per-read losses with
    their gradient, the generic path against one sweep over the unembedding
-   (:mod:`editing.vocab_loss`);
+   (:mod:`editing.targets.vocab_loss`);
 5. the z optimisation alone (``--z N``, off by default): MEMIT's Gemma file, the first N
    known CounterFact cases as one group at MEMIT's last layer, with ``--z-budget`` positions
    per pass (default: the library's): seconds, mean steps, mean final NLL, peak RSS of the
@@ -165,10 +165,10 @@ def bench_vocab(model, sizes: tuple[int, ...] = (12, 100, 300, 1000), repeats: i
 
 
 def bench_read_losses(model, sizes: tuple[int, ...], repeats: int) -> None:
-    """The objective's per-read losses and their gradient (editing.vocab_loss): the generic
+    """The objective's per-read losses and their gradient (editing.targets.vocab_loss): the generic
     path (projection, log-softmax over [reads, vocab], backward product) against the one
     sweep over the unembedding; one read in twelve a KL read, as in a ROME step."""
-    from editing.vocab_loss import DistRefs, read_losses
+    from editing.targets.vocab_loss import DistRefs, read_losses
     from tracing.models import final_logprobs
 
     def run(x, target, refs, fused: bool) -> torch.Tensor:
@@ -205,8 +205,8 @@ def bench_z(model, n: int, budget: int | None) -> None:
     from editing.context import context_template_groups
     from editing.methods import load_hparams
     from editing.methods.memit import MemitHparams
-    from editing.objective import compute_targets
     from editing.prepared import prepare_requests
+    from editing.targets.objective import compute_targets
 
     hp = load_hparams("memit", "gemma-3-270m")
     assert isinstance(hp, MemitHparams) and hp.layers

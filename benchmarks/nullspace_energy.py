@@ -49,12 +49,12 @@ def main() -> None:
     if args.facts < 1 or not all(t > 0 for t in thresholds):
         ap.error("--facts must be >= 1 and every threshold > 0")
 
+    from editing.edits.weights import add_to_weight, restoring_weights, weights_checksums
     from editing.evaluation.ability import heldout_sequences, known_fact_accuracy, perplexity
     from editing.hparams import KeyValueHparams
     from editing.methods import load_hparams
     from editing.statistics.keys import layer_stats
     from editing.statistics.nullspace import null_space_projector
-    from editing.weights import add_to_weight, restoring_weights, weights_checksums
     from tracing.errors import InvalidInput
     from tracing.facts import known_facts, load_known_facts, tokenize_fact
     from tracing.forward import capture_states, last_token_logits

@@ -5,8 +5,9 @@
 :mod:`editing.methods`.
 """
 
+from editing import _moved  # noqa: F401  (first: old module names keep importing, with a warning)
 from editing.api import make_edit, resolve_hparams
-from editing.edit import Edit, LayerDelta
+from editing.edits.edit import Edit, LayerDelta
 from editing.methods import METHODS, get_method, method_names
 from editing.requests import EditRequest, load_requests
 

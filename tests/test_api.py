@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from editing.api import make_edit, resolve_hparams
-from editing.edit import Edit
+from editing.edits.edit import Edit
 from editing.hparams import TargetHparams
 from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams

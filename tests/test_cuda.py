@@ -36,14 +36,14 @@ from test_parity import _hf, _reference_loss
 from test_precision import REQS, TARGET, TEMPLATES
 
 from editing.api import make_edit
-from editing.export import export_model
+from editing.edits.export import export_model
 from editing.methods.alphaedit import AlphaEditHparams
 from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
-from editing.objective import TargetObjective
 from editing.prepared import prepare_requests
 from editing.statistics.stats import layer_second_moments
+from editing.targets.objective import TargetObjective
 from tracing.models import down_proj, load_model, model_device, model_dtype
 from tracing.trace import trace_fact
 

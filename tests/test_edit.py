@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from editing.edit import Edit, LayerDelta
+from editing.edits.edit import Edit, LayerDelta
+from editing.edits.weights import restoring_weights, weights_snapshot
 from editing.requests import EditRequest
-from editing.weights import restoring_weights, weights_snapshot
 from tracing.errors import InvalidInput
 from tracing.forward import last_token_logits
 from tracing.models import down_proj, fingerprint, model_name

@@ -1,7 +1,7 @@
 """The evaluation runner: rows, summaries, resumability, isolation of cases, bad input, CLI.
 
 Most tests run a tiny GPT-2 with a stand-in editing function (a fixed weight change applied
-and undone through a context manager, like :class:`editing.edit.Edit`), so the runner is
+and undone through a context manager, like :class:`editing.edits.edit.Edit`), so the runner is
 tested apart from the editing methods; one test runs a real ROME edit on the embedded model.
 """
 
@@ -452,7 +452,7 @@ def test_weights_key_sees_one_ulp_and_not_the_thread_count(toy_models):
     """The unedited cache and the leak check key on the exact weights: one ulp in one layer
     changes the key, restoring it gives the same key back, and so does another thread count
     (float sums would change with the reduction order)."""
-    from editing.weights import weights_key
+    from editing.edits.weights import weights_key
     from tracing.models import down_proj
 
     model = toy_models["llama"]

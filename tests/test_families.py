@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from editing.api import make_edit
-from editing.edit import Edit
+from editing.edits.edit import Edit
 from editing.hparams import TargetHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams

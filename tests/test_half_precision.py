@@ -1,5 +1,5 @@
 """float16: every editing method through a float16 model, with torch's dynamic loss scaling
-(:func:`editing.objective.loss_scaler`) for the v*/z optimisation and FT's float32 masters,
+(:func:`editing.targets.objective.loss_scaler`) for the v*/z optimisation and FT's float32 masters,
 against the same work in float32 on the tiny model of each architecture.
 
 Tolerances come from float16's precision (``eps = 2**-10``; bfloat16's is ``2**-7``, see
@@ -22,10 +22,10 @@ from editing.methods.alphaedit import AlphaEditHparams
 from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
-from editing.objective import loss_scaler
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
 from editing.statistics.keys import subject_keys
+from editing.targets.objective import loss_scaler
 from tracing.models import down_proj, down_proj_bias, model_dtype
 
 TEMPLATES = ["{}", "Because of this. {}", "I think that the. {}"]

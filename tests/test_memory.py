@@ -12,10 +12,10 @@ import torch
 import editing.statistics.stats
 import tracing.engine
 from editing.hparams import TargetHparams
-from editing.objective import compute_targets
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
 from editing.statistics.stats import layer_second_moments
+from editing.targets.objective import compute_targets
 from tracing.errors import InvalidInput
 from tracing.memory import batch_tokens, halving, set_batch_tokens
 from tracing.trace import trace_fact
@@ -95,7 +95,7 @@ def test_targets_restart_with_half_the_chunk(toy_models, monkeypatch):
     prepared = prepare_requests(model, reqs, ["{}", "Because of this. {}"])
     hp = TargetHparams(num_steps=3, lr=0.5)
     ref = compute_targets(model, prepared, layer=1, hook="mlp_raw", hp=hp, max_batch_tokens=64)
-    import editing.objective as objective
+    import editing.targets.objective as objective
 
     real = objective._optimise
     budgets = []

@@ -22,12 +22,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from editing.edits.weights import restoring_weights
 from editing.hparams import TargetHparams
 from editing.methods.memit import MemitHparams, layer_updates, memit_solver
-from editing.objective import TargetObjective
 from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from editing.weights import restoring_weights
+from editing.targets.objective import TargetObjective
 from tracing.models import load_model
 from tracing.toy_models import ARCHS, FAMILIES, build_toy_model
 

@@ -20,7 +20,7 @@ from pathlib import Path
 SCRIPT = r"""
 import json, sys
 import editing.evaluation.runner as runner
-import editing.objective as objective
+import editing.targets.objective as objective
 from tracing.distributed import init_from_env, leave
 from tracing.errors import EditFailed
 from tracing.models import load_model

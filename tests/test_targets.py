@@ -1,4 +1,5 @@
-"""The shared v*/z optimisation (editing.targets) and context templates (editing.context)."""
+"""The shared v*/z optimisation (editing.targets.optimise) and context templates
+(editing.context)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import torch
 
 from editing.context import check_templates, context_templates
 from editing.hparams import TargetHparams
-from editing.objective import TargetObjective, compute_targets
 from editing.prepared import neighbour_prompts, prepare_requests
 from editing.requests import EditRequest
-from editing.targets import DeltaRunner, RewritePrompt, rewrite_prompts
+from editing.targets.objective import TargetObjective, compute_targets
+from editing.targets.optimise import DeltaRunner, RewritePrompt, rewrite_prompts
 from tracing.facts import tokenize_fact
 from tracing.models import down_proj, final_logits, hook_name, target_ids
 
@@ -266,7 +267,7 @@ def test_cache_resumes_an_interrupted_batch(toy_models, tmp_path, monkeypatch):
     resumes with only the rest, and gives the uninterrupted result; after the weights change
     nothing is reused."""
     from editing import objective
-    from editing.target_cache import TargetCache
+    from editing.targets.cache import TargetCache
 
     model = toy_models["gpt2"]
     hp = TargetHparams(num_steps=5, lr=0.5, early_stop_loss=0.0)

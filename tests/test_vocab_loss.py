@@ -1,10 +1,10 @@
-"""The objective's vocabulary reads (:mod:`editing.vocab_loss`): the one-sweep path and the
+"""The objective's vocabulary reads (:mod:`editing.targets.vocab_loss`): the one-sweep path and the
 generic one against the losses and gradients written out in float64."""
 
 import pytest
 import torch
 
-from editing.vocab_loss import DistRefs, fused_applies, logp_losses, read_losses
+from editing.targets.vocab_loss import DistRefs, fused_applies, logp_losses, read_losses
 
 N_READS = 7
 
@@ -80,7 +80,7 @@ def test_the_sweep_is_taken_on_every_cpu_architecture(toy_model, monkeypatch):
     def generic(*args, **kwargs):
         raise AssertionError("the generic path ran")
 
-    monkeypatch.setattr("editing.vocab_loss.logp_losses", generic)
+    monkeypatch.setattr("editing.targets.vocab_loss.logp_losses", generic)
     for direction in ("orig_new", "new_orig"):
         assert torch.isfinite(read_losses(toy_model, states, target, refs, direction)).all()
 

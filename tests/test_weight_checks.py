@@ -1,5 +1,6 @@
 """Checking that edits are undone bit for bit, and keying caches on the weights, at a cost that
-does not grow with the model (:class:`editing.weights.WeightsGuard`, ``weights_key(reuse=True)``).
+does not grow with the model (:class:`editing.edits.weights.WeightsGuard`,
+``weights_key(reuse=True)``).
 
 The host reads are counted by a spy on the one hash the digests use (every byte of a block
 tensor read for a digest goes through it): an evaluation of N cases reads the block weights
@@ -17,17 +18,17 @@ import types
 import pytest
 import torch
 
-from editing.edit import Edit, LayerDelta
+from editing.edits.edit import Edit, LayerDelta
+from editing.edits.weights import WeightsGuard, block_tensors, weights_key
 from editing.evaluation import evaluate
 from editing.evaluation.datasets import load_counterfact
 from editing.hparams import TargetHparams
-from editing.target_cache import TargetCache
-from editing.weights import WeightsGuard, block_tensors, weights_key
+from editing.targets.cache import TargetCache
 from tracing.models import down_proj, fingerprint, model_name
 
 
 class HashSpy:
-    """Stands in for ``hashlib`` in :mod:`editing.weights`, counting the bytes hashed."""
+    """Stands in for ``hashlib`` in :mod:`editing.edits.weights`, counting the bytes hashed."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -54,11 +55,11 @@ class HashSpy:
 
 @pytest.fixture
 def spy(monkeypatch):
-    import editing.weights
+    import editing.edits.weights
 
     s = HashSpy()
     monkeypatch.setattr(
-        editing.weights,
+        editing.edits.weights,
         "hashlib",
         types.SimpleNamespace(**{"blake2b": s.blake2b, "sha256": s.sha256}),
     )

@@ -9,9 +9,10 @@ grouped by when they arrived); :class:`EvalSummary` and
 """
 
 from editing.evaluation.arrival import ArrivalTable, arrival_table
+from editing.evaluation.config import EvalConfig
 from editing.evaluation.generation import GenerationSettings
 from editing.evaluation.results import EvalSummary, case_bars, comparison_table
-from editing.evaluation.runner import EvalConfig, evaluate
+from editing.evaluation.runner import evaluate
 from editing.evaluation.scaling import scaling
 from editing.evaluation.sequential import EditStream, SequentialConfig, evaluate_sequential
 from editing.evaluation.tasks import TASKS, Case, Task, load_cases

@@ -43,7 +43,8 @@ import torch
 from tqdm.auto import tqdm
 
 from editing.api import HparamsLike, make_edit, resolve_hparams
-from editing.edit import Edit
+from editing.edits.edit import Edit
+from editing.edits.weights import WeightsGuard, weights_key
 from editing.evaluation.cases import UneditedCache, case_seed, select_cases
 from editing.evaluation.results import append_rows, write_csv
 from editing.evaluation.runner import check_run
@@ -52,7 +53,6 @@ from editing.evaluation.sweep_analysis import markdown_table, summarize
 from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
 from editing.params import target_tensor
 from editing.statistics.stats import layer_second_moments
-from editing.weights import WeightsGuard, weights_key
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.io import write_json_atomic, write_text_atomic
 from tracing.layers import parse_layers

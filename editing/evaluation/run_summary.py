@@ -1,6 +1,7 @@
 """The summary of an evaluation run: its settings, its rows aggregated before and after the
 edits, times, failures and notes (:class:`editing.evaluation.results.EvalSummary`), built
-once the runner (:mod:`editing.evaluation.runner`) has every row."""
+once the runner (:mod:`editing.evaluation.runner`) has every row. It reads the run's settings
+(:mod:`editing.evaluation.config`) and never imports the runner."""
 
 from __future__ import annotations
 
@@ -8,19 +9,14 @@ import json
 import statistics
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from editing.evaluation.config import NO_EDIT, EvalConfig
 from editing.evaluation.metrics import aggregate
 from editing.evaluation.results import EvalSummary, split_prefixed, write_csv
 from editing.evaluation.tasks import Task
 from tracing.io import write_json_atomic
 from tracing.models import HookedModel, fingerprint, model_name
-
-if TYPE_CHECKING:
-    from editing.evaluation.runner import EvalConfig
-
-#: The method name of a run that edits nothing (the unedited model's scores).
-NO_EDIT = "none"
 
 
 def hparams_dict(hp: Any) -> dict | None:

@@ -21,23 +21,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
 
-from editing.api import HparamsLike, make_edit, resolve_hparams
-from editing.edit import Edit
+from editing.api import make_edit, resolve_hparams
+from editing.edits.edit import Edit
+from editing.edits.weights import WeightsGuard, weights_key
 from editing.evaluation.cases import (
     UneditedCache,
     case_seed,
     generate_cases,
     select_cases,
 )
-from editing.evaluation.generation import GenerationSettings, fluency
+from editing.evaluation.config import NO_EDIT, EvalConfig
+from editing.evaluation.generation import fluency
 from editing.evaluation.results import (
     EvalSummary,
     append_rows,
@@ -45,12 +47,11 @@ from editing.evaluation.results import (
     rank_rows_path,
     read_done,
 )
-from editing.evaluation.run_summary import NO_EDIT, finish_run, hparams_dict
+from editing.evaluation.run_summary import finish_run, hparams_dict
 from editing.evaluation.scoring import ModelScorer, Scorer
-from editing.evaluation.tasks import KNOWN_RULES, SPLITS, Case, Task, load_cases, split_cases
+from editing.evaluation.tasks import Case, Task, load_cases, split_cases
 from editing.methods import get_method
 from editing.params import target_tensor
-from editing.weights import WeightsGuard, weights_key
 from tracing.chat import chat_template_on
 from tracing.distributed import (
     RankFailed,
@@ -65,59 +66,6 @@ from tracing.io import write_json_atomic, write_text_atomic
 from tracing.models import HookedModel, model_name
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Everything that defines an evaluation run.
-
-    ``method``: a registered editing method or ``"none"`` (the unedited model). ``joint``:
-    edit ``batch`` cases at once (default: only for batched methods such as MEMIT).
-    ``hparams``: hyper-parameters (object, dict, JSON path) or None for the method's defaults;
-    ``layers`` overrides the edited layers. ``only_known`` keeps CounterFact cases the
-    unedited model knows (``known_rule``: ``prefers`` or ``top1``). ``generation``: fluency
-    settings (None: no fluency). ``name``: the run folder inside ``out_dir`` (default
-    ``<dataset>_<method>``). ``split``: ``eval`` (default) leaves CounterFact's tuning split
-    out, ``tuning`` uses only it, ``all`` every case (see :data:`editing.evaluation.tasks.SPLITS`).
-    """
-
-    dataset: str | Path = "counterfact"
-    method: str = "rome"
-    n: int = 200
-    batch: int = 100
-    layers: Sequence[int] | None = None
-    hparams: HparamsLike = None
-    out_dir: str | Path = "results"
-    only_known: bool = True
-    known_rule: str = "prefers"
-    seed: int = 0
-    progress: bool = True
-    joint: bool | None = None
-    generation: GenerationSettings | None = field(default_factory=GenerationSettings)
-    name: str | None = None
-    split: str = "eval"
-
-    def check(self) -> None:
-        """Refuse settings that cannot work, before any model is touched."""
-        if self.method != NO_EDIT:
-            get_method(self.method)
-        if self.n < 1 or self.batch < 1:
-            raise InvalidInput(
-                f"n and batch must be at least 1 (got n={self.n}, batch={self.batch})"
-            )
-        if self.split not in SPLITS:
-            raise InvalidInput(f"unknown split {self.split!r}; expected one of {SPLITS}")
-        if self.known_rule not in KNOWN_RULES:
-            raise InvalidInput(
-                f"unknown known_rule {self.known_rule!r}; expected one of {KNOWN_RULES}"
-            )
-
-    @property
-    def is_joint(self) -> bool:
-        """Whether ``batch`` cases are edited at once."""
-        if self.joint is not None:
-            return bool(self.joint)
-        return self.method != NO_EDIT and get_method(self.method).batched
 
 
 #: Replaces :func:`editing.api.make_edit` in tests (same signature).
@@ -160,7 +108,7 @@ def _prefixed(prefix: str, metrics: dict) -> dict:
 
 
 def _agreed_edit(sharded: bool, make: Callable[[], Any]) -> tuple[Any, str | None]:
-    """``(edit, None)`` (an :class:`~editing.edit.Edit`, or what a stand-in ``edit_fn``
+    """``(edit, None)`` (an :class:`~editing.edits.edit.Edit`, or what a stand-in ``edit_fn``
     returns), or ``(None, reason)`` when the method refuses or cannot compute the
     edit (:class:`InvalidRequest`, :class:`EditFailed`: the unit's cases are recorded as
     failed and the run goes on); any other error propagates.
@@ -286,7 +234,7 @@ def evaluate(
     replacing those of ``config``. ``edit_fn`` replaces :func:`editing.api.make_edit` (same
     signature; its hyper-parameters are then passed through as given) and ``scorer`` the
     model scorer. The model's weights are restored after every unit and checked
-    (:class:`~editing.weights.WeightsGuard`: the tensors each edit touched on their device,
+    (:class:`~editing.edits.weights.WeightsGuard`: the tensors each edit touched on their device,
     every block tensor before and after the run): a leak raises RuntimeError. Returns the
     :class:`EvalSummary` (also written)."""
     cfg = replace(config or EvalConfig(), **settings)

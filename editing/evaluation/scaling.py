@@ -7,8 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from editing.evaluation.config import EvalConfig
 from editing.evaluation.results import scaling_point
-from editing.evaluation.runner import EditFn, EvalConfig, evaluate
+from editing.evaluation.runner import EditFn, evaluate
 from tracing.io import write_json_atomic
 from tracing.models import HookedModel
 

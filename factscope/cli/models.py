@@ -27,7 +27,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """Top-k next tokens after each prompt, optionally with a saved edit applied."""
-    from editing.edit import Edit
+    from editing.edits.edit import Edit
     from tracing.forward import top_k
 
     edit = Edit.load(args.edit) if args.edit else None
@@ -43,8 +43,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Write the model with a saved edit applied as a Hugging Face folder."""
-    from editing.edit import Edit
-    from editing.export import check_export_folder
+    from editing.edits.edit import Edit
+    from editing.edits.export import check_export_folder
 
     out = check_export_folder(args.out)
     edit = Edit.load(args.edit)

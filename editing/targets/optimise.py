@@ -15,7 +15,7 @@ gradient; each call re-runs only the blocks from the edit point up to ``loss_lay
 vocabulary projection is applied only at the positions the loss reads. Each prompt re-runs
 only from its own subject-last token; prompts are grouped by the length they re-run into
 right-padded passes (causal attention: right padding never changes a real position). The loss
-itself is :mod:`editing.target_loss`.
+itself is :mod:`editing.targets.target_loss`.
 """
 
 from __future__ import annotations
