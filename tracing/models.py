@@ -2,7 +2,7 @@
 
 Everything else in factscope talks to a model through the functions here, never through
 hook-name strings, architecture-specific module paths or keyword names: a new architecture
-touches this module only. What it holds:
+touches this module (and :mod:`tracing.blocks`) only. What it holds:
 
 * identity: :class:`ModelInfo` (name, BOS rule, fingerprint; computed once per model) and
   :func:`model_info`, :func:`model_name`, :func:`fingerprint`, :func:`prepends_bos`;
@@ -11,7 +11,8 @@ touches this module only. What it holds:
   ``mlp_key``, the raw down-projection output ``mlp_raw``, ...);
 * weights: :func:`down_proj` (the MLP down-projection as a live ``[d_mlp, d_model]`` view),
   :func:`down_proj_bias`, :func:`post_mlp_norm`;
-* blocks: :func:`cache_keyword` (the keyword a block takes its key/value cache under);
+* blocks: :func:`~tracing.blocks.cache_keyword` (the keyword a block takes its key/value cache
+  under) and :func:`~tracing.blocks.run_block`, from :mod:`tracing.blocks` (importable here);
 * text: :func:`tokenize` / :func:`target_ids` (with the model's own BOS rule), :func:`decode`,
   :func:`final_logits`.
 
@@ -42,15 +43,16 @@ early, next-token probabilities) is :mod:`tracing.forward`.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Float
 from transformer_lens.model_bridge import TransformerBridge
 
+from tracing.blocks import cache_keyword as cache_keyword
+from tracing.blocks import run_block as run_block
 from tracing.errors import InvalidInput
 from tracing.families import Family, family_of
 from tracing.loading import (  # noqa: F401  (re-exported: the public entry points)
@@ -321,55 +323,6 @@ def post_mlp_norm(model: HookedModel, layer: int) -> torch.nn.Module | None:
     """The norm between the MLP down-projection and the residual add at ``layer`` (Gemma's
     ``post_feedforward_layernorm``), or None for architectures without one."""
     return getattr(model.blocks[check_layer(model, layer)], "ln2_post", None)
-
-
-def cache_keyword(model: HookedModel) -> str:
-    """The keyword under which this architecture's decoder blocks take a key/value cache
-    (read off the Hugging Face block's signature: ``cache`` in current transformers,
-    ``layer_past`` in older GPT-J, ``past_key_values`` elsewhere)."""
-    block = model.blocks[0].original_component
-    params = inspect.signature(block.forward).parameters
-    for name in ("cache", "layer_past", "past_key_values"):
-        if name in params:
-            return name
-    return "past_key_values"
-
-
-#: Names under which TransformerLens' attention bridges read a key/value cache.
-_BRIDGE_CACHE_NAMES = ("past_key_values", "layer_past")
-
-
-def run_block(
-    model: HookedModel,
-    layer: int,
-    resid: Float[torch.Tensor, "batch pos d_model"],
-    block_kwargs: dict[str, Any],
-    cache: object | None = None,
-) -> Float[torch.Tensor, "batch pos d_model"]:
-    """Run decoder block ``layer`` on a residual stream (bridge hooks fire).
-
-    ``cache``: an object with a Hugging Face ``Cache``-style ``update(keys, values,
-    layer_idx, ...)`` method, handed to the block's attention so that it records this block's
-    keys and values or supplies those of earlier positions. Current transformers blocks pass
-    the cache on to attention as ``cache=``, while TransformerLens 4.3's attention bridges read
-    ``past_key_values`` (GPT-J: ``layer_past``); for the call, a pre-hook on the attention
-    module passes it under those names too, so the cache is used whichever side reads it.
-    """
-    kwargs = dict(block_kwargs)
-    handle = None
-    if cache is not None:
-        kwargs[cache_keyword(model)] = cache
-
-        def route(_mod: object, args: tuple, kw: dict[str, Any]) -> tuple[tuple, dict]:
-            return args, {**kw, **{n: cache for n in _BRIDGE_CACHE_NAMES if kw.get(n) is None}}
-
-        handle = model.blocks[layer].attn.register_forward_pre_hook(route, with_kwargs=True)
-    try:
-        out = model.blocks[layer](resid, **kwargs)
-    finally:
-        if handle is not None:
-            handle.remove()
-    return out[0] if isinstance(out, tuple) else out
 
 
 def final_logits(
