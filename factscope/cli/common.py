@@ -20,8 +20,11 @@ UNSET = argparse.SUPPRESS
 
 
 def _number_type(
-    kind: type[int] | type[float], least: int | float, strict: bool, what: str
+    kind: type[int] | type[float], least: int | float, strict: bool, what: str, doc: str
 ) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses ``kind`` and refuses values below ``least`` (or equal
+    to it when ``strict``) and non-finite ones, naming ``what`` was expected."""
+
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
@@ -31,20 +34,50 @@ def _number_type(
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
-    parse.__name__ = what
+    parse.__name__ = what  # argparse names the expected value by it
+    parse.__doc__ = doc
     return parse
 
 
-#: argparse ``type=`` for counts, sizes and steps: an integer of at least 1. A value below
-#: is refused while parsing (exit 2, ``argument -k: expected an integer >= 1, got '0'``),
-#: before anything is read or loaded.
-positive_int = _number_type(int, 1, False, "an integer >= 1")
-#: argparse ``type=``: an integer of at least 0 (a seed, a count where 0 means none).
-nonnegative_int = _number_type(int, 0, False, "an integer >= 0")
-#: argparse ``type=``: a finite number above 0 (a bound, a scale, a learning rate).
-positive_float = _number_type(float, 0, True, "a number > 0")
-#: argparse ``type=``: a finite number of at least 0 (a penalty weight).
-nonnegative_float = _number_type(float, 0, False, "a number >= 0")
+positive_int = _number_type(
+    int,
+    1,
+    False,
+    "an integer >= 1",
+    """The integer in ``text`` if it is at least 1: argparse ``type=`` of counts, sizes and steps.
+
+    Anything else is refused while the command line is parsed, before a file is read or a
+    model loaded: ``add_argument("-k", type=positive_int)`` turns ``-k 0`` into exit 2 with
+    ``argument -k: expected an integer >= 1, got '0'`` (``2.5`` and ``ten`` likewise).
+    """,
+)
+nonnegative_int = _number_type(
+    int,
+    0,
+    False,
+    "an integer >= 0",
+    """The integer in ``text`` if it is at least 0: argparse ``type=`` of a seed, or of a count
+    where 0 means none (``--gen-tokens 0``). ``-1`` is refused while parsing (exit 2,
+    ``expected an integer >= 0, got '-1'``).""",
+)
+positive_float = _number_type(
+    float,
+    0,
+    True,
+    "a number > 0",
+    """The number in ``text`` if it is finite and above 0: argparse ``type=`` of a bound, a
+    scale or a learning rate. ``0``, ``-1e-3``, ``nan`` and ``inf`` are refused while parsing
+    (exit 2, ``expected a number > 0, got '0'``).""",
+)
+nonnegative_float = _number_type(
+    float,
+    0,
+    False,
+    "a number >= 0",
+    """The number in ``text`` if it is finite and at least 0: argparse ``type=`` of a penalty
+    weight, where 0 turns the penalty off. Negative numbers, ``nan`` and ``inf`` are refused
+    while parsing (exit 2, ``expected a number >= 0, got '-1'``).""",
+)
 
 
 def add_model(p: argparse.ArgumentParser) -> None:
