@@ -7,12 +7,12 @@ tested apart from the editing methods; one test runs a real ROME edit on the emb
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 
 import pytest
 import torch
+from eval_fakes import FakeMethod, KnownScorer, model_state
 
 from editing.evaluation import evaluate, scaling
 from editing.evaluation.datasets import load_counterfact, load_zsre
@@ -38,49 +38,9 @@ def cf_path(tmp_path, reduced_record):
     return path
 
 
-class FakeEdit:
-    """Adds a fixed delta to one down-projection inside ``applied`` and restores it after."""
-
-    hparams = {"fake": True}
-
-    def __init__(self, layer: int, scale: float, leak: bool = False) -> None:
-        self.layer, self.scale, self.leak = layer, scale, leak
-
-    @contextlib.contextmanager
-    def applied(self, model):
-        w = down_proj(model, self.layer)
-        saved = w.detach().clone()
-        with torch.no_grad():
-            w.add_(self.scale)
-        try:
-            yield self
-        finally:
-            if not self.leak:
-                with torch.no_grad():
-                    w.copy_(saved)
-
-
-class FakeMethod:
-    """Stand-in for editing.api.make_edit that records the case ids of every call."""
-
-    def __init__(self, interrupt_at: int | None = None, leak: bool = False) -> None:
-        self.calls: list[list[int]] = []
-        self.interrupt_at, self.leak = interrupt_at, leak
-
-    def __call__(self, model, requests, method, hparams, *, layers=None, progress=True):
-        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
-            raise KeyboardInterrupt
-        self.calls.append([r.case_id for r in requests])
-        return FakeEdit(layer=1, scale=0.5, leak=self.leak)
-
-
-def _state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.original_model.state_dict().items()}
-
-
 def test_runner_writes_everything_and_leaves_the_model_unchanged(toy_models, cf_path, tmp_path):
     model = toy_models["gpt2"]
-    before = _state(model)
+    before = model_state(model)
     fake = FakeMethod()
     s = evaluate(
         model,
@@ -93,7 +53,7 @@ def test_runner_writes_everything_and_leaves_the_model_unchanged(toy_models, cf_
         edit_fn=fake,
         progress=False,
     )
-    after = _state(model)
+    after = model_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical
     assert fake.calls == [[0], [2], [3], [4]]  # one edit per case; case 1 skipped
     assert (s.n, s.n_skipped, s.n_failed) == (4, 1, 0)
@@ -190,25 +150,6 @@ def test_a_leaking_edit_is_detected(toy_models, cf_path, tmp_path):
     finally:
         with torch.no_grad():
             down_proj(model, 1).copy_(saved)
-
-
-class KnownScorer:
-    """The tiny model's scores, except that the true target wins on the edit prompts of
-    ``known`` cases and loses elsewhere (so which cases are "known" is set by hand)."""
-
-    def __init__(self, model, records, known: set[int]) -> None:
-        from editing.evaluation.metrics import ModelScorer, TokenScores
-
-        self.base, self.cls = ModelScorer(model), TokenScores
-        self.true = {(r["prompt"], " " + r["ground_truth"]): r["case_id"] in known for r in records}
-
-    def score(self, pairs):
-        out = self.base.score(pairs)
-        for i, pair in enumerate(pairs):
-            if pair in self.true:
-                lp = 0.0 if self.true[pair] else -50.0
-                out[i] = self.cls(out[i].target, (lp,) * len(out[i].target), out[i].argmax)
-        return out
 
 
 def test_only_known_filter_counts_what_it_drops(toy_models, cf_path, tmp_path):
@@ -446,41 +387,3 @@ def test_tuning_split_is_left_out_of_evaluation_and_used_alone_for_tuning():
         split_cases("zsre", cases[:3], "tuning")
     with pytest.raises(ValueError, match="unknown split"):
         split_cases(label, cases, "test")
-
-
-def test_weights_key_sees_one_ulp_and_not_the_thread_count(toy_models):
-    """The unedited cache and the leak check key on the exact weights: one ulp in one layer
-    changes the key, restoring it gives the same key back, and so does another thread count
-    (float sums would change with the reduction order)."""
-    from editing.edits.weights import weights_key
-    from tracing.models import down_proj
-
-    model = toy_models["llama"]
-    key = weights_key(model)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert weights_key(model) == key
-    finally:
-        torch.set_num_threads(threads)
-    W = down_proj(model, 2)
-    old = W[3, 5].clone()
-    with torch.no_grad():
-        W[3, 5] = torch.nextafter(old, old + 1)
-    try:
-        assert weights_key(model) != key
-    finally:
-        with torch.no_grad():
-            W[3, 5] = old
-    assert weights_key(model) == key
-    for name, p in model.blocks[1].named_parameters():  # every block tensor counts, not only
-        flat = p.data.view(-1)  # the down-projection (fine-tuning edits attention and norms)
-        old = flat[0].clone()
-        with torch.no_grad():
-            flat[0] = torch.nextafter(old, old + 1)
-        try:
-            assert weights_key(model) != key, name
-        finally:
-            with torch.no_grad():
-                flat[0] = old
-    assert weights_key(model) == key

@@ -1,12 +1,11 @@
-"""The shared v*/z optimisation (editing.targets.optimise) and context templates
-(editing.context)."""
+"""The shared v*/z optimisation (editing.targets.optimise, editing.targets.objective) and
+the neighbour prompts it reads; the context templates are tests/test_context.py's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from editing.context import check_templates, context_templates
 from editing.hparams import TargetHparams
 from editing.prepared import neighbour_prompts, prepare_requests
 from editing.requests import EditRequest
@@ -215,32 +214,6 @@ def test_nonfinite_loss_raises(toy_models):
             )
     finally:
         DeltaRunner.pass_states = real  # type: ignore[method-assign]
-
-
-# --------------------------------------------------------------------------- context templates
-
-
-def test_context_templates_are_seeded_and_cached(toy_models, tmp_path):
-    model = toy_models["gemma3"]
-    a = context_templates(model, [(4, 3), (6, 2)], seed=1, cache_dir=tmp_path)
-    assert a[0] == "{}" and len(a) <= 6
-    assert all(t.count("{}") == 1 and t.endswith(". {}") for t in a[1:])
-    assert len(list(tmp_path.glob("*.json"))) == 1
-    b = context_templates(model, [(4, 3), (6, 2)], seed=1, cache=False)
-    assert a == b  # same seed, regenerated without the cache: same texts
-    c = context_templates(model, [(4, 3), (6, 2)], seed=2, cache=False)
-    assert c != a
-
-
-def test_check_templates():
-    assert check_templates(["A. {}", "{}", "A. {}"]) == ["{}", "A. {}"]
-    assert check_templates(["{x} and {}"]) == ["{}", "{x} and {}"]
-    with pytest.raises(ValueError, match="exactly once"):
-        check_templates(["no slot"])
-    with pytest.raises(ValueError, match="exactly once"):
-        check_templates(["{} {}"])
-    with pytest.raises(ValueError, match="list of strings"):
-        check_templates("{}")
 
 
 def _same(a, b, atol=1e-5) -> None:

@@ -235,3 +235,38 @@ def test_the_guard_compares_on_the_device_what_an_edit_touched(toy_models, spy):
         guard.check("an edit")
     assert spy.bytes == 0  # no host read at all per edit
     guard.finish()
+
+
+def test_weights_key_sees_one_ulp_and_not_the_thread_count(toy_models):
+    """The unedited cache and the leak check key on the exact weights: one ulp in one layer
+    changes the key, restoring it gives the same key back, and so does another thread count
+    (float sums would change with the reduction order)."""
+    model = toy_models["llama"]
+    key = weights_key(model)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert weights_key(model) == key
+    finally:
+        torch.set_num_threads(threads)
+    W = down_proj(model, 2)
+    old = W[3, 5].clone()
+    with torch.no_grad():
+        W[3, 5] = torch.nextafter(old, old + 1)
+    try:
+        assert weights_key(model) != key
+    finally:
+        with torch.no_grad():
+            W[3, 5] = old
+    assert weights_key(model) == key
+    for name, p in model.blocks[1].named_parameters():  # every block tensor counts, not only
+        flat = p.data.view(-1)  # the down-projection (fine-tuning edits attention and norms)
+        old = flat[0].clone()
+        with torch.no_grad():
+            flat[0] = torch.nextafter(old, old + 1)
+        try:
+            assert weights_key(model) != key, name
+        finally:
+            with torch.no_grad():
+                flat[0] = old
+    assert weights_key(model) == key
