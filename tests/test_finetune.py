@@ -442,7 +442,8 @@ def test_cli_edit_with_block_options_end_to_end(toy_dirs, tmp_path, capsys):
         "--epsilon 0": (["--epsilon", "0"], "epsilon"),
         "--epsilon nan": (["--epsilon", "nan"], "epsilon"),
         "--fisher-weight -1": (
-            ["--constraint", "fisher", "--fisher-weight", "-1"], "--fisher-weight"
+            ["--constraint", "fisher", "--fisher-weight", "-1"],
+            "--fisher-weight",
         ),
         "--constraint l2": (["--constraint", "l2"], "unknown constraint"),
         "--blocks and --layers": (["--blocks", "1", "--layers", "2"], "not both"),
@@ -502,3 +503,96 @@ def test_ftl_edits_a_known_fact_of_the_embedded_model(gemma):
     assert after > before + 1.0, (before, after)
     assert moved <= hp.norm_constraint + 4 * float(w0.abs().max()) * 1.2e-7
     assert math.isfinite(after) and n_layers(gemma) == 18
+
+
+def reference_run(model, prepared, hp, fisher=None) -> dict[str, torch.Tensor]:
+    """The fine-tuning loop as it was written before its copies were cut: float32 anchors
+    and masters cloned from the tensors, the l-infinity projection out of place, the Fisher
+    penalty through autograd. Returns ``{name: after - before}`` (the weights restored)."""
+    from editing.methods.finetune.batches import Example, mixed_schedule, pad, states_before
+    from editing.methods.finetune.batches import mean_logprob as batch_logprob
+    from editing.statistics.fisher import fisher_penalty
+    from tracing.forward import capture_block_kwargs
+
+    examples = [Example(p.plain.ids + p.target[:-1], len(p.plain.ids), p.target) for p in prepared]
+    schedule = mixed_schedule(
+        len(examples), 0, batch_size=hp.batch_size, ratio=0.0, num_steps=hp.num_steps
+    )
+    tuned, _ = tuned_parameters(model, hp.layers, hp.params)
+    params = list(tuned.values())
+    weights = [fisher[n].float() for n in tuned] if hp.uses_fisher else []
+    pad_id = model.tokenizer.pad_token_id
+    tokens = pad(examples, 0 if pad_id is None else int(pad_id), params[0].device)
+    start = hp.layers[0]
+    saved = [p.detach().clone() for p in params]
+    for p in model.original_model.parameters():
+        p.requires_grad_(False)
+    _, block_kwargs = capture_block_kwargs(model, tokens[:1])
+    h0 = states_before(model, tokens, start)
+    anchors = [p.detach().float().clone() for p in params]
+    masters = [a.clone().requires_grad_(True) for a in anchors]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(masters, lr=hp.lr, weight_decay=hp.weight_decay)
+    with torch.enable_grad():
+        for batches in schedule:
+            for new_idx, _ in batches:
+                opt.zero_grad(set_to_none=True)
+                loss = -batch_logprob(
+                    model, h0[new_idx], [examples[i] for i in new_idx], block_kwargs, start
+                )
+                loss.backward()
+                for p, m in zip(params, masters, strict=True):
+                    m.grad = torch.zeros_like(m) if p.grad is None else p.grad.float()
+                    p.grad = None
+                if weights:
+                    fisher_penalty(masters, anchors, weights, hp.fisher_weight).backward()
+                opt.step()
+                with torch.no_grad():
+                    for p, m, a in zip(params, masters, anchors, strict=True):
+                        if hp.epsilon:
+                            m.copy_(torch.maximum(torch.minimum(m, a + hp.epsilon), a - hp.epsilon))
+                        p.copy_(m.to(p.dtype))
+    out = {n: (p.detach() - s).clone() for (n, p), s in zip(tuned.items(), saved, strict=True)}
+    with torch.no_grad():
+        for p, s in zip(params, saved, strict=True):
+            p.requires_grad_(False)
+            p.copy_(s)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "dtype", "kw"),
+    [
+        ("gpt2", torch.float32, dict(constraint="linf", norm_constraint=2e-3)),
+        ("gemma3", torch.float32, dict(constraint="linf", norm_constraint=2e-3)),
+        ("gpt2", torch.float32, dict(constraint="fisher", fisher_weight=50.0)),
+        ("gpt2", torch.bfloat16, dict(constraint="linf", norm_constraint=2e-3)),
+    ],
+)
+def test_block_run_equals_the_copying_formulation(toy_models, arch, dtype, kw):
+    """The in-place run (the tensors their own masters, the snapshot the anchor, the
+    projection and the Fisher gradient in place) gives the deltas of the copying loop
+    above bit for bit: the same float32 operations in the same order."""
+    model = toy_models[arch]
+    saved = all_weights(model)
+    model.original_model.to(dtype)
+    try:
+        hp = FTHparams(layers=[1, 2], params="block", lr=5e-3, num_steps=4, **kw)
+        prepared = prepare_requests(model, REQS[:2])
+        tuned, _ = tuned_parameters(model, hp.layers, hp.params)
+        gen = torch.Generator().manual_seed(0)
+        fisher = {n: torch.rand(p.shape, generator=gen) * 10 for n, p in tuned.items()}
+        edit = finetune_edit(model, prepared, hp, fisher=fisher, progress=False)
+        ref = reference_run(model, prepared, hp, fisher)
+        got = {d.param: d.dense for d in edit.deltas}
+        assert set(got) == set(ref)
+        for name, delta in ref.items():
+            assert torch.equal(got[name], delta), name
+        assert any(bool(d.abs().max() > 0) for d in ref.values())
+    finally:
+        model.original_model.float()
+        with torch.no_grad():
+            for k, v in model.original_model.state_dict().items():
+                v.copy_(saved[k])
+    assert_same(model, saved)

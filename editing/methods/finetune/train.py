@@ -12,7 +12,6 @@ import torch
 from tqdm.auto import tqdm
 
 from editing.edit import Edit
-from editing.fisher import fisher_diagonal, fisher_penalty
 from editing.methods.finetune.batches import (
     Example,
     default_neutral_facts,
@@ -22,6 +21,7 @@ from editing.methods.finetune.batches import (
     pad,
     states_before,
 )
+from editing.methods.finetune.constraints import add_penalty_grads, project_linf_
 from editing.methods.finetune.hparams import METHOD_NAMES, FTHparams
 from editing.methods.registry import EditInputs, EditMethod
 from editing.objective import loss_scaler
@@ -30,9 +30,10 @@ from editing.params import (
     block_parameters,
     grad_only,
     restore_targets,
-    snapshot_targets,
+    target_tensor,
 )
 from editing.prepared import PreparedRequest
+from editing.statistics.fisher import fisher_diagonal
 from tracing.errors import EditFailed, InvalidHparams, InvalidInput
 from tracing.forward import capture_block_kwargs
 from tracing.models import HookedModel, check_layer, down_proj, model_device
@@ -68,6 +69,35 @@ def tuned_parameters(
             chosen.update(block_parameters(model, layer, params))
     keys: list[TargetKey] = list(layers) if params == "down_proj" else list(chosen)
     return chosen, keys
+
+
+def _snapshot_views(
+    model: HookedModel,
+    keys: Sequence[TargetKey],
+    params: Sequence[torch.Tensor],
+    snapshot: Sequence[torch.Tensor],
+) -> dict[TargetKey, torch.Tensor]:
+    """``{key: the snapshot of target_tensor(model, key)}`` as
+    :func:`editing.params.snapshot_targets` gives it, without copying the tuned tensors a
+    second time: a tensor's own snapshot, or its transpose for a layer's down-projection
+    that is a transposed view of a Linear weight (a copy only for another kind of view)."""
+    out: dict[TargetKey, torch.Tensor] = {}
+    for key in dict.fromkeys(keys):
+        view = target_tensor(model, key)
+        for p, s in zip(params, snapshot, strict=True):
+            if view is p:
+                out[key] = s
+            elif (
+                view._base is p
+                and p.dim() == 2
+                and view.shape == p.mT.shape
+                and view.stride() == p.mT.stride()
+                and view.storage_offset() == p.storage_offset()
+            ):
+                out[key] = s.mT
+        if key not in out:
+            out[key] = view.detach().clone()
+    return out
 
 
 def _neutral_examples(
@@ -180,15 +210,21 @@ def finetune_edit(
     tokens = pad(all_ex, 0 if pad_id is None else int(pad_id), model_device(model))
     t0 = time.perf_counter()
 
-    before = snapshot_targets(model, keys)
+    snapshot = [p.detach().clone() for p in params]
+    before = _snapshot_views(model, keys, params, snapshot)
     try:
         _, block_kwargs = capture_block_kwargs(model, tokens[:1])
         h0 = states_before(model, tokens, start)
-        # Adam, the l-infinity projection and the Fisher penalty act on float32 master copies
+        # Adam, the l-infinity projection and the Fisher penalty act on float32 masters
         # whatever the model's dtype (a bfloat16 step of ~1e-4 on weights of ~0.05 would
-        # round away); the model's tensors receive them, rounded once, before every forward.
-        anchors = [p.detach().float().clone() for p in params]
-        masters = [a.clone().requires_grad_(True) for a in anchors]
+        # round away). A float32 model's tensors are their own masters and the snapshot is
+        # the anchor θ0 (no copies); a half-precision model gets float32 masters, rounded
+        # into its tensors before every forward, and anchors read from the snapshot one
+        # tensor at a time.
+        masters = [
+            p if p.dtype == torch.float32 else s.float().requires_grad_(True)
+            for p, s in zip(params, snapshot, strict=True)
+        ]
         losses: list[float] = []
         penalties: list[float] = []
         with grad_only(model, params):
@@ -212,20 +248,26 @@ def finetune_edit(
                     scaler.scale(loss).backward()
                     for p, m in zip(params, masters, strict=True):
                         g = p.grad
-                        m.grad = torch.zeros_like(m) if g is None else g.float()
-                        p.grad = None
+                        if m is p:
+                            if g is None:
+                                p.grad = torch.zeros_like(p)
+                        else:
+                            m.grad = torch.zeros_like(m) if g is None else g.float()
+                            p.grad = None
                     if weights:
-                        penalty = fisher_penalty(masters, anchors, weights, hp.fisher_weight)
-                        # adds 2 λ F (θ − θ0) to each master's gradient, at the same scale
-                        scaler.scale(penalty).backward()
-                        step_penalty += penalty.item() / len(batches)
+                        scale = scaler.get_scale() if scaler.is_enabled() else None
+                        penalty = add_penalty_grads(
+                            masters, snapshot, weights, hp.fisher_weight, scale
+                        )
+                        step_penalty += penalty / len(batches)
                     scaler.step(opt)  # float16: unscaled first; skipped on inf or NaN
                     scaler.update()
                     with torch.no_grad():
-                        for p, m, a in zip(params, masters, anchors, strict=True):
+                        for p, m, s in zip(params, masters, snapshot, strict=True):
                             if eps:
-                                m.copy_(torch.maximum(torch.minimum(m, a + eps), a - eps))
-                            p.copy_(m.to(p.dtype))
+                                project_linf_(m, s, eps)
+                            if m is not p:
+                                p.copy_(m.to(p.dtype))
                     step_loss += loss.item() / len(batches)
                 losses.append(step_loss)
                 penalties.append(step_penalty)
