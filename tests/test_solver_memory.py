@@ -24,12 +24,14 @@ from editing.methods.memit import MemitHparams, memit_solver
 
 
 class LiveSquares(TorchDispatchMode):
-    """Records every float64 op output of at least ``d * d`` elements; ``peak``: the most
-    alive at once (by storage), ``inputs`` excluded."""
+    """Records every ``dtype`` (default float64) op output of at least ``d * d`` elements;
+    ``peak``: the most alive at once (by storage), ``inputs`` excluded."""
 
-    def __init__(self, d: int, inputs: list[torch.Tensor]) -> None:
+    def __init__(
+        self, d: int, inputs: list[torch.Tensor], dtype: torch.dtype = torch.float64
+    ) -> None:
         super().__init__()
-        self.d, self.refs, self.peak = d, [], 0
+        self.d, self.refs, self.peak, self.dtype = d, [], 0, dtype
         self.skip = {t.untyped_storage().data_ptr() for t in inputs}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -37,7 +39,7 @@ class LiveSquares(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if (
                 isinstance(t, torch.Tensor)
-                and t.dtype == torch.float64
+                and t.dtype == self.dtype
                 and t.numel() >= self.d * self.d
             ):
                 self.refs.append(weakref.ref(t))
@@ -148,3 +150,51 @@ def test_rome_holds_at_most_one_float64_square(adjust, monkeypatch):
         solver = rome.MomentSolver(C if adjust else None, W.device)
         rome.rank_one_update(W, solver, k, v)
     assert mode.peak == (1 if adjust else 0), mode.peak
+
+
+def _spectrum_problem(d: int, seed: int = 0):
+    """``C = Q diag(lam) Q^T`` (float32, as the statistics are cached) with eigenvalues
+    spread over four decades and none within 30 % of the threshold 2e-2, and the projector
+    onto the eigenvectors below the threshold read off ``Q`` itself (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    lam = torch.logspace(-4, 1, d, dtype=torch.float64)
+    lam = lam[(lam < 0.014) | (lam > 0.026)]
+    lam = torch.cat([lam, torch.full((d - len(lam),), 5.0, dtype=torch.float64)])
+    C = (Q * lam) @ Q.T
+    low = Q[:, lam < 2e-2]
+    return C.float(), low @ low.T
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("float64", 1e-6), ("float32", 1e-4)])
+def test_null_space_projector_is_the_projector_of_the_small_eigenvalues(dtype, tol):
+    from editing.statistics.nullspace import null_space_projector
+
+    C, want = _spectrum_problem(96)
+    got = null_space_projector(C, 2e-2, dtype=dtype)
+    assert got.dtype == getattr(torch, dtype)
+    err = float((got.double() - want).norm() / want.norm())
+    # float64: the float32 rounding of C itself moves the eigenvectors by ~1e-7
+    assert err < tol, err
+    assert round(float(got.double().trace())) == round(float(want.trace()))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_null_space_holds_at_most_two_squares(dtype):
+    """Beside the statistics in hand: the eigenvectors and the projector (float32: no
+    float64 square at all; float64: the statistics' float64 copy and the eigenvectors
+    during the decomposition, the eigenvectors and the projector after it). LAPACK's own
+    workspace is not a torch tensor and is measured by benchmarks/scale.py instead."""
+    from editing.statistics.nullspace import null_space_projector
+
+    C, _ = _spectrum_problem(64)
+    wide = LiveSquares(64, [C])
+    with wide:
+        null_space_projector(C, 2e-2, dtype=dtype)
+    narrow = LiveSquares(64, [C], dtype=torch.float32)
+    with narrow:
+        null_space_projector(C, 2e-2, dtype=dtype)
+    if dtype == "float32":
+        assert (wide.peak, narrow.peak) == (0, 2)
+    else:
+        assert wide.peak == 2 and narrow.peak == 0

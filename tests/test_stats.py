@@ -243,3 +243,40 @@ def test_cli_stats_prints_layers_and_cache(toy_dirs, tmp_path, capsys):
     assert [r[:2] for r in rows] == [["1", "64"], ["2", "64"]]
     assert main(["stats", "--layers", "1-x", "--model", toy_dirs["gpt2"]]) == 2
     assert "bad layer spec" in capsys.readouterr().err
+
+
+def test_streamed_safetensors_reads_back_bit_identical(tmp_path):
+    """The file write_safetensors streams is a safetensors file: load_file gives every
+    tensor back bit for bit (dtypes, shapes, a 0-d and an empty tensor, a transposed view),
+    with the metadata, whatever the slice size of the writes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from editing.statistics.tensor_file import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "mom2": torch.randn(33, 33, generator=g),
+        "wide": torch.randn(5, 3, generator=g, dtype=torch.float64),
+        "half": torch.randn(7, generator=g).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, generator=g).half(),
+        "count": torch.tensor(12345, dtype=torch.int64),
+        "none": torch.zeros(0, 4),
+        "mask": torch.randn(9, generator=g) > 0,
+        "view": torch.randn(4, 6, generator=g).T,
+    }
+    for chunk in (5, 1 << 20):
+        path = tmp_path / f"streamed_{chunk}.safetensors"
+        write_safetensors(path, tensors, {"count": "12345"}, chunk_bytes=chunk)
+        back = load_file(str(path))
+        assert set(back) == set(tensors)
+        for k, v in tensors.items():
+            assert back[k].dtype == v.dtype and back[k].shape == v.shape
+            assert torch.equal(back[k], v), k
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata() == {"count": "12345"}
+    # the same bytes of tensor data as safetensors' own writer
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(theirs))
+    ours = load_file(str(tmp_path / "streamed_5.safetensors"))
+    assert all(torch.equal(ours[k], v) for k, v in load_file(str(theirs)).items())

@@ -49,8 +49,9 @@ from editing.methods.memit import (
     lu_solve_in_place,
 )
 from editing.methods.registry import EditInputs, EditMethod
-from editing.nullspace import layer_projectors
 from editing.prepared import PreparedRequest
+from editing.statistics.nullspace import DTYPES as NULLSPACE_DTYPES
+from editing.statistics.nullspace import layer_projectors
 from tracing.errors import InvalidHparams, InvalidInput
 from tracing.models import HookedModel, check_layer, fingerprint, model_name
 
@@ -62,13 +63,17 @@ class AlphaEditHparams(MemitHparams):
     span the protected null space; absolute, in the units of the statistics),
     ``nullspace_energy`` (factscope's option, default None = the paper's rule: when set, the
     null space is instead the smallest eigen-directions holding at most this fraction of
-    ``trace(C)``, see :func:`editing.nullspace.null_space_projector`) and ``l2_weight``
-    (``alpha``, the ridge term of the solve; the paper's code: ``L2``)."""
+    ``trace(C)``, see :func:`editing.statistics.nullspace.null_space_projector`),
+    ``nullspace_dtype`` (factscope's option: ``"float64"``, the default, or ``"float32"``, the
+    precision of AlphaEdit's own code, which decomposes in about half the memory: 2.6 GB
+    instead of 6.8 GB at d_mlp 14,336) and ``l2_weight`` (``alpha``, the ridge term of the
+    solve; the paper's code: ``L2``)."""
 
     family = "alphaedit"
 
     nullspace_threshold: float = 2e-2
     nullspace_energy: float | None = None
+    nullspace_dtype: str = "float64"
     l2_weight: float = 10.0
 
     def __post_init__(self) -> None:
@@ -81,6 +86,11 @@ class AlphaEditHparams(MemitHparams):
                     f"nullspace_energy must be below 1, got {self.nullspace_energy}"
                 )
         check_number("l2_weight", self.l2_weight, allow_zero=True)
+        if self.nullspace_dtype not in NULLSPACE_DTYPES:
+            raise InvalidHparams(
+                f"nullspace_dtype must be one of {sorted(NULLSPACE_DTYPES)}, "
+                f"got {self.nullspace_dtype!r}"
+            )
 
 
 #: Elements of a float32 projector cast to float64 at a time (2**24: 128 MiB of float64).
@@ -173,6 +183,7 @@ def edit_alphaedit(
         hp,
         hp.nullspace_threshold,
         energy=hp.nullspace_energy,
+        dtype=hp.nullspace_dtype,
         given=inputs.stats,
         progress=inputs.progress,
     )

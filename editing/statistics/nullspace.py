@@ -18,11 +18,12 @@ from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from editing.hparams import KeyValueHparams
 from editing.statistics.keys import Stats, layer_stats, second_moment
 from editing.statistics.stats import stats_dir
+from editing.statistics.tensor_file import write_safetensors
 from tracing.errors import InvalidHparams
 from tracing.io import atomic_path
 from tracing.models import HookedModel
@@ -30,11 +31,25 @@ from tracing.models import HookedModel
 log = logging.getLogger(__name__)
 
 
+#: the working precisions of the eigendecomposition (``nullspace_dtype``)
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _working_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise InvalidHparams(f"nullspace_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def null_space_projector(
-    mom2: Float[torch.Tensor, "d d"], threshold: float, *, energy: float | None = None
+    mom2: Float[torch.Tensor, "d d"],
+    threshold: float,
+    *,
+    energy: float | None = None,
+    dtype: str = "float64",
 ) -> Float[torch.Tensor, "d d"]:
-    """``U_0 U_0^T`` over the eigenvectors of ``mom2`` that span its (near) null space,
-    float64. ``mom2`` is symmetric positive semi-definite, so its eigenvalues are its
+    """``U_0 U_0^T`` over the eigenvectors of ``mom2`` that span its (near) null space, in
+    ``dtype``. ``mom2`` is symmetric positive semi-definite, so its eigenvalues are its
     singular values (the paper's SVD).
 
     * ``energy=None`` (the paper): the eigenvalues below ``threshold`` (absolute, in the
@@ -43,24 +58,50 @@ def null_space_projector(
       sum is at most ``e * trace(mom2)``, i.e. the preserved keys keep at least ``1 - e`` of
       their energy outside the updated directions whatever the scale of the keys. An
       absolute threshold tuned on one model's keys can leave a large part of another's
-      energy unprotected (Gemma-3-270M at 2e-2: 4-29 % per layer)."""
-    values, vectors = torch.linalg.eigh(mom2.double())  # ascending
+      energy unprotected (Gemma-3-270M at 2e-2: 4-29 % per layer).
+
+    ``dtype`` (factscope's option ``nullspace_dtype``): ``"float64"`` (default) or
+    ``"float32"``, the precision AlphaEdit's code decomposes its float32 statistics in
+    (``torch.linalg.svd`` of the float32 covariance). Memory, ``d = d_mlp``: the symmetric
+    eigensolver holds its copy of the matrix (which becomes the eigenvectors) and LAPACK's
+    divide-and-conquer workspace of about two more, ~3.2 d^2 in ``dtype`` (measured), plus a
+    float64 copy of float32 statistics when ``dtype`` is float64: at d = 14,336, 2.6 GB in
+    float32 and 6.8 GB in float64. The kept eigenvectors are a prefix of the ascending
+    eigendecomposition, used as a view (no gathered copy); the projector is one more d^2
+    once the workspace is gone.
+    """
+    work = _working_dtype(dtype)
     if energy is None:
         if not threshold > 0:
             raise InvalidHparams(f"nullspace_threshold must be > 0, got {threshold}")
-        kept = vectors[:, values < threshold]
+    elif not 0 < energy < 1:
+        raise InvalidHparams(f"nullspace_energy must be in (0, 1), got {energy}")
+    values, vectors = torch.linalg.eigh(mom2.to(work))  # ascending; float32 input: not copied
+    if energy is None:
+        m = int((values < threshold).sum())
     else:
-        if not 0 < energy < 1:
-            raise InvalidHparams(f"nullspace_energy must be in (0, 1), got {energy}")
         share = values.clamp(min=0).cumsum(0) / values.clamp(min=0).sum()
-        kept = vectors[:, share <= energy]
-    return kept @ kept.T
+        m = int((share <= energy).sum())
+    kept = vectors[:, :m]  # ascending eigenvalues: the kept ones are the first m
+    del values
+    projector = kept @ kept.T
+    del kept, vectors
+    return projector
 
 
-def projector_name(layer: int, threshold: float, energy: float | None) -> str:
-    """The statistics-cache file name of a layer's projector under one null-space rule."""
+def projector_name(
+    layer: int, threshold: float, energy: float | None, dtype: str = "float64"
+) -> str:
+    """The statistics-cache file name of a layer's projector under one null-space rule
+    (and working precision, named when it is not the default float64)."""
     rule = f"energy-{energy:g}" if energy is not None else f"{threshold:g}"
-    return f"layer_{layer}.nullspace-{rule}.safetensors"
+    precision = "" if dtype == "float64" else f"-{dtype}"
+    return f"layer_{layer}.nullspace-{rule}{precision}.safetensors"
+
+
+def _as_float32(P: torch.Tensor) -> torch.Tensor:
+    """``P`` in float32 (itself if it is), the float64 original released as soon as copied."""
+    return P.contiguous() if P.dtype == torch.float32 else P.float()
 
 
 def layer_projectors(
@@ -70,22 +111,32 @@ def layer_projectors(
     threshold: float,
     *,
     energy: float | None = None,
+    dtype: str = "float64",
     given: Stats | None = None,
     progress: bool = False,
 ) -> dict[int, torch.Tensor]:
     """``P`` for each of ``layers`` (float32) under the rule of :func:`null_space_projector`:
     from ``given`` statistics when passed (not stored), else from the statistics of ``hp``'s
-    settings, read from or written to the statistics cache (:func:`projector_name`)."""
+    settings, read from or written to the statistics cache (:func:`projector_name`).
+    ``dtype``: the eigendecomposition's precision (:func:`null_space_projector`)."""
+    _working_dtype(dtype)
     if given is not None:
         return {
-            L: null_space_projector(second_moment(given, L), threshold, energy=energy).float()  # type: ignore[arg-type]
+            L: _as_float32(
+                null_space_projector(
+                    second_moment(given, L),  # type: ignore[arg-type]
+                    threshold,
+                    energy=energy,
+                    dtype=dtype,
+                )
+            )
             for L in layers
         }
     folder = stats_dir(model, n_tokens=hp.mom2_n_tokens, corpus=hp.corpus, dtype=hp.mom2_dtype)
     out: dict[int, torch.Tensor] = {}
     missing = []
     for L in layers:
-        path = folder / projector_name(L, threshold, energy)
+        path = folder / projector_name(L, threshold, energy, dtype)
         if path.is_file():
             out[L] = load_file(str(path))["projector"]
         else:
@@ -93,9 +144,10 @@ def layer_projectors(
     if missing:
         moms = layer_stats(model, missing, hp, progress=progress)
         for L in missing:
-            P = null_space_projector(moms[L], threshold, energy=energy)
+            P = null_space_projector(moms[L], threshold, energy=energy, dtype=dtype)
             log.info("layer %d: null space of dimension %d", L, round(float(P.trace())))
-            out[L] = P.float().contiguous()
-            with atomic_path(folder / projector_name(L, threshold, energy)) as tmp:
-                save_file({"projector": out[L].cpu()}, str(tmp))
+            out[L] = _as_float32(P)
+            del P
+            with atomic_path(folder / projector_name(L, threshold, energy, dtype)) as tmp:
+                write_safetensors(tmp, {"projector": out[L]})
     return out

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from editing.statistics.corpus import wikitext_paragraphs
+from editing.statistics.tensor_file import write_safetensors
 from tracing.distributed import Ranks, all_reduce_sum, barrier, ranks, together
 from tracing.errors import InvalidInput
 from tracing.forward import run_until
@@ -177,7 +178,7 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict, stem: Path) -> None:
     """Write ``stem.safetensors`` then ``stem.json`` (the json marks completion)."""
     with atomic_path(stem.with_suffix(".safetensors")) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        write_safetensors(tmp, tensors)  # streamed: no in-memory copy of the file
     write_json_atomic(stem.with_suffix(".json"), meta)
 
 
