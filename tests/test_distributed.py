@@ -171,3 +171,50 @@ def test_shards_are_disjoint_and_complete():
     shards = [Ranks(r, 3).shard(items) for r in range(3)]
     assert sorted(i for s in shards for i in s) == items
     assert Ranks().shard(items) == items
+
+
+def _nccl_init(monkeypatch, local_rank: int, local_world: int) -> list[int]:
+    """A torchrun rank of a two-rank run (``local_world`` of them on this machine) whose
+    CUDA and NCCL are stand-ins: returns the list its ``torch.cuda.set_device`` calls are
+    recorded in."""
+    import tracing.distributed as td
+
+    for name, value in {
+        "RANK": local_rank,
+        "LOCAL_RANK": local_rank,
+        "WORLD_SIZE": 2,
+        "LOCAL_WORLD_SIZE": local_world,
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    calls: list[int] = []
+    monkeypatch.setattr(td.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(td.torch.cuda, "set_device", lambda index: calls.append(int(index)))
+    monkeypatch.setattr(td.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(td.dist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(td, "ranks", lambda: Ranks(local_rank, 2))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("device", "want"), [(None, 0), ("auto", 0), ("cuda", 0), ("cpu", 0), ("cuda:1", 1)]
+)
+def test_an_explicit_cuda_device_wins_over_local_rank(monkeypatch, device, want):
+    """One rank on each of two machines: ``cuda:1`` binds GPU 1; anything else binds
+    LOCAL_RANK (0), as before."""
+    from tracing.distributed import init_from_env
+
+    calls = _nccl_init(monkeypatch, local_rank=0, local_world=1)
+    init_from_env(device=device)
+    assert calls == [want]
+
+
+def test_an_explicit_cuda_device_shared_by_local_ranks_is_refused(monkeypatch):
+    from tracing.distributed import init_from_env
+    from tracing.errors import InvalidInput
+
+    calls = _nccl_init(monkeypatch, local_rank=1, local_world=2)
+    with pytest.raises(InvalidInput, match="cuda:0"):
+        init_from_env(device="cuda:0")
+    assert calls == []
+    init_from_env(device="cuda")
+    assert calls == [1]

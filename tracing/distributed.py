@@ -95,15 +95,37 @@ def local_cuda_index(index: int | None) -> int:
     return index
 
 
-def init_from_env(settings: Any = None, timeout_minutes: float = 60.0) -> Ranks:
+def _nccl_device(device: str | torch.device | None) -> int:
+    """The GPU a rank's NCCL communicator binds: an explicit ``cuda:N`` as
+    :func:`local_cuda_index` keeps it (one rank on its machine; refused where several share
+    it), else (None, ``auto``, a bare ``cuda``, the CPU, a device map) ``LOCAL_RANK``."""
+    if device is not None and not isinstance(device, dict):
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            dev = None
+        if dev is not None and dev.type == "cuda" and dev.index is not None:
+            return local_cuda_index(dev.index)
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_env(
+    settings: Any = None,
+    timeout_minutes: float = 60.0,
+    device: str | torch.device | None = None,
+) -> Ranks:
     """Join the torchrun process group (once) and check that every rank has the same
-    ``settings`` (e.g. its command line); returns this process's :class:`Ranks`."""
+    ``settings`` (e.g. its command line); returns this process's :class:`Ranks`.
+
+    ``device``: the device the command was given (``--device``). On NCCL each rank's current
+    GPU is set before the group is made: an explicit ``cuda:N`` wins (where it is allowed,
+    see :func:`local_cuda_index`), anything else means ``cuda:LOCAL_RANK``."""
     if not launched():
         return Ranks()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(_nccl_device(device))
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     here = ranks()
     if settings is not None:
