@@ -54,21 +54,27 @@ SMALL_LAYERS = 4
 #: What bounds each step's transient memory (beyond weights and statistics in hand), read
 #: off the code: n requests, P prompts, T tokens in a chunk, d = d_mlp, D = d_model, V vocab.
 BOUNDS = {
-    "stats": "the sums (layers x d^2 float32), mom2 = sums / count (another d^2) and "
-    "safetensors' save_file building the file in memory (about 2 d^2 more): ~4 d^2 x 4 B",
+    "stats": "the sums (layers x d^2 float32), divided in place and written streamed "
+    "(editing.statistics.tensor_file): ~1 d^2 x 4 B per layer, the result in hand afterwards",
     "trace": "the engine's rows x tokens x D states per chunk, one row's final logits [V]",
-    "rome": "C in float64 + its LU (2 d^2 x 8 B) + W in float64 (d D x 8 B) + the v* graph",
+    "rome": "C factored in place in one column-major float64 buffer (d^2 x 8 B; none with "
+    "mom2_adjustment off), k W read a block of rows at a time, + the v* graph",
     "memit-z": "MEMIT's solve (below) + the z graph of the requests' prompts",
-    "memit100": "K [n x d] float64 + the solve: lambda C, K^T K, their sum and LAPACK's copy "
-    "(~4 d^2 x 8 B; 2 d^2 x 8 B once the system is built and factored in place)",
+    "memit100": "K [n x d] float64 + one d^2 float64 system (lambda C, K^T K added with "
+    "addmm_, factored in place): d^2 x 8 B + n d x 8 B",
     "memit1000": "as memit100; K grows to n x d x 8 B",
-    "alphaedit": "the null space: C in float64, eigh's vectors and workspace, the kept "
-    "columns and U U^T (>= 4 d^2 x 8 B); the solve: P, K^T K, P K^T K, I, the sum and its LU "
-    "(~6 d^2 x 8 B; none of d^2 once pushed through to [n, n])",
+    "alphaedit": "the null space in float64: the statistics' float64 copy, eigh's copy and "
+    "LAPACK's workspace (~4.1 d^2 x 8 B, measured), then U_0 (a view) and P; the solve pushed "
+    "through to [n, n] (no d^2 float64)",
+    "alphaedit-f32": "as alphaedit with nullspace_dtype float32 (AlphaEdit's code's "
+    "precision): eigh's copy and LAPACK's workspace ~3.2 d^2 x 4 B, then U_0 (a view) and "
+    "P (d^2 x 4 B)",
     "alphaedit-solve": "AlphaEdit's solve alone (as in alphaedit)",
-    "ft-linf": "the block's snapshot, float32 anchors and masters, gradients, Adam's two "
-    "moments, the projection's temporaries and the Edit's dense deltas (~7 x block bytes)",
-    "ft-fisher": "as ft-linf + the block's Fisher and its per-source sums (~2 x block bytes)",
+    "ft-linf": "the block's snapshot, its gradients and Adam's two moments (4 x block bytes: "
+    "a float32 model's tensors are their own masters, the snapshot is the anchor), one "
+    "tensor-sized temporary for the projection; at the end the snapshot and the Edit's deltas",
+    "ft-fisher": "as ft-linf + the block's Fisher (1 x block bytes, in hand for the run; "
+    "before it, its sums and the gradients, combined in place and written streamed)",
     "eval": "the ROME edit + scoring + the runner's weight checks (each block tensor copied "
     "to the host to hash it, one at a time)",
     "save-load": "applying: the delta matrix, the saved original and the sum (3 d D x 4 B)",

@@ -261,9 +261,12 @@ def prep_memit_z(cell: Cell, model: Any) -> Prepared:
     return run, notes, 0.0
 
 
-def _z_given(cell: Cell, model: Any, n: int, method: str) -> Prepared:
+def _z_given(
+    cell: Cell, model: Any, n: int, method: str, nullspace_dtype: str = "float64"
+) -> Prepared:
     """Keys and layer updates of ``n`` requests with their targets z given (random), the
-    bare prompt only; MEMIT's or AlphaEdit's solve."""
+    bare prompt only; MEMIT's or AlphaEdit's solve (its null space decomposed in
+    ``nullspace_dtype``)."""
     from editing.methods.memit import layer_updates, memit_solver
     from editing.prepared import prepare_requests
     from editing.weights import restoring_weights
@@ -282,10 +285,12 @@ def _z_given(cell: Cell, model: Any, n: int, method: str) -> Prepared:
             solver = memit_solver(hp, moms)
         else:
             from editing.methods.alphaedit import alphaedit_solver
-            from editing.nullspace import layer_projectors
+            from editing.statistics.nullspace import layer_projectors
 
             t = time.perf_counter()
-            proj = layer_projectors(model, layers, hp, hp.nullspace_threshold, given=moms)
+            proj = layer_projectors(
+                model, layers, hp, hp.nullspace_threshold, dtype=nullspace_dtype, given=moms
+            )
             out["seconds_projection"] = round(time.perf_counter() - t, 2)
             out["null_space_dims"] = [round(float(P.trace())) for P in proj.values()]
             solver = alphaedit_solver(hp, proj, None)
@@ -295,7 +300,11 @@ def _z_given(cell: Cell, model: Any, n: int, method: str) -> Prepared:
         out["seconds_updates"] = round(time.perf_counter() - t, 2)
         return out
 
-    what = "MEMIT" if method == "memit" else "AlphaEdit (null space from the statistics, then)"
+    what = (
+        "MEMIT"
+        if method == "memit"
+        else f"AlphaEdit (null space from the statistics in {nullspace_dtype}, then)"
+    )
     notes = (
         f"{what} keys + layer update of {n:,} requests with z given (random), layers "
         f"{layers}, bare prompt only (MEMIT: 6 prompts per request)"
@@ -313,6 +322,10 @@ def prep_memit1000(cell: Cell, model: Any) -> Prepared:
 
 def prep_alphaedit(cell: Cell, model: Any) -> Prepared:
     return _z_given(cell, model, 100, "alphaedit")
+
+
+def prep_alphaedit_f32(cell: Cell, model: Any) -> Prepared:
+    return _z_given(cell, model, 100, "alphaedit", nullspace_dtype="float32")
 
 
 def prep_alphaedit_solve(cell: Cell, model: Any) -> Prepared:
@@ -474,6 +487,7 @@ STEPS: dict[str, Callable[[Cell, Any], Prepared]] = {
     "memit100": prep_memit100,
     "memit1000": prep_memit1000,
     "alphaedit": prep_alphaedit,
+    "alphaedit-f32": prep_alphaedit_f32,
     "alphaedit-solve": prep_alphaedit_solve,
     "ft-linf": prep_ft_linf,
     "ft-fisher": prep_ft_fisher,
