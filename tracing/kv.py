@@ -33,6 +33,10 @@ class KVRecorder:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Called by the attention of block ``layer_idx`` with the keys and values it just
+        computed (``[batch, heads, pos, d_head]``): keeps them under the block's index and
+        hands them back unchanged, so the run itself is what it would be with no cache
+        (the Hugging Face cache protocol: further arguments are ignored)."""
         self.kv[layer_idx] = (k, v)
         return k, v
 
@@ -45,6 +49,11 @@ class PrefixKV:
         self.k, self.v = k, v
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Called by the attention with the keys and values of the suffix positions it
+        computes: returns the prefix's cached keys and values followed by them (along the
+        position axis), so the suffix's queries attend to the whole prompt. Nothing is
+        stored: the same prefix serves every call (``layer_idx`` and further arguments of
+        the cache protocol are ignored)."""
         return torch.cat([self.k, k], dim=-2), torch.cat([self.v, v], dim=-2)
 
 

@@ -25,6 +25,9 @@ ALL_KINDS: tuple[str, ...] = (*KINDS, *SEVERED_KINDS)
 #: Settings a stored trace must share with a resumed run (they change what a score *is*, so a
 #: folder never mixes them: :meth:`TraceSettings.conflict`).
 DEFINING_SETTINGS = ("corruption", "replacement", "direction", "metric", "normalise")
+#: Which token rows a trace measures (:func:`tracing.trace.trace_fact`'s ``tokens``): every
+#: token, or only the subject's last token (one row per kind; the other rows are NaN).
+TOKEN_SETS = ("all", "subject-last")
 TOKEN_CLASSES = (
     "first_subject",
     "middle_subject",
@@ -58,6 +61,7 @@ class TraceSettings:
     metric: str = "prob"  # "prob", "logprob" or "logit-diff" (tracing.metrics)
     normalise: bool = False  # scores as (m - m_corrupted) / (m_clean - m_corrupted)
     severed_noise: str | None = None  # severed kinds: "papers" or "same" (tracing.severing)
+    tokens: str = "all"  # "all" token rows, or "subject-last" only (TOKEN_SETS)
 
     def conflict(self, wanted: TraceSettings) -> str | None:
         """The first of :data:`DEFINING_SETTINGS` in which these settings differ from
@@ -75,8 +79,9 @@ class TraceSettings:
     def covers(self, wanted: TraceSettings) -> bool:
         """Whether a trace made with these settings has every score a trace with ``wanted``
         would have: the same model, noise (level and kind), samples, seed and method (and
-        ``atp+exact`` share), every wanted kind, with the same window. An estimate never
-        stands in for an exact trace, nor one method for another."""
+        ``atp+exact`` share), every wanted kind, with the same window, and every wanted token
+        row (a trace of all tokens covers one of the last subject token, not the reverse).
+        An estimate never stands in for an exact trace, nor one method for another."""
         same = (
             self.model_fingerprint == wanted.model_fingerprint
             and self.noise == wanted.noise
@@ -88,6 +93,7 @@ class TraceSettings:
             and self.atp_space == wanted.atp_space
             and self.conflict(wanted) is None
             and (self.severed_noise == wanted.severed_noise or not _severed(wanted.kinds))
+            and (self.tokens == "all" or self.tokens == wanted.tokens)
         )
         return same and all(
             k in self.kinds and self.window.get(k) == wanted.window.get(k) for k in wanted.kinds
@@ -115,6 +121,9 @@ class TraceResult:
     ``corrupted_value`` are the metric of the clean and the corrupted run in those units
     (``None``: the probabilities ``p_clean`` and ``p_corrupted``, the default metric).
     ``competitor`` is the token a ``logit-diff`` is taken against.
+
+    A trace of ``settings.tokens == "subject-last"`` measures only the subject's last token:
+    every other row of ``scores`` is NaN (:meth:`measured_tokens` lists the measured rows).
     """
 
     prompt: str
@@ -138,7 +147,15 @@ class TraceResult:
 
     @property
     def n_layers(self) -> int:
+        """The model's layer count: the width of every score map."""
         return int(next(iter(self.scores.values())).shape[1])
+
+    def measured_tokens(self) -> list[int]:
+        """Token indices whose rows hold scores: every token, or only the subject's last
+        (``settings.tokens == "subject-last"``)."""
+        if getattr(self.settings, "tokens", "all") == "subject-last":
+            return [self.subject_span[1] - 1]
+        return list(range(len(self.tokens)))
 
     @property
     def clean_score(self) -> float:
@@ -164,7 +181,8 @@ class TraceResult:
         ``direction="noise"``: of the state whose corruption costs the most)."""
         s = self.scores[kind]
         noising = getattr(self.settings, "direction", "denoise") == "noise"
-        t, layer = np.unravel_index(int(np.argmax(-s if noising else s)), s.shape)
+        flat = -s if noising else s  # unmeasured rows (NaN) never peak
+        t, layer = np.unravel_index(int(np.nanargmax(flat)), s.shape)
         return int(t), int(layer), float(s[t, layer])
 
     @property
@@ -193,6 +211,8 @@ class TraceResult:
         return token_class(index, self.subject_span, len(self.tokens))
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: arrays as nested lists (unmeasured cells as NaN, which Python's
+        ``json`` writes and reads), every setting kept; :meth:`from_dict` inverts it."""
         d = asdict(self)
         d["scores"] = {k: np.asarray(v).tolist() for k, v in self.scores.items()}
         d["subject_span"] = list(self.subject_span)
@@ -202,6 +222,10 @@ class TraceResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TraceResult:
+        """The trace a :meth:`to_dict` dict (or a saved JSON file's content) describes: score
+        and exactness maps back to float64 and boolean arrays, settings to
+        :class:`TraceSettings` (settings added since the file was written take their
+        defaults)."""
         d = dict(d)
         settings = dict(d.pop("settings"))
         settings["kinds"] = tuple(settings["kinds"])
@@ -220,6 +244,7 @@ class TraceResult:
 
     @classmethod
     def load(cls, path: str | Path) -> TraceResult:
+        """Read a trace written by :meth:`save` (or ``factscope trace``'s ``trace.json``)."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -262,6 +287,8 @@ class AverageEffects:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (per-layer arrays as lists); ``average_effects.json`` holds it
+        and :meth:`from_dict` reads it back."""
         return {
             "effects": {
                 k: {c: np.asarray(v).tolist() for c, v in per.items()}
@@ -276,6 +303,8 @@ class AverageEffects:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AverageEffects:
+        """The averages a :meth:`to_dict` dict (an ``average_effects.json``) describes, the
+        per-layer effects as float64 arrays."""
         return cls(
             effects={
                 k: {c: np.asarray(v, dtype=np.float64) for c, v in per.items()}
@@ -309,4 +338,5 @@ class LayerSelection:
 
     @classmethod
     def load(cls, path: str | Path) -> LayerSelection:
+        """Read a selection written by :meth:`save` (``select-layers``' ``layers.json``)."""
         return cls(**json.loads(Path(path).read_text()))

@@ -36,15 +36,6 @@ log = logging.getLogger("mkdocs.hooks.factscope")
 PENDING: frozenset[str] = frozenset(
     {
         "editing.methods.finetune.batches.pad",
-        "tracing.kv.KVRecorder.update",
-        "tracing.kv.PrefixKV.update",
-        "tracing.results.AverageEffects.from_dict",
-        "tracing.results.AverageEffects.to_dict",
-        "tracing.results.LayerSelection.load",
-        "tracing.results.TraceResult.from_dict",
-        "tracing.results.TraceResult.load",
-        "tracing.results.TraceResult.n_layers",
-        "tracing.results.TraceResult.to_dict",
     }
 )
 
