@@ -101,9 +101,9 @@ def bench_stats(model, layers: list[int], n_tokens: int) -> None:
 
 def bench_rome(model, n_edits: int) -> None:
     from editing.api import make_edit
-    from editing.context import context_templates
     from editing.methods import load_hparams
     from editing.methods.rome import RomeHparams
+    from editing.requests.context import context_templates
     from editing.statistics.keys import layer_stats
 
     hp = load_hparams("rome", "gemma-3-270m")
@@ -202,10 +202,10 @@ def bench_read_losses(model, sizes: tuple[int, ...], repeats: int) -> None:
 
 
 def bench_z(model, n: int, budget: int | None) -> None:
-    from editing.context import context_template_groups
     from editing.methods import load_hparams
     from editing.methods.memit import MemitHparams
-    from editing.prepared import prepare_requests
+    from editing.requests.context import context_template_groups
+    from editing.requests.prepared import prepare_requests
     from editing.targets.objective import compute_targets
 
     hp = load_hparams("memit", "gemma-3-270m")

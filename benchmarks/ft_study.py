@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from editing.evaluation.tasks import TASKS
     from editing.methods.finetune import default_neutral_facts, finetune_edit
     from editing.params import block_parameters
-    from editing.prepared import prepare_requests
+    from editing.requests.prepared import prepare_requests
     from editing.statistics.fisher import (
         FACTS_SEED,
         FisherSettings,

@@ -96,7 +96,7 @@ def subject_key_moment(
     """``C_subj = mean_s k_s k_s^T`` over the cases' MLP keys at ``layer`` read at the
     subject's last token of each case's own prompt (float64 sums, float32 result)."""
     from editing.evaluation.tasks import TASKS
-    from editing.prepared import prepare_requests
+    from editing.requests.prepared import prepare_requests
     from editing.statistics.keys import subject_keys
 
     task = TASKS["counterfact"]

@@ -1,12 +1,12 @@
 """Old module names of ``editing`` that moved into its subpackages.
 
-``editing`` groups its modules by what they are about (:mod:`editing.statistics`,
-:mod:`editing.targets`, :mod:`editing.edits`). Code written against the flat layout keeps
-working: importing an old name (``import editing.objective``) warns once with a
-``DeprecationWarning`` naming the new one and gives the module at its new name, the same
-object (so patching an attribute of either patches both). :data:`MOVED` maps old names to new
-ones; :func:`install` adds the finder that serves them (done on import: ``editing/__init__.py``
-imports this module first).
+``editing`` groups its modules by what they are about (:mod:`editing.requests`,
+:mod:`editing.edits`, :mod:`editing.statistics`, :mod:`editing.targets`). Code written
+against the flat layout keeps working: importing an old name (``import editing.objective``)
+warns once with a ``DeprecationWarning`` naming the new one and gives the module at its new
+name, the same object (so patching an attribute of either patches both). :data:`MOVED` maps
+old names to new ones; :func:`install` adds the finder that serves them (done on import:
+``editing/__init__.py`` imports this module first).
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ MOVED: dict[str, str] = {
     "editing.export": "editing.edits.export",
     "editing.layer_delta": "editing.edits.layer_delta",
     "editing.weights": "editing.edits.weights",
+    "editing.context": "editing.requests.context",
+    "editing.prepared": "editing.requests.prepared",
 }
 # ``editing.targets`` (now :mod:`editing.targets.optimise`) became the package itself: its old
-# names are served, with the same warning, by ``editing/targets/__init__.py``.
+# names are served, with the same warning, by ``editing/targets/__init__.py``. So did
+# ``editing.requests`` (now :mod:`editing.requests.request`), whose names the package holds.
 
 
 class _Alias(Loader):

@@ -2,7 +2,7 @@
 
 ``make_edit(model, requests, "rome" | "memit" | "ft-l" | ...)`` looks the method up in the
 registry (:mod:`editing.methods`), resolves its hyper-parameters, prepares the requests once
-(validation, context templates, tokenisation: :func:`editing.prepared.prepare_requests`),
+(validation, context templates, tokenisation: :func:`editing.requests.prepared.prepare_requests`),
 runs the method and returns an :class:`~editing.edits.edit.Edit`. The model is unchanged on return
 (``edit.apply(model)`` is the caller's choice); on any failure the weights are exactly
 restored.
@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from editing.context import context_template_groups
 from editing.edits.edit import Edit
 from editing.edits.weights import restoring_weights
 from editing.hparams import Hparams, KeyValueHparams
 from editing.methods import EditInputs, get_method
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.requests.context import context_template_groups
+from editing.requests.prepared import prepare_requests
 from editing.statistics.keys import Stats
 from tracing.errors import InvalidHparams, InvalidInput
 from tracing.models import HookedModel, check_layer, down_proj, model_name

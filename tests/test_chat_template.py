@@ -21,8 +21,8 @@ from editing.api import make_edit
 from editing.evaluation import evaluate
 from editing.hparams import TargetHparams
 from editing.methods.rome import RomeHparams
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.requests.prepared import prepare_requests
 from editing.statistics.stats import layer_second_moments
 from tracing.chat import chat_template_on, render_chat, use_chat_template
 from tracing.errors import InvalidInput

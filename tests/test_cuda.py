@@ -41,7 +41,7 @@ from editing.methods.alphaedit import AlphaEditHparams
 from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
-from editing.prepared import prepare_requests
+from editing.requests.prepared import prepare_requests
 from editing.statistics.stats import layer_second_moments
 from editing.targets.objective import TargetObjective
 from tracing.models import down_proj, load_model, model_device, model_dtype

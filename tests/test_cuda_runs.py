@@ -178,8 +178,8 @@ needs_embedded = pytest.mark.skipif(
 def test_the_embedded_model_traces_and_edits_on_cuda():
     """Gemma 3 270M on CUDA: its trace matches the CPU's (float32, 1e-4) and ROME moves the
     Space Needle to Paris there as on the CPU (tests/test_rome.py), undone bit for bit."""
-    from editing.context import context_templates
     from editing.methods import load_hparams
+    from editing.requests.context import context_templates
     from tracing.forward import top_k
 
     cpu = load_model("gemma-3-270m", device="cpu", dtype="float32")

@@ -27,8 +27,8 @@ from editing.edits.edit import Edit
 from editing.hparams import TargetHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.requests.prepared import prepare_requests
 from editing.statistics.keys import subject_keys
 from tracing.errors import InvalidInput
 from tracing.families import FAMILIES as TABLE

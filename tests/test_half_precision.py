@@ -22,8 +22,8 @@ from editing.methods.alphaedit import AlphaEditHparams
 from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.requests.prepared import prepare_requests
 from editing.statistics.keys import subject_keys
 from editing.targets.objective import loss_scaler
 from tracing.models import down_proj, down_proj_bias, model_dtype

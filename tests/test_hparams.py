@@ -244,8 +244,8 @@ def test_rome_without_mom2_adjustment_updates_along_the_key(toy_models):
     import torch
 
     from editing.api import make_edit
-    from editing.prepared import prepare_requests
     from editing.requests import EditRequest
+    from editing.requests.prepared import prepare_requests
     from editing.statistics.keys import subject_keys
 
     model = toy_models["llama"]

@@ -12,8 +12,8 @@ import torch
 import editing.statistics.stats
 import tracing.engine
 from editing.hparams import TargetHparams
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.requests.prepared import prepare_requests
 from editing.statistics.stats import layer_second_moments
 from editing.targets.objective import compute_targets
 from tracing.errors import InvalidInput

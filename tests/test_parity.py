@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from editing.edits.weights import restoring_weights
 from editing.hparams import TargetHparams
 from editing.methods.memit import MemitHparams, layer_updates, memit_solver
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.requests.prepared import prepare_requests
 from editing.targets.objective import TargetObjective
 from tracing.models import load_model
 from tracing.toy_models import ARCHS, FAMILIES, build_toy_model

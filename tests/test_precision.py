@@ -19,8 +19,8 @@ from editing.hparams import TargetHparams
 from editing.methods.finetune import FTHparams
 from editing.methods.memit import MemitHparams
 from editing.methods.rome import RomeHparams
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.requests.prepared import prepare_requests
 from editing.statistics.keys import subject_keys
 from editing.statistics.stats import layer_second_moments
 from tracing.errors import InvalidInput

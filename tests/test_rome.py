@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from editing.api import make_edit
-from editing.context import context_templates
 from editing.hparams import TargetHparams
 from editing.methods import load_hparams
 from editing.methods.rome import RomeHparams, rank_one_update
-from editing.prepared import prepare_requests, templated_prompt
 from editing.requests import EditRequest
+from editing.requests.context import context_templates
+from editing.requests.prepared import prepare_requests, templated_prompt
 from editing.statistics.keys import subject_keys
 from editing.statistics.stats import layer_second_moments
 from tracing.forward import capture_states, top_k

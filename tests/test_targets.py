@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from editing.hparams import TargetHparams
-from editing.prepared import neighbour_prompts, prepare_requests
 from editing.requests import EditRequest
+from editing.requests.prepared import neighbour_prompts, prepare_requests
 from editing.targets.objective import TargetObjective, compute_targets
 from editing.targets.optimise import DeltaRunner, RewritePrompt, rewrite_prompts
 from tracing.facts import tokenize_fact
