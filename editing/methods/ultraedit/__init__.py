@@ -47,7 +47,7 @@ def make_stream_edit(
     an earlier batch's ``edit.metadata["lifelong_state"]``; None: the first batch). The
     model is unchanged; the Edit's metadata holds the state after the batch."""
     prepared = prepare_requests(model, list(requests), ("{}",))
-    with restoring_weights(model, hp.layers, always=True):
+    with restoring_weights(model, hp.layers or [], always=True):
         return edit_ultraedit(model, prepared, hp, EditInputs(lifelong_state=state))
 
 
