@@ -17,6 +17,11 @@ maps share a scale (0 at each corrupted run, 1 at the clean one). Traces are kep
 Facts for which no same-length replacement exists are skipped and counted. Prints markdown.
 
     nice -n 10 .venv/bin/python benchmarks/str_vs_noise.py --n 100 --out runs/str_vs_noise
+
+``--tokens subject-last`` (a named reduction for a loaded machine) traces only the subject's
+last token: the rank correlation is then over that row's layers, and the peak cell is the
+peak layer there. A stored trace is reused only when its settings cover the asked ones
+(kinds, samples, tokens), so runs of different settings never mix in one ``--out``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,7 +39,7 @@ from tracing.errors import InvalidInput
 from tracing.facts import known_facts, load_known_facts
 from tracing.models import load_model
 from tracing.results import KINDS, TraceResult
-from tracing.trace import trace_fact
+from tracing.trace import trace_fact, trace_settings
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the script next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,14 +48,21 @@ from atp_agreement import spearman  # noqa: E402  (ranks with ties averaged, as 
 CORRUPTIONS = ("noise", "replace")
 
 
-def traced(model, fact, folder: Path, corruption: str, samples: int) -> TraceResult:
+def traced(
+    model, fact, folder: Path, corruption: str, samples: int, tokens: str = "all"
+) -> TraceResult:
+    """The fact's normalised trace under ``corruption`` (loaded from ``folder`` when a stored
+    one covers these settings; else traced and stored)."""
     path = folder / f"{corruption}.json"
+    options: dict[str, Any] = dict(
+        kinds=KINDS, samples=samples, corruption=corruption, normalise=True, tokens=tokens
+    )
     if path.is_file():
-        return TraceResult.load(path)
-    r = trace_fact(
-        model, fact.prompt, fact.subject, fact.answer, kinds=KINDS, samples=samples,
-        corruption=corruption, normalise=True,
-    )  # fmt: skip
+        stored = TraceResult.load(path)
+        wanted, _ = trace_settings(model, **options)
+        if stored.settings.covers(wanted):
+            return stored
+    r = trace_fact(model, fact.prompt, fact.subject, fact.answer, **options)
     folder.mkdir(parents=True, exist_ok=True)
     r.save(path)
     return r
@@ -60,6 +73,12 @@ def main() -> None:
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--n", type=int, default=100, help="known facts to trace (default 100)")
     p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
+    p.add_argument(
+        "--tokens",
+        choices=["all", "subject-last"],
+        default="all",
+        help="all: full maps (default); subject-last: only the subject's last token",
+    )
     p.add_argument("--out", default="runs/str_vs_noise")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -72,14 +91,15 @@ def main() -> None:
             break
         folder = Path(args.out) / f"{fact.known_id:05d}"
         try:
-            noise = traced(model, fact, folder, "noise", args.samples)
-            replace = traced(model, fact, folder, "replace", args.samples)
+            noise = traced(model, fact, folder, "noise", args.samples, args.tokens)
+            replace = traced(model, fact, folder, "replace", args.samples, args.tokens)
         except InvalidInput as exc:  # no same-length replacement, or nothing to normalise
             logging.warning("skipped %r: %s", fact.subject, exc)
             skipped += 1
             continue
         pairs.append((noise, replace))
-    print(f"## STR vs noise over {len(pairs)} known facts ({skipped} skipped)\n")
+    where = "every token" if args.tokens == "all" else "the last subject token only"
+    print(f"## STR vs noise over {len(pairs)} known facts ({skipped} skipped), {where}\n")
     print("| kind | Spearman median | Spearman mean | peak layer at last subject token agrees "
           "| peak cell agrees |")  # fmt: skip
     print("|---|---|---|---|---|")
@@ -87,7 +107,11 @@ def main() -> None:
         rho, layer_same, cell_same = [], 0, 0
         for a, b in pairs:
             start, last = a.subject_span[0], a.subject_span[1] - 1
-            rho.append(spearman(a.scores[kind][start:].ravel(), b.scores[kind][start:].ravel()))
+            if args.tokens == "subject-last":
+                a_map, b_map = a.scores[kind][last : last + 1], b.scores[kind][last : last + 1]
+            else:
+                a_map, b_map = a.scores[kind][start:], b.scores[kind][start:]
+            rho.append(spearman(a_map.ravel(), b_map.ravel()))
             layer_same += int(np.argmax(a.scores[kind][last]) == np.argmax(b.scores[kind][last]))
             cell_same += int(a.peak(kind)[:2] == b.peak(kind)[:2])
         r = np.array(rho, dtype=float)

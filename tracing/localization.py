@@ -80,6 +80,7 @@ def trace_dataset(
     method: str = "auto",
     exact_top: float = DEFAULT_EXACT_TOP,
     atp_space: str = DEFAULT_SPACE,
+    tokens: str = "all",
     progress: bool = True,
     **measure: Any,
 ) -> list[TraceResult]:
@@ -105,6 +106,12 @@ def trace_dataset(
     severed ones). A stored trace made with another corruption, direction, metric or
     normalisation is refused, naming the setting (a folder never mixes what its scores are).
 
+    ``tokens="subject-last"`` traces only the subject's last token of each fact (exact,
+    one row per kind: what the averages at that token and layer selection read, at a
+    fraction of the cost; ``method="auto"`` is then ``fast`` whatever the count). A stored
+    trace of every token serves it; one of the last subject token never stands in for a
+    trace of every token.
+
     ``n`` must be at least 1 (None: every fact). Under torchrun the facts are sharded across
     ranks (every rank writes its traces into the
     one ``out_dir``) and every rank returns all the traces, in the order of ``facts``.
@@ -126,6 +133,7 @@ def trace_dataset(
         method="fast" if method == "auto" else method,
         exact_top=exact_top,
         atp_space=atp_space,
+        tokens=tokens,
         **measure,
     )
     trace_settings(model, **options)  # every argument checked before any work
@@ -143,7 +151,7 @@ def trace_dataset(
     if n is not None:
         facts = facts[:n]
     if method == "auto":
-        estimable = _atp_can_estimate(kinds, measure)
+        estimable = _atp_can_estimate(kinds, measure) and tokens == "all"
         options["method"] = "atp+exact" if len(facts) > AUTO_ATP_ABOVE and estimable else "fast"
         log.info("method auto: %s for %d facts", options["method"], len(facts))
     wanted, _ = trace_settings(model, **options)
@@ -213,7 +221,9 @@ def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
     """Average indirect effect (restored minus corrupted probability, or the trace's metric:
     :meth:`~tracing.results.TraceResult.indirect_effect`) per layer, per kind (severed
     kinds included) and token class. Within a fact, tokens of one class are averaged first,
-    then facts. Traces of different corruptions, directions or metrics are refused."""
+    then facts. Traces of different corruptions, directions or metrics are refused. A class
+    whose rows a trace did not measure (``tokens="subject-last"``: every class but
+    ``last_subject``) gets nothing from that trace."""
     if not results:
         raise InvalidInput("no traces to average")
     layers = {r.n_layers for r in results}
@@ -233,7 +243,7 @@ def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
         for k in kinds:
             effect = r.indirect_effect(k)
             for c, toks in groups.items():
-                if toks:
+                if toks and not np.isnan(effect[toks]).any():
                     sums[k][c] += effect[toks].mean(0)
                     counts[k][c] += 1
     effects: dict[str, dict[str, np.ndarray]] = {
@@ -257,6 +267,7 @@ def average_effects(results: Sequence[TraceResult]) -> AverageEffects:
             "metric": first.metric,
             "normalise": first.normalise,
             "severed_noise": first.severed_noise,
+            "tokens": sorted({getattr(r.settings, "tokens", "all") for r in results}),
         },
     )
 

@@ -168,6 +168,7 @@ def trace_fact(
     metric: str = DEFAULT_METRIC,
     normalise: bool = False,
     severed_noise: str = DEFAULT_SEVERED_NOISE,
+    tokens: str = "all",
     progress: bool = False,
 ) -> TraceResult:
     """Trace one fact: for each kind, a [tokens x layers] map of the answer's probability when
@@ -192,6 +193,12 @@ def trace_fact(
     ``direction``: ``"denoise"`` (default) or ``"noise"``; ``metric``: ``"prob"`` (default),
     ``"logprob"`` or ``"logit-diff"``; ``normalise``: scores as the normalised effect, 0 at
     the corrupted run and 1 at the clean one (:mod:`tracing.metrics`).
+
+    ``tokens``: ``"all"`` (default) traces every token; ``"subject-last"`` only the
+    subject's last token, the row the papers' per-layer figures and layer selection read:
+    the same cells, the same batching and key/value reuse, the other rows left NaN (one
+    row of ``T``: about ``1/T`` of the work for the token rows after the subject). Exact
+    methods only (``fast`` or ``reference``).
     """
     t0 = time.perf_counter()
     settings, spec = trace_settings(
@@ -211,6 +218,7 @@ def trace_fact(
         metric=metric,
         normalise=normalise,
         severed_noise=severed_noise,
+        tokens=tokens,
     )
     if replacement is not None and replacement.strip() == subject.strip():
         raise InvalidInput(f"the replacement subject {replacement!r} is the subject itself")
@@ -245,6 +253,10 @@ def trace_fact(
     grids: dict[str, list[list[State]]] = {
         k: grid_interventions(k, T, n, settings.window[k]) for k in settings.kinds
     }
+    rows = list(range(T))
+    if tokens == "subject-last":  # one row of every grid: the subject's last token
+        rows = [prep.span[1] - 1]
+        grids = {k: g[rows[0] * n : (rows[0] + 1) * n] for k, g in grids.items()}
     scores: dict[str, np.ndarray] = {}
     exact: dict[str, np.ndarray] | None = None
     if method == "atp+exact":
@@ -259,7 +271,8 @@ def trace_fact(
             probs = restored_probs(
                 model, prep, grid, method=method, progress=progress, atp_space=atp_space
             )
-            scores[k] = probs.reshape(T, n)
+            scores[k] = np.full((T, n), np.nan)
+            scores[k][rows] = probs.reshape(len(rows), n)
         if method == "atp":
             exact = {k: before_subject(prep, n) for k in grids}
     p_corrupted, low = prep.p_corrupted, prep.corrupted_value

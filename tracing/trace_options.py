@@ -11,7 +11,7 @@ from tracing.errors import InvalidInput
 from tracing.metrics import DEFAULT_DIRECTION, DEFAULT_METRIC, check_metric
 from tracing.models import HookedModel, fingerprint, model_name, n_layers
 from tracing.noise import DEFAULT_NOISE, NoiseSpec, resolve_noise
-from tracing.results import ALL_KINDS, KINDS, TraceSettings
+from tracing.results import ALL_KINDS, KINDS, TOKEN_SETS, TraceSettings
 from tracing.severing import (
     DEFAULT_SEVERED_NOISE,
     SEVERED_NOISE,
@@ -53,6 +53,7 @@ def trace_settings(
     metric: str = DEFAULT_METRIC,
     normalise: bool = False,
     severed_noise: str = DEFAULT_SEVERED_NOISE,
+    tokens: str = "all",
 ) -> tuple[TraceSettings, NoiseSpec]:
     """The settings a trace with these arguments is made with (checked, noise resolved to a
     level), and the noise specification; see :func:`trace_fact` for the arguments."""
@@ -65,6 +66,7 @@ def trace_settings(
         metric=metric,
         normalise=normalise,
         severed_noise=severed_noise,
+        tokens=tokens,
     )
     severed = [k for k in traced if parse_kind(k)]
     windows = dict(DEFAULT_WINDOW)
@@ -108,6 +110,7 @@ def trace_settings(
         metric=metric,
         normalise=bool(normalise),
         severed_noise=severed_noise if severed else None,
+        tokens=tokens,
     )
     if corruption == "replace":  # one corrupted run: the replaced prompt
         settings.samples = 1
@@ -125,12 +128,14 @@ def check_measure(
     normalise: bool = False,
     severed_noise: str = DEFAULT_SEVERED_NOISE,
     subject: str | None = None,
+    tokens: str = "all",
 ) -> tuple[str, ...]:
     """Check the kinds and what a trace measures without a model (the command line calls
     this before it loads one); returns the kinds in result order. One-line errors: unknown
     or inapplicable kinds, a severed kind in the noising direction, an unknown corruption,
     direction, metric or severed noise, a replacement without ``replace`` or equal to
-    ``subject``, AtP asked for what it cannot estimate."""
+    ``subject``, AtP asked for what it cannot estimate, an unknown token set (``tokens``:
+    :data:`tracing.results.TOKEN_SETS`) or one row traced by AtP."""
     if not kinds or isinstance(kinds, str):
         raise InvalidInput("no kinds to trace" if not kinds else "kinds must be a list of kinds")
     for k in kinds:
@@ -144,6 +149,13 @@ def check_measure(
         raise InvalidInput(
             f"severed kinds {severed} restore clean states into the corrupted run: they need "
             "direction 'denoise'"
+        )
+    if tokens not in TOKEN_SETS:
+        raise InvalidInput(f"unknown tokens {tokens!r}; expected one of {TOKEN_SETS}")
+    if tokens != "all" and method.startswith("atp"):
+        raise InvalidInput(
+            f"tokens {tokens!r} measures one row per kind exactly, as cheaply as AtP would "
+            f"estimate it: use --method fast or reference, not {method!r}"
         )
     if method.startswith("atp") and (metric != "prob" or direction != "denoise"):
         raise InvalidInput(

@@ -7,9 +7,9 @@ from viz.heatmap import (
     plot_before_after,
     plot_trace,
     save_figure,
-    token_labels,
 )
 from viz.interactive import before_after_figure, edit_bars_figure, trace_figure, write_html
+from viz.labels import token_labels
 from viz.layer_sweep import plot_layer_sweep
 from viz.plots import (
     EditBar,

@@ -15,11 +15,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from tracing.results import TraceResult
-from viz.heatmap import (
+from viz.heatmap import difference
+from viz.labels import (
     SHORT,
     answer_label,
     base_style,
-    difference,
     panel_title,
     resolve_kinds,
     score_label,

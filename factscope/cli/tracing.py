@@ -78,7 +78,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
     from viz.severed import plot_severed, severed_figure
 
     out = output_folder(args.out)
-    check_measure(**given(args, "kinds", "method", *MEASURE), subject=args.subject)
+    check_measure(**given(args, "kinds", "method", "tokens", *MEASURE), subject=args.subject)
     model = load(args)
     result = trace_fact(
         model,
@@ -86,7 +86,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
         args.subject,
         args.answer,
         **given(args, "kinds", "noise", "samples", "seed", "occurrence", "method"),
-        **given(args, "exact_top", "atp_space", *MEASURE),
+        **given(args, "exact_top", "atp_space", "tokens", *MEASURE),
         **given(args, uniform_noise="uniform"),
         **_windows(args),
         progress=not args.no_progress,
@@ -136,7 +136,9 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
     out = output_folder(args.out)
     facts = load_known_facts(input_file(args.facts, "--facts")) if args.facts else None
     method = getattr(args, "method", "auto")
-    check_measure(**given(args, "kinds", *MEASURE), method="fast" if method == "auto" else method)
+    check_measure(
+        **given(args, "kinds", "tokens", *MEASURE), method="fast" if method == "auto" else method
+    )
     model = load(args)
     results = trace_dataset(
         model,
@@ -144,7 +146,7 @@ def cmd_trace_dataset(args: argparse.Namespace) -> None:
         out_dir=out,
         only_known=not args.all_facts,
         **given(args, "n", "kinds", "noise", "samples", "seed", "method", "exact_top", "atp_space"),
-        **given(args, *MEASURE),
+        **given(args, "tokens", *MEASURE),
         **given(args, uniform_noise="uniform"),
         **_windows(args),
         progress=not args.no_progress,
@@ -257,6 +259,13 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
         default=UNSET,
         help="severed kinds: papers (default: the scored pass draws the next noise, as the "
         "papers' code) or same (the noise of the frozen states)",
+    )
+    p.add_argument(
+        "--tokens",
+        choices=["all", "subject-last"],
+        default=UNSET,
+        help="token rows to trace: all (default) or subject-last (only the subject's last "
+        "token: one exact row per kind, what averages and layer selection read)",
     )
     add_progress(p)
 
