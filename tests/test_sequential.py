@@ -40,6 +40,7 @@ HPARAMS = {
         "l2_weight": 1.0,
         "context_templates": [[5, 2]],
     },
+    "ultraedit": {"layers": [0, 1], "lr": 1e-3, "chunk_size": 1},
     "ft-l": {"layers": [1], "num_steps": 2, "norm_constraint": 1e-3},
     "ft": {"layers": [1], "num_steps": 2},
 }
@@ -251,7 +252,47 @@ def test_non_finite_batch_is_refused_and_the_stream_goes_on(run, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
 
 
-@pytest.mark.parametrize("method", ["rome", "memit", "ft-l"])
+def test_interrupted_ultraedit_stream_resumes_its_lifelong_state_exactly(
+    run, monkeypatch, tmp_path
+):
+    """The normalisation statistics travel with the saved batches: a stream stopped after
+    its first batch and resumed computes the later batches bit for bit as an unbroken one."""
+    from editing.methods.ultraedit import STATE_KEY
+
+    model, go = run
+    whole = go(method="ultraedit", name="ue_whole")
+    real, calls = seq_mod._edit_batch, []
+
+    def dies_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(seq_mod, "_edit_batch", dies_on_the_second_batch)
+    before = _weights(model)
+    with pytest.raises(KeyboardInterrupt):
+        go(method="ultraedit", name="ue_cut")
+    for L, w in enumerate(before):
+        down_proj(model, L).data.copy_(w)
+    monkeypatch.setattr(seq_mod, "_edit_batch", real)
+    resumed = go(method="ultraedit", name="ue_cut")
+    assert [r["n_edits"] for r in resumed] == [r["n_edits"] for r in whole]
+
+    def batch(name, b):
+        return Edit.load(tmp_path / "out" / name / "batches" / f"{b:05d}")
+
+    for b in range(3):
+        a, c = batch("ue_whole", b), batch("ue_cut", b)
+        assert a.metadata[STATE_KEY] == c.metadata[STATE_KEY]
+        for x, y in zip(a.deltas, c.deltas, strict=True):
+            assert torch.equal(x.matrix(), y.matrix())
+    states = [batch("ue_whole", b).metadata[STATE_KEY] for b in range(3)]
+    assert states[0] != states[1] != states[2]  # the state moves with every batch
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "ultraedit", "ft-l"])
 def test_every_method_runs_in_sequence(run, method):
     model, go = run
     before = _weights(model)
