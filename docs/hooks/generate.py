@@ -33,11 +33,7 @@ log = logging.getLogger("mkdocs.hooks.factscope")
 
 # Public names in modules being rewritten elsewhere, documented there next; each must still
 # lack its docstring (so this list can only shrink) and nothing else may.
-PENDING: frozenset[str] = frozenset(
-    {
-        "editing.methods.finetune.batches.pad",
-    }
-)
+PENDING: frozenset[str] = frozenset()
 
 # One API page per package: (page, title, packages whose modules it holds, what it is). The
 # editing rooms (edits, statistics, targets) depend on the shared pieces of ``editing`` and

@@ -98,6 +98,9 @@ def mixed_schedule(
 
 
 def pad(examples: Sequence[Example], pad_id: int, device: torch.device) -> torch.Tensor:
+    """The examples' token ids as one ``[examples, width]`` tensor on ``device``, each row
+    right-padded with ``pad_id`` to the longest (the model is causal and the loss reads only
+    each example's own target positions, so padding never changes a scored position)."""
     width = max(len(e.inputs) for e in examples)
     rows = [list(e.inputs) + [pad_id] * (width - len(e.inputs)) for e in examples]
     return torch.tensor(rows, dtype=torch.long, device=device)
