@@ -22,9 +22,9 @@ One row per model, the columns:
   ``n``, for each of ``--memit-sizes``;
 * **peak GPU memory**: ``torch.cuda.max_memory_allocated`` over the whole row (weights
   included);
-* **statistics tokens/s**: :func:`editing.stats.layer_second_moments` for layers 3-8 (clipped
-  to the model's layers) in one pass per batch, over ``--stats-tokens`` WikiText tokens (fresh
-  temporary cache, so nothing is read from disk).
+* **statistics tokens/s**: :func:`editing.statistics.stats.layer_second_moments` for layers
+  3-8 (clipped to the model's layers) in one pass per batch, over ``--stats-tokens`` WikiText
+  tokens (fresh temporary cache, so nothing is read from disk).
 
 ROME and MEMIT get their second moments precomputed (an identity matrix per edited layer,
 ``stats={layer: C}``): the statistics are timed in their own column and are not inside the
@@ -160,7 +160,7 @@ def time_memit(model: Any, hp: Any, n: int) -> float:
 
 def time_stats(model: Any, layers: Sequence[int], n_tokens: int) -> float:
     """Tokens/s of the second moments of ``layers`` (one pass per batch, fresh cache)."""
-    from editing.stats import layer_second_moments
+    from editing.statistics.stats import layer_second_moments
     from tracing.models import model_device
 
     device = model_device(model)

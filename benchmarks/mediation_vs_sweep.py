@@ -97,7 +97,10 @@ def main() -> None:
     print("| rule | facts | layers | sweep rewrite in window | sweep NS in window "
           "| ρ(rule, rewrite) across layers | ρ(rule, NS) |")  # fmt: skip
     print("|---|---:|---|---:|---:|---:|---:|")
-    sets: list[tuple[str, AverageEffects, AverageEffects | None]] = [("layer-sweep facts", average_effects(load_traces(args.sweep_traces)), None)]
+    sweep_effects = average_effects(load_traces(args.sweep_traces))
+    sets: list[tuple[str, AverageEffects, AverageEffects | None]] = [
+        ("layer-sweep facts", sweep_effects, None)
+    ]
     if args.known_traces:
         known = average_effects(load_traces(args.known_traces))
         mlp = None

@@ -149,7 +149,7 @@ def _hparams(cell: Cell, model: Any, method: str, layers: list[int], **extra: An
 def _moments(cell: Cell, model: Any, layers: list[int]) -> dict[int, torch.Tensor]:
     """E[kk^T] of ``layers`` with the table's settings: read from this table's cache (written
     by the ``stats`` cell, or computed here, untimed, when that cell has not run)."""
-    from editing.stats import layer_second_moments
+    from editing.statistics.stats import layer_second_moments
 
     got = layer_second_moments(model, layers, n_tokens=cell.stats_tokens, progress=False)
     return {L: got[L].mom2 for L in layers}
@@ -183,7 +183,7 @@ Prepared = tuple[Callable[[], dict[str, Any]], str, float]  # run, notes, stats 
 
 
 def prep_stats(cell: Cell, model: Any) -> Prepared:
-    from editing.stats import layer_second_moments, stats_dir
+    from editing.statistics.stats import layer_second_moments, stats_dir
 
     _, memit = edit_layers(cell.model, cell.small, cell.layers)
     folder = stats_dir(model, n_tokens=cell.stats_tokens, corpus="wikitext", dtype=torch.float32)
@@ -215,7 +215,7 @@ def prep_trace(cell: Cell, model: Any) -> Prepared:
 
 
 def _templates(model: Any, hp: Any) -> list[list[str]]:
-    from editing.context import context_template_groups
+    from editing.requests.context import context_template_groups
 
     return context_template_groups(model, hp.context_templates)  # generated once, cached
 
@@ -267,9 +267,9 @@ def _z_given(
     """Keys and layer updates of ``n`` requests with their targets z given (random), the
     bare prompt only; MEMIT's or AlphaEdit's solve (its null space decomposed in
     ``nullspace_dtype``)."""
+    from editing.edits.weights import restoring_weights
     from editing.methods.memit import layer_updates, memit_solver
-    from editing.prepared import prepare_requests
-    from editing.weights import restoring_weights
+    from editing.requests.prepared import prepare_requests
 
     _, memit = edit_layers(cell.model, cell.small, cell.layers)
     layers = list(memit) if n <= 100 and method == "memit" else [memit[-1]]
@@ -331,11 +331,11 @@ def prep_alphaedit_f32(cell: Cell, model: Any) -> Prepared:
 def prep_alphaedit_solve(cell: Cell, model: Any) -> Prepared:
     """AlphaEdit's solve alone, its projector given: a random orthogonal projector of the
     statistics' size (rank d_mlp - 512), built before the clock starts (float32, as
-    :func:`editing.nullspace.layer_projectors` returns them)."""
+    :func:`editing.statistics.nullspace.layer_projectors` returns them)."""
+    from editing.edits.weights import restoring_weights
     from editing.methods.alphaedit import alphaedit_solver
     from editing.methods.memit import layer_updates
-    from editing.prepared import prepare_requests
-    from editing.weights import restoring_weights
+    from editing.requests.prepared import prepare_requests
     from tracing.models import mlp_width
 
     _, memit = edit_layers(cell.model, cell.small, cell.layers)
@@ -433,7 +433,7 @@ def prep_eval(cell: Cell, model: Any) -> Prepared:
 
 
 def _synthetic_edit(model: Any, layer: int) -> Any:
-    from editing.edit import Edit, LayerDelta
+    from editing.edits.edit import Edit, LayerDelta
     from tracing.models import fingerprint, mlp_width, model_name
 
     gen = torch.Generator().manual_seed(0)
@@ -450,7 +450,7 @@ def _synthetic_edit(model: Any, layer: int) -> Any:
 
 
 def prep_save_load(cell: Cell, model: Any) -> Prepared:
-    from editing.edit import Edit
+    from editing.edits.edit import Edit
 
     rome, _ = edit_layers(cell.model, cell.small, cell.layers)
     edit = _synthetic_edit(model, rome)

@@ -182,7 +182,7 @@ class TargetHparams(Hparams):
     """The optimisation of ROME's v* / MEMIT's z (shared by both methods).
 
     Per request, Adam minimises ``NLL + kl_factor * KL + weight decay`` over ``delta`` (see
-    :mod:`editing.target_loss`), ``num_steps`` steps at most, keeping ``||delta|| <=
+    :mod:`editing.targets.target_loss`), ``num_steps`` steps at most, keeping ``||delta|| <=
     clamp_norm_factor * ||init||``. ``loss_layer`` -1 means the last layer.
 
     The defaults are the reference code's (ROME's ``compute_v``, MEMIT's ``compute_z``); each
@@ -204,7 +204,7 @@ class TargetHparams(Hparams):
     An addition to the papers' objective, off by default (``neighbour_kl_factor`` 0, so
     every shipped configuration is unchanged): ``neighbour_kl_factor * mean KL`` over
     ``neighbour_prompts`` neighbour-like prompts, the request's template filled with other
-    subjects of its relation (:func:`editing.prepared.neighbour_prompts`), with ``delta``
+    subjects of its relation (:func:`editing.requests.prepared.neighbour_prompts`), with ``delta``
     added at *their* subject's last token and the KL (direction ``kl_direction``) read at
     their last position, where their own answer is predicted. It asks that the vector, were
     it to reach another subject of the relation, leave that subject's answer alone: a

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import editing.nullspace as nullspace_mod
+import editing.statistics.nullspace as nullspace_mod
 from editing.api import make_edit
 from editing.hparams import TargetHparams
 from editing.methods import load_hparams
 from editing.methods.alphaedit import AlphaEditHparams, alphaedit_solver
-from editing.nullspace import layer_projectors, null_space_projector
 from editing.requests import EditRequest
-from editing.stats import layer_second_moments
+from editing.statistics.nullspace import layer_projectors, null_space_projector
+from editing.statistics.stats import layer_second_moments
 from tracing.errors import InvalidHparams, InvalidInput
 from tracing.models import down_proj
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import editing.methods.finetune.train as ft
-from editing.edit import Edit
+from editing.edits.edit import Edit
 from editing.methods.finetune import FTHparams, finetune_edit, mixed_schedule, tuned_parameters
 from editing.params import block_parameters
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
+from editing.requests.prepared import prepare_requests
 from tracing.forward import next_token_probs
 from tracing.models import decode, down_proj, n_layers, target_ids, tokenize
 

@@ -1,4 +1,4 @@
-"""The diagonal Fisher information (editing.fisher) against a plain per-example loop, its
+"""The diagonal Fisher information (editing.statistics.fisher) against a plain per-example loop, its
 penalty's gradient against the closed form 2 λ F (θ − θ0), the disk cache (reuse, resume,
 refusal of another parameter set) and bad input."""
 
@@ -10,8 +10,12 @@ import shutil
 import pytest
 import torch
 
-import editing.fisher as fisher_mod
-from editing.fisher import (
+import editing.statistics.fisher as fisher_mod
+from editing.methods.finetune import FTHparams, finetune_edit
+from editing.params import block_parameters
+from editing.requests import EditRequest
+from editing.requests.prepared import prepare_requests
+from editing.statistics.fisher import (
     FisherSettings,
     cache_folder,
     fisher_diagonal,
@@ -19,10 +23,6 @@ from editing.fisher import (
     fisher_texts,
     sampled_labels,
 )
-from editing.methods.finetune import FTHparams, finetune_edit
-from editing.params import block_parameters
-from editing.prepared import prepare_requests
-from editing.requests import EditRequest
 from tracing.errors import InvalidHparams, InvalidInput
 
 REQ = EditRequest("The Space Needle is located in {} of", "the city", " Paris")
@@ -248,7 +248,7 @@ def test_a_cache_made_for_another_parameter_set_is_refused_and_recomputed(
         {n.replace("blocks.1.", "blocks.2."): t for n, t in tensors.items()},
         str(folder_b / "fisher.safetensors"),
     )
-    with caplog.at_level(logging.WARNING, logger="editing.fisher"):
+    with caplog.at_level(logging.WARNING, logger="editing.statistics.fisher"):
         fb = fisher_diagonal(model, b, settings, cache_dir=tmp_path, progress=False)
     assert "refusing Fisher cache" in caplog.text and "parameters" in caplog.text
     ref = plain_fisher(model, b, settings)

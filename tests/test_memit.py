@@ -10,10 +10,10 @@ import editing.methods.memit as memit_mod
 from editing.api import make_edit
 from editing.hparams import TargetHparams
 from editing.methods.memit import MemitHparams, norm_aware_targets
-from editing.objective import compute_targets
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from editing.stats import layer_second_moments
+from editing.requests.prepared import prepare_requests
+from editing.statistics.stats import layer_second_moments
+from editing.targets.objective import compute_targets
 from tracing.facts import tokenize_fact
 from tracing.models import down_proj, hook_name, post_mlp_norm
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import editing.evaluation.sequential as seq_mod
-from editing.edit import Edit, LayerDelta
+from editing.edits.edit import Edit, LayerDelta
 from editing.evaluation import EditStream, evaluate_sequential
 from editing.evaluation.ability import heldout_sequences, perplexity
 from editing.evaluation.arrival import arrival_table

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from editing.corpus import wikitext_paragraphs
-from editing.stats import corpus_sequences, layer_second_moments, stats_dir
+from editing.statistics.corpus import wikitext_paragraphs
+from editing.statistics.stats import corpus_sequences, layer_second_moments, stats_dir
 from tracing.models import hook_name, prepends_bos
 
 N_TOKENS, SEQ_LEN = 150, 32  # 4 full sequences + one of 22 positions

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from editing.api import make_edit
-from editing.edit import Edit
+from editing.edits.edit import Edit
 from editing.methods import get_method
 from editing.methods.ultraedit import STATE_KEY, UltraEditHparams, make_stream_edit
 from editing.methods.ultraedit.normaliser import LifelongNormaliser, state_from_dict

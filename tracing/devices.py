@@ -19,8 +19,9 @@ naming a device that does not exist), so a command fails before a model is loade
 
 Precision policy (said again where it happens): the model runs in its dtype; the numerically
 sensitive parts of editing run in float32 or float64 whatever that dtype is: second-moment
-accumulation (:mod:`editing.stats`), the ROME and MEMIT solves, the v*/z deltas
-(:mod:`editing.target_loss`) and FT-L's l-infinity projection (:mod:`editing.methods.finetune`).
+accumulation (:mod:`editing.statistics.stats`), the ROME and MEMIT solves, the v*/z deltas
+(:mod:`editing.targets.target_loss`) and FT-L's l-infinity projection
+(:mod:`editing.methods.finetune`).
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def _unembed_device(model: HookedModel) -> torch.device:
 
 
 def vocab_read_bytes(model: HookedModel) -> int:
-    """Bytes one vocabulary read holds on the generic path (:func:`editing.vocab_loss.
+    """Bytes one vocabulary read holds on the generic path (:func:`editing.targets.vocab_loss.
     logp_losses`, the only one on a GPU) until its backward pass: its logits (model dtype),
     their float32 copy when the model is in half precision, the float32 log-softmax, and the
     gradient of each, every one a ``[vocab]`` row."""

@@ -53,7 +53,8 @@ import torch
 from tqdm.auto import tqdm
 
 from editing.api import HparamsLike, make_edit, resolve_hparams
-from editing.edit import Edit
+from editing.edits.edit import Edit
+from editing.edits.weights import weights_checksums, weights_key
 from editing.evaluation.ability import (
     check_heldout,
     heldout_sequences,
@@ -70,7 +71,6 @@ from editing.hparams import KeyValueHparams
 from editing.methods import get_method
 from editing.methods.ultraedit import STATE_KEY, make_stream_edit
 from editing.requests import ConflictIndex
-from editing.weights import weights_checksums, weights_key
 from tracing.errors import EditFailed, InvalidInput, InvalidRequest
 from tracing.facts import known_facts, load_known_facts
 from tracing.io import write_json_atomic

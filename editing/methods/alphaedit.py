@@ -5,7 +5,7 @@ knowledge nor the earlier edits.
 The targets ``z`` and each layer's keys ``K`` and wanted changes ``T`` are MEMIT's
 (:mod:`editing.methods.memit`, norm-aware spreading included). Only the solve differs: with
 ``P`` the projector onto the null space of the preserved keys' second moment
-(:mod:`editing.nullspace`) and ``K_p^T K_p`` the keys of the edits already made in a
+(:mod:`editing.statistics.nullspace`) and ``K_p^T K_p`` the keys of the edits already made in a
 sequence (``EditInputs.preserved_keys``; zero for the first batch), the update of layer ``l``
 (in factscope's ``[d_mlp, d_model]`` orientation, keys as rows) is
 
@@ -23,7 +23,7 @@ At real widths (``d_mlp`` 14,336-16,384) that ``[d_mlp, d_mlp]`` system is never
 float64 ``P`` (tiny Llama, layer 1, ``d_mlp`` 128) the update differs by 3e-8 relative and
 leaks 2e-8 of its norm outside the null space, below float32 weights' own rounding.
 
-The returned :class:`~editing.edit.Edit` carries the keys each layer was solved for, so the
+The returned :class:`~editing.edits.edit.Edit` carries the keys each layer was solved for, so the
 caller of a sequence adds their ``K^T K`` to what the next batch must preserve (the
 sequential runner, :mod:`editing.evaluation.sequential`, does).
 """
@@ -38,7 +38,7 @@ from typing import no_type_check
 import torch
 from jaxtyping import Float
 
-from editing.edit import Edit
+from editing.edits.edit import Edit
 from editing.hparams import check_number
 from editing.methods.memit import (
     MemitHparams,
@@ -49,7 +49,7 @@ from editing.methods.memit import (
     lu_solve_in_place,
 )
 from editing.methods.registry import EditInputs, EditMethod
-from editing.prepared import PreparedRequest
+from editing.requests.prepared import PreparedRequest
 from editing.statistics.nullspace import DTYPES as NULLSPACE_DTYPES
 from editing.statistics.nullspace import layer_projectors
 from tracing.errors import InvalidHparams, InvalidInput

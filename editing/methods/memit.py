@@ -24,7 +24,7 @@ current scale; coordinates where the gain ``g`` is ~0 keep their current value),
 
 The model is changed while the layers are processed (each layer's keys are computed with the
 earlier updates in place, as MEMIT does); :func:`editing.api.make_edit` restores it, so the
-caller gets an :class:`~editing.edit.Edit` and bit-identical weights.
+caller gets an :class:`~editing.edits.edit.Edit` and bit-identical weights.
 """
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ from typing import no_type_check
 import torch
 from jaxtyping import Float
 
-from editing.edit import Edit, LayerDelta
+from editing.edits.edit import Edit, LayerDelta
+from editing.edits.weights import add_to_weight
 from editing.hparams import KeyValueHparams, check_layers
-from editing.keys import DEFAULT_BATCH_TOKENS, KeyWeighting, layer_stats, subject_keys
 from editing.methods.registry import EditInputs, EditMethod
-from editing.objective import TargetResult, compute_targets
-from editing.prepared import PreparedRequest
-from editing.target_cache import TargetCache
-from editing.targets import check_edit_layer
-from editing.weights import add_to_weight
+from editing.requests.prepared import PreparedRequest
+from editing.statistics.keys import DEFAULT_BATCH_TOKENS, KeyWeighting, layer_stats, subject_keys
+from editing.targets.cache import TargetCache
+from editing.targets.objective import TargetResult, compute_targets
+from editing.targets.optimise import check_edit_layer
 from tracing.devices import module_device
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.forward import capture_states, length_chunks, padded

@@ -5,9 +5,9 @@ An :class:`EditMethod` names a method and holds its hyper-parameter class, its e
 whether it edits a batch in one computation, and the fields its name fixes (``ft-l`` is
 fine-tuning with ``mode="constrained"``). Every edit function has one signature,
 :data:`EditFn`: it takes the model, the requests prepared once by
-:func:`editing.prepared.prepare_requests`, the resolved hyper-parameters and
+:func:`editing.requests.prepared.prepare_requests`, the resolved hyper-parameters and
 :class:`EditInputs`, may change weights while it works, and returns an
-:class:`~editing.edit.Edit` (``make_edit`` restores the weights around it).
+:class:`~editing.edits.edit.Edit` (``make_edit`` restores the weights around it).
 
 Adding a method: one module under :mod:`editing.methods` defining its ``Hparams`` subclass
 and edit function and an ``EditMethod`` value, one line in ``editing/methods/__init__.py``,
@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from editing.edit import Edit
+from editing.edits.edit import Edit
 from editing.hparams import Hparams, read_hparams
-from editing.keys import Stats
-from editing.prepared import PreparedRequest
+from editing.requests.prepared import PreparedRequest
+from editing.statistics.keys import Stats
 from tracing.errors import InvalidInput
 from tracing.models import HookedModel
 
@@ -38,7 +38,7 @@ class EditInputs:
     every torchrun rank is making this same edit, so that batched methods may split their
     per-request target optimisation across ranks (``shard_targets``); a folder where batched
     methods keep each request's finished target, so that an interrupted batch resumes
-    (``target_cache``, :class:`editing.target_cache.TargetCache`); and, for methods that
+    (``target_cache``, :class:`editing.targets.cache.TargetCache`); and, for methods that
     protect earlier edits (AlphaEdit), the sum ``K^T K`` of the keys of the edits already made
     in a sequence, by layer (``preserved_keys``, [d_mlp, d_mlp]); for methods that carry
     state along a stream (UltraEdit's lifelong normalisation), the state the stream has

@@ -2,9 +2,9 @@
 
 Orientation (as everywhere in factscope): ``W = down_proj(model, L)`` is ``[d_mlp, d_model]``
 and the raw down-projection output is ``k @ W (+ b)``. With ``C = E[k k^T]`` over a corpus
-(:func:`editing.keys.layer_stats`), the key ``k*`` (mean over context templates of the key at
-the subject's last token, :func:`editing.keys.subject_keys`) and the value ``v*``
-(:func:`editing.targets.compute_targets` at the raw down-projection output),
+(:func:`editing.statistics.keys.layer_stats`), the key ``k*`` (mean over context templates of
+the key at the subject's last token, :func:`editing.statistics.keys.subject_keys`) and the
+value ``v*`` (:func:`editing.targets.compute_targets` at the raw down-projection output),
 
     u = C^-1 k*,   delta W = u (v* - k* W - b)^T / (u^T k*)
 
@@ -16,7 +16,7 @@ The closed form does not depend on the scale of ``C``, so ROME's ``mom2_update_w
 not used.
 
 Several requests are edited in sequence (as sequential ROME does): each is computed on the
-model with the earlier ones applied, and one combined :class:`~editing.edit.Edit` is returned.
+model with the earlier ones applied, and one combined :class:`~editing.edits.edit.Edit` is returned.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from typing import no_type_check
 import torch
 from jaxtyping import Float
 
-from editing.edit import Edit, LayerDelta
+from editing.edits.edit import Edit, LayerDelta
+from editing.edits.weights import add_to_weight
 from editing.hparams import KeyValueHparams, check_layers
-from editing.keys import layer_stats, subject_keys
 from editing.methods.registry import EditInputs, EditMethod
-from editing.objective import compute_targets
-from editing.prepared import PreparedRequest
-from editing.targets import check_edit_layer
-from editing.weights import add_to_weight
+from editing.requests.prepared import PreparedRequest
+from editing.statistics.keys import layer_stats, subject_keys
+from editing.targets.objective import compute_targets
+from editing.targets.optimise import check_edit_layer
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.models import (
     HookedModel,

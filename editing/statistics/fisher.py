@@ -34,7 +34,7 @@ WikiText passages):
   parameter set, whatever is edited later.
 
 Cache. ``<cache_dir>/fisher/<fingerprint>/<key>/`` where ``key`` hashes the weights
-(:func:`editing.weights.weights_key` plus a digest of the chosen tensors themselves), the
+(:func:`editing.edits.weights.weights_key` plus a digest of the chosen tensors themselves), the
 parameter names and shapes, and the settings. Partial sums are checkpointed, so an
 interrupted run resumes; a cache whose recorded model, weights or parameter set differ from
 the request is refused with a logged warning and recomputed. A finished cache made for a
@@ -60,10 +60,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from editing.edits.weights import weights_key
 from editing.params import grad_only, parse_name
 from editing.statistics.stats import corpus_sequences
 from editing.statistics.tensor_file import write_safetensors
-from editing.weights import weights_key
 from tracing.errors import InvalidInput
 from tracing.facts import known_facts, load_known_facts
 from tracing.forward import capture_block_kwargs, run_blocks

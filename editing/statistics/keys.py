@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Float
 
 from editing.hparams import KeyValueHparams
-from editing.prepared import PreparedRequest
+from editing.requests.prepared import PreparedRequest
 from editing.statistics.stats import SecondMoment, layer_second_moments
 from tracing.errors import EditFailed, InvalidInput
 from tracing.forward import capture_states, length_chunks, padded

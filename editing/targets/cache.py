@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from editing.edits.weights import weights_key
 from editing.hparams import TargetHparams
-from editing.prepared import PreparedRequest
+from editing.requests.prepared import PreparedRequest
 from tracing.io import atomic_path
 from tracing.models import HookedModel
 

@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float
 
 from editing.hparams import TargetHparams
-from editing.prepared import PreparedRequest
+from editing.requests.prepared import PreparedRequest
 from editing.targets.cache import CachedTarget, TargetCache
 from editing.targets.optimise import TargetHook
 from editing.targets.target_loss import LossParts, TargetObjective

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float
 
-from editing.prepared import PreparedRequest, TemplatedPrompt
+from editing.requests.prepared import PreparedRequest, TemplatedPrompt
 from tracing.errors import InvalidHparams, InvalidInput
 from tracing.forward import (
     capture_block_kwargs,

@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from editing.hparams import TargetHparams
-from editing.prepared import PreparedRequest, neighbour_prompts
+from editing.requests.prepared import PreparedRequest, neighbour_prompts
 from editing.targets.optimise import (
     KL_READ,
     NEIGHBOUR_READ,

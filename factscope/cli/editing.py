@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 def cmd_stats(args: argparse.Namespace) -> None:
     """E[k k^T] of the MLP keys of some layers: computed once, cached, resumable."""
-    from editing.stats import layer_second_moments
+    from editing.statistics.stats import layer_second_moments
     from tracing.layers import parse_layers
     from tracing.models import model_name
 

@@ -11,14 +11,14 @@ or ``block``; :mod:`editing.params` names them on every architecture) of the blo
   number is projected back into ``θ0 ± ε`` (``hp.norm_constraint``);
 * mode ``"constrained"`` with ``constraint="fisher"``: the loss gains
   ``λ Σ_i F_i (θ_i − θ0_i)²`` with ``F`` the diagonal Fisher information on text the model
-  already handles (:mod:`editing.fisher`; ``λ = hp.fisher_weight``);
+  already handles (:mod:`editing.statistics.fisher`; ``λ = hp.fisher_weight``);
 * ``"unconstrained"`` (FT): no constraint;
 * ``"mixed"``: every batch of new facts also holds ``hp.mixed_ratio`` unmodified facts per
   new fact (prompts with the answers the model already gives), so the model is trained to
   keep them; the chosen constraint also applies (linf when ``norm_constraint`` is set).
 
 The model's weights are left exactly as they were: the result is an
-:class:`editing.edit.Edit` holding the dense change of every tuned tensor (apply it
+:class:`editing.edits.edit.Edit` holding the dense change of every tuned tensor (apply it
 yourself).
 
 Modules: :mod:`.hparams` (the hyper-parameters), :mod:`.batches` (examples, mixed batches,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
-from editing.fisher import answered_facts
+from editing.statistics.fisher import answered_facts
 from tracing.chat import prompt_text
 from tracing.errors import InvalidInput
 from tracing.forward import capture_states, run_blocks
@@ -58,7 +58,7 @@ def default_neutral_facts(
 ) -> list[tuple[str, str]]:
     """Up to ``n`` (prompt, answer) pairs from the shipped known facts that ``model`` gets
     right at top-1, in a seeded random order, skipping facts about ``exclude_subjects``
-    (:func:`editing.fisher.answered_facts` with fine-tuning's own seed). May return fewer
+    (:func:`editing.statistics.fisher.answered_facts` with fine-tuning's own seed). May return fewer
     than ``n`` (none for a model that knows nothing, e.g. a random one)."""
     return answered_facts(model, n, exclude_subjects=exclude_subjects, seed=seed)
 

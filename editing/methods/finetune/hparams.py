@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import no_type_check
 
-from editing.fisher import LABELS, FisherSettings
 from editing.hparams import Hparams, check_int, check_layers, check_number
+from editing.statistics.fisher import LABELS, FisherSettings
 from tracing.errors import InvalidHparams, InvalidInput
 
 MODES = ("constrained", "unconstrained", "mixed")
@@ -39,7 +39,7 @@ class FTHparams(Hparams):
       ``[θ0 − ε, θ0 + ε]``, ``ε = norm_constraint`` (required in mode ``constrained``; in
       ``mixed`` the bound applies when set);
     * ``fisher``: the loss gains ``fisher_weight * Σ_i F_i (θ_i − θ0_i)²`` with ``F`` the
-      diagonal Fisher information on unmodified text (:mod:`editing.fisher`: labels
+      diagonal Fisher information on unmodified text (:mod:`editing.statistics.fisher`: labels
       ``fisher_labels``, ``fisher_sequences`` WikiText sequences of 128 tokens and
       ``fisher_facts`` known facts), computed once per model and parameter set and cached.
       ``norm_constraint`` is not used. Per token, ``½ Σ F δ²`` approximates the KL divergence
@@ -113,7 +113,7 @@ class FTHparams(Hparams):
         return self.norm_constraint
 
     def fisher_settings(self) -> FisherSettings:
-        """The :class:`editing.fisher.FisherSettings` these hyper-parameters ask for."""
+        """The :class:`editing.statistics.fisher.FisherSettings` these hyper-parameters ask for."""
         return FisherSettings(
             n_sequences=self.fisher_sequences,
             n_facts=self.fisher_facts,

@@ -1,5 +1,5 @@
 """The fine-tuning run (Zhu et al. 2020): choose the tensors, optimise, constrain, return
-the change as an :class:`~editing.edit.Edit`."""
+the change as an :class:`~editing.edits.edit.Edit`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from editing.edit import Edit
+from editing.edits.edit import Edit
 from editing.methods.finetune.batches import (
     Example,
     default_neutral_facts,
@@ -24,7 +24,6 @@ from editing.methods.finetune.batches import (
 from editing.methods.finetune.constraints import add_penalty_grads, project_linf_
 from editing.methods.finetune.hparams import METHOD_NAMES, FTHparams
 from editing.methods.registry import EditInputs, EditMethod
-from editing.objective import loss_scaler
 from editing.params import (
     TargetKey,
     block_parameters,
@@ -32,8 +31,9 @@ from editing.params import (
     restore_targets,
     target_tensor,
 )
-from editing.prepared import PreparedRequest
+from editing.requests.prepared import PreparedRequest
 from editing.statistics.fisher import fisher_diagonal
+from editing.targets.objective import loss_scaler
 from tracing.errors import EditFailed, InvalidHparams, InvalidInput
 from tracing.forward import capture_block_kwargs
 from tracing.models import HookedModel, check_layer, down_proj, model_device
@@ -54,7 +54,7 @@ def tuned_parameters(
     model: HookedModel, layers: Sequence[int], params: str
 ) -> tuple[dict[str, torch.nn.Parameter], list[TargetKey]]:
     """The tensors a run with ``params`` over ``layers`` tunes, by name (see
-    :mod:`editing.params`), and the keys its :class:`~editing.edit.Edit` deltas use: the
+    :mod:`editing.params`), and the keys its :class:`~editing.edits.edit.Edit` deltas use: the
     layers for ``down_proj`` (deltas in ``[d_mlp, d_model]`` orientation, as ROME's), the
     names otherwise."""
     chosen: dict[str, torch.nn.Parameter] = {}
@@ -145,7 +145,7 @@ def finetune_edit(
     progress: bool = True,
 ) -> Edit:
     """Fine-tune the tensors ``hp.params`` of blocks ``hp.layers`` on the prepared requests
-    (see :func:`editing.prepared.prepare_requests`) and return the change as an
+    (see :func:`editing.requests.prepared.prepare_requests`) and return the change as an
     :class:`Edit` (method ``"ft-l"``, ``"ft"`` or ``"mixed"`` after ``hp.mode``); the
     model's weights are left bit-identical to what they were.
 
@@ -153,7 +153,7 @@ def finetune_edit(
     token under teacher forcing (``target_new`` for requests, the kept answer for neutral
     facts), plus, with ``hp.constraint == "fisher"``, ``hp.fisher_weight * Σ F (θ − θ0)²``.
     Adam (``hp.lr``, ``hp.weight_decay``) on float32 master copies of the tuned tensors
-    (through a float16 model with torch's dynamic loss scaling, :func:`editing.objective.
+    (through a float16 model with torch's dynamic loss scaling, :func:`editing.targets.objective.
     loss_scaler`: a step whose scaled gradient overflows is skipped and the scale halved);
     ``hp.num_steps`` passes over the requests in batches of ``hp.batch_size``, one optimiser
     step per batch; with the ``linf`` constraint every tuned number is projected into
@@ -164,9 +164,10 @@ def finetune_edit(
     ``neutral_facts`` (mixed mode): (prompt, answer) pairs to keep; default: facts of
     known_1000 the model answers right at top-1, chosen with a fixed seed (at least 16, or
     ``mixed_ratio`` per request). ``fisher``: a precomputed diagonal Fisher by parameter name
-    (e.g. of a superset of the tuned tensors); default: :func:`editing.fisher.fisher_diagonal`
-    of the tuned tensors (cached under ``fisher_cache`` or the user cache). Bad input (layers,
-    parts, neutral facts, Fisher tensors) raises :class:`~tracing.errors.InvalidInput` before
+    (e.g. of a superset of the tuned tensors); default:
+    :func:`editing.statistics.fisher.fisher_diagonal` of the tuned tensors (cached under
+    ``fisher_cache`` or the user cache). Bad input (layers, parts, neutral facts, Fisher
+    tensors) raises :class:`~tracing.errors.InvalidInput` before
     any change; a non-finite loss raises :class:`~tracing.errors.EditFailed` after the
     weights are restored.
     """

@@ -16,14 +16,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from editing.edit import Edit
+from editing.edits.edit import Edit
+from editing.edits.weights import restoring_weights
 from editing.methods.registry import EditInputs, EditMethod
 from editing.methods.ultraedit.hparams import UltraEditHparams
 from editing.methods.ultraedit.normaliser import LifelongNormaliser, LifelongState
 from editing.methods.ultraedit.update import STATE_KEY, edit_ultraedit
-from editing.prepared import prepare_requests
 from editing.requests import EditRequest
-from editing.weights import restoring_weights
+from editing.requests.prepared import prepare_requests
 from tracing.models import HookedModel
 
 METHOD = EditMethod(

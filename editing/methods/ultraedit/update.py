@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Float
 
-from editing.edit import Edit, LayerDelta
+from editing.edits.edit import Edit, LayerDelta
 from editing.methods.registry import EditInputs
 from editing.methods.ultraedit.hparams import UltraEditHparams
 from editing.methods.ultraedit.normaliser import (
@@ -40,7 +40,7 @@ from editing.methods.ultraedit.normaliser import (
     state_from_dict,
     state_to_dict,
 )
-from editing.prepared import PreparedRequest
+from editing.requests.prepared import PreparedRequest
 from tracing.errors import EditFailed, InvalidHparams
 from tracing.forward import padded
 from tracing.models import (
