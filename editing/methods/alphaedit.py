@@ -23,6 +23,10 @@ At real widths (``d_mlp`` 14,336-16,384) that ``[d_mlp, d_mlp]`` system is never
 float64 ``P`` (tiny Llama, layer 1, ``d_mlp`` 128) the update differs by 3e-8 relative and
 leaks 2e-8 of its norm outside the null space, below float32 weights' own rounding.
 
+RECT (``rect_keep``, MEMIT's option, off by default) applies as in MEMIT: each layer's
+projected update is sparsified by :func:`editing.methods.stabilisers.rect_filter` before it
+is added (the sparse update is no longer exactly inside the null space).
+
 The returned :class:`~editing.edits.edit.Edit` carries the keys each layer was solved for, so the
 caller of a sequence adds their ``K^T K`` to what the next batch must preserve (the
 sequential runner, :mod:`editing.evaluation.sequential`, does).

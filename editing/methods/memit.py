@@ -11,7 +11,8 @@
 
    where ``T_l`` is the change wanted in layer ``l``'s down-projection output. MEMIT as
    published takes ``T_l = R`` (a change of the down-projection output adds straight onto the
-   residual stream).
+   residual stream). With ``rect_keep`` set (RECT, off by default), ``delta W_l`` is sparsified
+   by :func:`editing.methods.stabilisers.rect_filter` before it is added (and kept, dense).
 
 Norm-aware spreading (``norm_aware=True``, the default). Gemma puts an RMSNorm between the
 down-projection and the residual add: the MLP's contribution is ``m = g * y / rms(y)`` for the
@@ -42,6 +43,7 @@ from editing.edits.edit import Edit, LayerDelta
 from editing.edits.weights import add_to_weight
 from editing.hparams import KeyValueHparams, check_layers
 from editing.methods.registry import EditInputs, EditMethod
+from editing.methods.stabilisers import check_rect_keep, rect_filter
 from editing.requests.prepared import PreparedRequest
 from editing.statistics.keys import DEFAULT_BATCH_TOKENS, KeyWeighting, layer_stats, subject_keys
 from editing.targets.cache import TargetCache
@@ -74,7 +76,9 @@ class MemitHparams(KeyValueHparams):
     ``layers`` None (only in ``_default`` files): the caller must choose the layers.
     ``key_weighting``: ``"group_mean"`` averages each context-template group's keys first and
     then the groups (MEMIT's code: the bare prompt weighs 1/groups); ``"uniform"`` weighs every
-    prompt the same (factscope's earlier form)."""
+    prompt the same (factscope's earlier form). ``rect_keep`` (off, None, by default): RECT
+    (Gu et al. 2024), each layer's update keeps only this fraction of its entries, those of
+    largest ``|Delta W| / |W|`` (the paper's code: 0.2; :mod:`editing.methods.stabilisers`)."""
 
     family = "memit"
 
@@ -82,10 +86,20 @@ class MemitHparams(KeyValueHparams):
     mom2_update_weight: float = 15000.0
     norm_aware: bool = True
     key_weighting: KeyWeighting = "group_mean"
+    rect_keep: float | None = None
+
+    def to_dict(self) -> dict:
+        """As :meth:`Hparams.to_dict`, without ``rect_keep`` while it is off (records and
+        caches of configurations without RECT stay what they were)."""
+        d = super().to_dict()
+        if self.rect_keep is None:
+            d.pop("rect_keep")
+        return d
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.layers = check_layers("layers", self.layers)
+        check_rect_keep(self.rect_keep)
         if self.key_weighting not in ("group_mean", "uniform"):
             raise InvalidHparams(
                 f"key_weighting must be 'group_mean' or 'uniform', got {self.key_weighting!r}"
@@ -232,6 +246,8 @@ def layer_updates(
             delta = LayerDelta(L, left=left.float(), right=want.float())
         else:
             delta = LayerDelta(L, dense=(left @ want).float())
+        if hp.rect_keep is not None:  # RECT: a sparse update, stored dense
+            delta = LayerDelta(L, dense=rect_filter(delta.matrix(), weight, hp.rect_keep))
         upd = delta.matrix()
         diag.append(
             {

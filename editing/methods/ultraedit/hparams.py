@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import no_type_check
 
 from editing.hparams import Hparams, check_int, check_layers, check_number
+from editing.methods.stabilisers import check_rect_keep
 from editing.methods.ultraedit.normaliser import FLOAT32_EPS
 from tracing.errors import InvalidHparams
 
@@ -26,6 +27,9 @@ class UltraEditHparams(Hparams):
     * ``norm_eps``: the epsilon of the lifelong normalisation (float32's machine epsilon, as
       the official code's float32 statistics use).
     * ``layers`` None (only in ``_default`` files): the caller must choose the layers.
+    * ``rect_keep`` (factscope's option, off by default): RECT (Gu et al. 2024), each layer's
+      ``Delta W`` keeps only this fraction of its entries, those of largest ``|Delta W| / |W|``
+      (the paper's code: 0.2), see :mod:`editing.methods.stabilisers`.
     """
 
     family = "ultraedit"
@@ -35,9 +39,18 @@ class UltraEditHparams(Hparams):
     ridge: float = 1.0
     chunk_size: int = 10
     norm_eps: float = FLOAT32_EPS
+    rect_keep: float | None = None
+
+    def to_dict(self) -> dict:
+        """As :meth:`Hparams.to_dict`, without ``rect_keep`` while it is off."""
+        d = super().to_dict()
+        if self.rect_keep is None:
+            d.pop("rect_keep")
+        return d
 
     def __post_init__(self) -> None:
         self.layers = check_layers("layers", self.layers)
+        check_rect_keep(self.rect_keep)
         check_number("lr", self.lr)
         check_number("ridge", self.ridge)
         check_number("norm_eps", self.norm_eps)

@@ -20,7 +20,11 @@ the same passes on the weights as they stand before the batch (no layer-by-layer
 re-reading as in MEMIT), and the update uses nothing but this batch's rows and the
 normaliser: no second-moment statistics, no subject positions, no memory of earlier edits.
 Computed in float64 through the push-through form ``K^T (K K^T + ridge I)^-1`` (an
-``[N, N]`` system for ``N`` answer tokens), returned as low-rank factors.
+``[N, N]`` system for ``N`` answer tokens), returned as low-rank factors. With
+``rect_keep`` set (RECT, off by default) each layer's ``Delta W`` is sparsified against the
+weight as it stands before the batch (:func:`editing.methods.stabilisers.rect_filter`) and
+returned dense; UltraEdit's rule is an additive ``Delta W`` per layer, so RECT applies as
+it does to MEMIT.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from jaxtyping import Float
 
 from editing.edits.edit import Edit, LayerDelta
 from editing.methods.registry import EditInputs
+from editing.methods.stabilisers import rect_filter
 from editing.methods.ultraedit.hparams import UltraEditHparams
 from editing.methods.ultraedit.normaliser import (
     LifelongNormaliser,
@@ -193,8 +198,12 @@ def edit_ultraedit(
             delta = LayerDelta(L, left=left.float().to(dev), right=V.float().to(dev))
         else:
             delta = LayerDelta(L, dense=(left @ V).float().to(dev))
+        norm = float((left @ V).norm())
+        if hp.rect_keep is not None:  # RECT: a sparse update, stored dense
+            delta = LayerDelta(L, dense=rect_filter(delta.matrix(), weight, hp.rect_keep))
+            norm = float(delta.matrix().norm())
         deltas.append(delta)
-        diag.append({"layer": L, "rows": int(K.shape[0]), "update_norm": float((left @ V).norm())})
+        diag.append({"layer": L, "rows": int(K.shape[0]), "update_norm": norm})
     meta = {
         "layers": diag,
         STATE_KEY: state_to_dict(state),
