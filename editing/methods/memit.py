@@ -78,7 +78,7 @@ class MemitHparams(KeyValueHparams):
     then the groups (MEMIT's code: the bare prompt weighs 1/groups); ``"uniform"`` weighs every
     prompt the same (factscope's earlier form). ``rect_keep`` (off, None, by default): RECT
     (Gu et al. 2024), each layer's update keeps only this fraction of its entries, those of
-    largest ``|Delta W| / |W|`` (the paper's code: 0.2; :mod:`editing.methods.stabilisers`)."""
+    largest ``|Delta W| / |W|`` (the paper recommends 0.4; :mod:`editing.methods.stabilisers`)."""
 
     family = "memit"
 

@@ -29,7 +29,7 @@ class UltraEditHparams(Hparams):
     * ``layers`` None (only in ``_default`` files): the caller must choose the layers.
     * ``rect_keep`` (factscope's option, off by default): RECT (Gu et al. 2024), each layer's
       ``Delta W`` keeps only this fraction of its entries, those of largest ``|Delta W| / |W|``
-      (the paper's code: 0.2), see :mod:`editing.methods.stabilisers`.
+      (the paper recommends 0.4), see :mod:`editing.methods.stabilisers`.
     """
 
     family = "ultraedit"
