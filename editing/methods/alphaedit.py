@@ -27,6 +27,13 @@ RECT (``rect_keep``, MEMIT's option, off by default) applies as in MEMIT: each l
 projected update is sparsified by :func:`editing.methods.stabilisers.rect_filter` before it
 is added (the sparse update is no longer exactly inside the null space).
 
+Knowledge-aware preservation (``knowledge_share``, off by default): ``P`` is instead the
+null-space projector of ``C_mix = (1 - s) C_wiki + s C_known``, ``C_known`` the mean outer
+product of the subject keys of facts the model knows, none about a subject being edited
+(:mod:`editing.statistics.known_keys`); ``Edit.metadata["knowledge_preservation"]`` then says
+how many facts were used (None when the projectors came from the cache) and how many
+subjects were left out.
+
 The returned :class:`~editing.edits.edit.Edit` carries the keys each layer was solved for, so the
 caller of a sequence adds their ``K^T K`` to what the next batch must preserve (the
 sequential runner, :mod:`editing.evaluation.sequential`, does).
@@ -54,6 +61,7 @@ from editing.methods.memit import (
 )
 from editing.methods.registry import EditInputs, EditMethod
 from editing.requests.prepared import PreparedRequest
+from editing.statistics.known_keys import check_knowledge_share, knowledge_projectors
 from editing.statistics.nullspace import DTYPES as NULLSPACE_DTYPES
 from editing.statistics.nullspace import layer_projectors
 from tracing.errors import InvalidHparams, InvalidInput
@@ -71,7 +79,20 @@ class AlphaEditHparams(MemitHparams):
     ``nullspace_dtype`` (factscope's option: ``"float64"``, the default, or ``"float32"``, the
     precision of AlphaEdit's own code, which decomposes in about half the memory: 2.6 GB
     instead of 6.8 GB at d_mlp 14,336) and ``l2_weight`` (``alpha``, the ridge term of the
-    solve; the paper's code: ``L2``)."""
+    solve; the paper's code: ``L2``).
+
+    Knowledge-aware preservation (factscope's option, off by default): ``knowledge_share``
+    ``s`` (None: off, the paper's WikiText-only preserved set exactly; else ``0 < s < 1``)
+    takes the null space of
+
+        C_mix = (1 - s) C_wiki + s C_known,   C_known = (1/N) sum_i k_i k_i^T
+
+    instead of ``C_wiki``'s (same threshold or energy rule), where ``k_i`` are the subject
+    keys (subject's last token, averaged over the edit's context templates) of the first
+    ``N = knowledge_facts`` facts of known_1000 the model answers at top-1, leaving out any
+    whose subject (case-insensitive, stripped) is one being edited
+    (:mod:`editing.statistics.known_keys`). Both terms are second moments on the same
+    scale. Both fields are absent from :meth:`to_dict` while ``knowledge_share`` is None."""
 
     family = "alphaedit"
 
@@ -79,9 +100,22 @@ class AlphaEditHparams(MemitHparams):
     nullspace_energy: float | None = None
     nullspace_dtype: str = "float64"
     l2_weight: float = 10.0
+    knowledge_share: float | None = None
+    knowledge_facts: int = 500
+
+    def to_dict(self) -> dict:
+        """As :meth:`MemitHparams.to_dict`, without ``knowledge_share`` and
+        ``knowledge_facts`` while the option is off (records and caches of configurations
+        without it stay what they were)."""
+        d = super().to_dict()
+        if self.knowledge_share is None:
+            d.pop("knowledge_share")
+            d.pop("knowledge_facts")
+        return d
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_knowledge_share(self.knowledge_share, self.knowledge_facts)
         check_number("nullspace_threshold", self.nullspace_threshold)
         if self.nullspace_energy is not None:
             check_number("nullspace_energy", self.nullspace_energy)
@@ -181,16 +215,40 @@ def edit_alphaedit(
         d_mlp = tuple(m.shape)
         if len(d_mlp) != 2 or d_mlp[0] != d_mlp[1] or not torch.isfinite(m).all():
             raise InvalidInput(f"preserved_keys[{L}] must be a finite square matrix")
-    projectors = layer_projectors(
-        model,
-        layers,
-        hp,
-        hp.nullspace_threshold,
-        energy=hp.nullspace_energy,
-        dtype=hp.nullspace_dtype,
-        given=inputs.stats,
-        progress=inputs.progress,
-    )
+    knowledge: dict | None = None
+    if hp.knowledge_share is None:
+        projectors = layer_projectors(
+            model,
+            layers,
+            hp,
+            hp.nullspace_threshold,
+            energy=hp.nullspace_energy,
+            dtype=hp.nullspace_dtype,
+            given=inputs.stats,
+            progress=inputs.progress,
+        )
+    else:
+        found = knowledge_projectors(
+            model,
+            layers,
+            hp,
+            prepared,
+            share=hp.knowledge_share,
+            n_facts=hp.knowledge_facts,
+            threshold=hp.nullspace_threshold,
+            energy=hp.nullspace_energy,
+            dtype=hp.nullspace_dtype,
+            weighting=hp.key_weighting,
+            given=inputs.stats,
+            progress=inputs.progress,
+        )
+        projectors = found.projectors
+        knowledge = {
+            "share": hp.knowledge_share,
+            "facts": None if found.facts is None else len(found.facts),
+            "excluded_subjects": len(found.excluded),
+            "cached": found.facts is None,
+        }
     t0 = time.perf_counter()
     res = batch_targets(model, prepared, hp, inputs)
     t1 = time.perf_counter()
@@ -206,6 +264,8 @@ def edit_alphaedit(
         "seconds_targets": round(t1 - t0, 3),
         "seconds_layers": round(time.perf_counter() - t1, 3),
     }
+    if knowledge is not None:
+        meta["knowledge_preservation"] = knowledge
     return Edit(
         deltas=deltas,
         method="alphaedit",

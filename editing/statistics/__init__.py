@@ -6,6 +6,8 @@
 * :mod:`editing.statistics.keys`: the key ``k*`` of a subject and the per-layer statistics the
   methods ask for;
 * :mod:`editing.statistics.nullspace`: AlphaEdit's projector onto the null space of ``C``;
+* :mod:`editing.statistics.known_keys`: the subject keys of facts the model knows, mixed into
+  ``C`` for AlphaEdit's knowledge-aware null space (``knowledge_share``, off by default);
 * :mod:`editing.statistics.fisher`: the diagonal Fisher information that constrained
   fine-tuning penalises.
 
