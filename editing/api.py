@@ -87,6 +87,7 @@ def make_edit(
     shard_targets: bool = False,
     target_cache: str | Path | None = None,
     preserved_keys: Mapping[int, torch.Tensor] | None = None,
+    exclude_subjects: Sequence[str] = (),
 ) -> Edit:
     """Compute an edit of ``requests`` with ``method`` and return it; the model is unchanged.
 
@@ -101,7 +102,9 @@ def make_edit(
     ``target_cache`` (MEMIT, AlphaEdit): a folder where each request's z is written once final,
     so an interrupted batch resumes. ``preserved_keys`` (AlphaEdit): by layer, ``K^T K`` of the
     keys of earlier edits in a sequence (``Edit.keys``), which the new update leaves
-    mapped as they are. Bad input raises a
+    mapped as they are. ``exclude_subjects`` (AlphaEdit with ``knowledge_share``): subjects,
+    besides the batch's own, whose known facts stay out of the preserved set (a sequential
+    stream passes all of its subjects). Bad input raises a
     :class:`~tracing.errors.FactscopeError` before any weight changes; any failure part-way
     restores the weights exactly.
     """
@@ -124,6 +127,7 @@ def make_edit(
             shard_targets=shard_targets,
             target_cache=None if target_cache is None else Path(target_cache),
             preserved_keys=preserved_keys,
+            exclude_subjects=tuple(exclude_subjects),
         )
         edit = spec.edit(model, prepared, hp, inputs)
     for L, W in before.items():

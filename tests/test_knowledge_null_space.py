@@ -24,7 +24,7 @@ from editing.statistics.known_keys import (
 )
 from editing.statistics.stats import layer_second_moments
 from tracing.errors import InvalidHparams, InvalidInput
-from tracing.facts import Fact
+from tracing.facts import Fact, load_known_facts
 from tracing.models import down_proj
 
 TEMPLATES = ["{}", "Because of this. {}"]
@@ -256,3 +256,92 @@ def test_the_mixed_projector_is_cached_per_setting(toy_models, tmp_path, monkeyp
     knowledge_projectors(model, [1], hp, edited[:1], share=0.5, **args)  # other exclusions
     knowledge_projectors(model, [1], hp, edited, share=0.5, **{**args, "n_facts": 3})
     assert len(list(tmp_path.rglob("layer_1.nullspace-0.02-known-*.safetensors"))) == 4
+
+
+def test_a_batch_and_a_stream_leave_out_their_subjects(
+    toy_models, tmp_path, monkeypatch, reduced_record
+):
+    """``exclude_subjects`` widens the exclusion beyond the batch; the sequential runner
+    passes every subject of its stream to every batch (so the setting, and the cached
+    projector, is the same for the whole stream)."""
+    import json
+
+    import editing.evaluation.sequential as seq_mod
+    from editing.evaluation import evaluate_sequential
+    from editing.evaluation.datasets import load_counterfact
+
+    model = toy_models["gpt2"]
+    monkeypatch.setenv("FACTSCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(known_mod, "load_known_facts", lambda: list(FACTS))
+    hp = _hp(0.05, 0.5)
+    hp.mom2_n_tokens = 2000
+    one = make_edit(
+        model,
+        REQUESTS,
+        "alphaedit",
+        hp,
+        context_templates=TEMPLATES,
+        progress=False,
+        exclude_subjects=["barack obama", "Someone Else"],
+    )
+    meta = one.metadata["knowledge_preservation"]
+    assert (meta["facts"], meta["excluded_subjects"]) == (len(FACTS) - 2, 4)
+
+    records = load_counterfact()[:4]
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([reduced_record(r) for r in records]))
+    file = tmp_path / "alphaedit.json"
+    file.write_text(
+        json.dumps(
+            {
+                "layers": [0, 1],
+                "target": {"num_steps": 2, "lr": 0.5},
+                "mom2_n_tokens": 2000,
+                "nullspace_threshold": 0.05,
+                "l2_weight": 1.0,
+                "context_templates": [[5, 2]],
+                "knowledge_share": 0.5,
+                "knowledge_facts": 5,
+            }
+        )
+    )
+    seen: list[tuple[list[str], list[str]]] = []
+    real = seq_mod.make_edit
+
+    def spy(model, requests, *args, **kwargs):
+        seen.append(([r.subject for r in requests], list(kwargs.get("exclude_subjects", []))))
+        return real(model, requests, *args, **kwargs)
+
+    monkeypatch.setattr(seq_mod, "make_edit", spy)
+    facts = tmp_path / "facts.json"
+    shipped = load_known_facts()[:8]  # for the runner's own known-fact accuracy
+    facts.write_text(
+        json.dumps(
+            [{"prompt": f.prompt, "subject": f.subject, "attribute": f.answer} for f in shipped]
+        )
+    )
+    evaluate_sequential(
+        model,
+        dataset=cases,
+        method="alphaedit",
+        n=4,
+        batch=2,
+        checkpoint_every=2,
+        hparams=file,
+        out_dir=tmp_path / "out",
+        name="run",
+        only_known=False,
+        split="all",
+        ppl_tokens=256,
+        progress=False,
+        facts=facts,
+    )
+    subjects = [r.subject for r in records]
+    assert len(seen) == 2
+    for batch, excluded in seen:
+        assert set(batch) <= set(subjects) and excluded == subjects
+    from editing.edits.edit import Edit
+
+    batches = sorted((tmp_path / "out" / "run" / "batches").iterdir())
+    flags = [Edit.load(b).metadata["knowledge_preservation"]["cached"] for b in batches]
+    assert flags == [False, True]  # one setting for the stream: computed once, then read

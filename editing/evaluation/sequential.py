@@ -234,6 +234,7 @@ def evaluate_sequential(
     digest = hashlib.sha256(ability_key.encode()).hexdigest()[:16]
     row0_path = Path(cfg.out_dir) / f"unedited_ability_{wkey}_{digest}.json"
     batches = [selected[i : i + cfg.batch] for i in range(0, len(selected), cfg.batch)]
+    stream_subjects = [task.request(c).subject for c, _ in selected]
     stream, state = EditStream(model), _Stream.read(run_dir / "stream.json")
     done_rows = {r["n_processed"]: r for r in read_jsonl(run_dir / "checkpoints.jsonl")}
     index, applied = ConflictIndex(), cast(list[tuple[Case, Any]], [])
@@ -305,7 +306,9 @@ def evaluate_sequential(
             seconds_edit += entry.get("seconds", 0.0)
         else:
             t0 = time.perf_counter()
-            entry = _edit_batch(model, run_dir, b, take, task, cfg, hp, spec, stream, edit_fn)
+            entry = _edit_batch(
+                model, run_dir, b, take, task, cfg, hp, spec, stream, edit_fn, stream_subjects
+            )
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             entry["skipped_conflicts"] = clashing
             state.record(entry)
@@ -342,8 +345,11 @@ def _edit_batch(
     spec: Any,
     stream: EditStream,
     edit_fn: EditFn | None,
+    stream_subjects: Sequence[str] = (),
 ) -> dict:
-    """Compute, save and apply one batch; its ``stream.json`` entry."""
+    """Compute, save and apply one batch; its ``stream.json`` entry. ``stream_subjects``:
+    every subject of the stream, whose known facts a knowledge-aware AlphaEdit leaves out of
+    its preserved set."""
     if not take:
         return {"index": b, "status": "empty", "cases": []}
     ids = [c.case_id for c, _ in take]
@@ -352,6 +358,8 @@ def _edit_batch(
         extra["target_cache"] = run_dir / "targets"
         if spec.protects_edits and stream.preserved:
             extra["preserved_keys"] = stream.preserved
+        if getattr(hp, "knowledge_share", None) is not None:  # AlphaEdit's knowledge-aware set
+            extra["exclude_subjects"] = stream_subjects
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed * 1_000_003 + ids[0])

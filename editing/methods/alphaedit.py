@@ -240,6 +240,7 @@ def edit_alphaedit(
             dtype=hp.nullspace_dtype,
             weighting=hp.key_weighting,
             given=inputs.stats,
+            also_exclude=inputs.exclude_subjects,
             progress=inputs.progress,
         )
         projectors = found.projectors

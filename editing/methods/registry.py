@@ -42,7 +42,9 @@ class EditInputs:
     protect earlier edits (AlphaEdit), the sum ``K^T K`` of the keys of the edits already made
     in a sequence, by layer (``preserved_keys``, [d_mlp, d_mlp]); for methods that carry
     state along a stream (UltraEdit's lifelong normalisation), the state the stream has
-    reached, as JSON data (``lifelong_state``; None: a fresh stream)."""
+    reached, as JSON data (``lifelong_state``; None: a fresh stream); and subjects whose
+    known facts must not enter a knowledge-aware preserved set besides the batch's own (the
+    whole stream's, ``exclude_subjects``: AlphaEdit's ``knowledge_share``)."""
 
     stats: Stats | None = None
     progress: bool = False
@@ -50,6 +52,7 @@ class EditInputs:
     target_cache: Path | None = None
     preserved_keys: Mapping[int, torch.Tensor] | None = None
     lifelong_state: Mapping[str, Any] | None = None
+    exclude_subjects: Sequence[str] = ()
 
 
 #: The signature of every method's edit function: ``(model, prepared, hp, inputs) -> Edit``.

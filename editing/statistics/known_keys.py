@@ -223,7 +223,7 @@ def knowledge_projectors(
     weighting: KeyWeighting = "group_mean",
     given: Stats | None = None,
     facts: Sequence[Fact] | None = None,
-    also_exclude: Iterable[EditRequest] = (),
+    also_exclude: Iterable[str] = (),
     progress: bool = False,
 ) -> KnowledgeProjectors:
     """Per layer, the null-space projector (float32) of ``C_mix = (1 - share) C_wiki + share
@@ -231,14 +231,18 @@ def knowledge_projectors(
     (``threshold``, ``energy``, ``dtype``). ``C_wiki``: ``given`` statistics, else ``hp``'s
     (cached); ``C_known``: :func:`known_second_moment` over :func:`preserved_facts`
     (``n_facts`` of ``facts``, None: known_1000) in the templates ``edited[0]`` was prepared
-    with, every subject of ``edited`` and ``also_exclude`` left out. Without ``given``, each
+    with, facts about a subject of ``edited`` or ``also_exclude`` (subjects: a sequential
+    stream's) left out. Without ``given``, each
     projector is read from or written to the statistics cache
     (:func:`knowledge_cache_name`), so it is computed once per (layer, setting)."""
     check_knowledge_share(share, n_facts)
     if not edited:
         raise InvalidInput("knowledge-aware preservation needs the edit's prepared requests")
     pool = list(load_known_facts() if facts is None else facts)
-    excluded = excluded_subjects([p.request for p in edited] + list(also_exclude))
+    excluded = sorted(
+        set(excluded_subjects(p.request for p in edited))
+        | set(map(normalised_subject, also_exclude))
+    )
     setting = KnowledgeSetting(
         share=float(share),
         n_facts=n_facts,
