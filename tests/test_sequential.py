@@ -202,9 +202,9 @@ def test_streams_on_one_model_share_the_unedited_row(run, monkeypatch):
     assert len(calls) == 2 and other[0]["perplexity"] != first[0]["perplexity"]
 
 
-def test_interrupted_stream_resumes_to_the_same_rows(run, monkeypatch):
-    model, go = run
-    whole = go(name="whole")
+def _cut_after_the_first_batch(model, go, monkeypatch, **settings) -> None:
+    """Run a stream that dies (KeyboardInterrupt) as its second batch starts, then undo the
+    weights it left applied; ``_edit_batch`` is the real one again afterwards."""
     real, calls = seq_mod._edit_batch, []
 
     def dies_on_the_second_batch(*args, **kwargs):
@@ -216,10 +216,17 @@ def test_interrupted_stream_resumes_to_the_same_rows(run, monkeypatch):
     monkeypatch.setattr(seq_mod, "_edit_batch", dies_on_the_second_batch)
     before = _weights(model)
     with pytest.raises(KeyboardInterrupt):
-        go(name="cut")
+        go(**settings)
     for L, w in enumerate(before):  # the interrupted stream is still applied: undo it
         down_proj(model, L).data.copy_(w)
-    calls.clear()
+    monkeypatch.setattr(seq_mod, "_edit_batch", real)
+
+
+def test_interrupted_stream_resumes_to_the_same_rows(run, monkeypatch):
+    model, go = run
+    whole = go(name="whole")
+    _cut_after_the_first_batch(model, go, monkeypatch, name="cut")
+    real, calls = seq_mod._edit_batch, []
     monkeypatch.setattr(seq_mod, "_edit_batch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     resumed = go(name="cut")
     assert len(calls) == 2  # the first batch was re-applied from disk, not recomputed
@@ -261,21 +268,8 @@ def test_interrupted_ultraedit_stream_resumes_its_lifelong_state_exactly(
 
     model, go = run
     whole = go(method="ultraedit", name="ue_whole")
-    real, calls = seq_mod._edit_batch, []
-
-    def dies_on_the_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(seq_mod, "_edit_batch", dies_on_the_second_batch)
     before = _weights(model)
-    with pytest.raises(KeyboardInterrupt):
-        go(method="ultraedit", name="ue_cut")
-    for L, w in enumerate(before):
-        down_proj(model, L).data.copy_(w)
-    monkeypatch.setattr(seq_mod, "_edit_batch", real)
+    _cut_after_the_first_batch(model, go, monkeypatch, method="ultraedit", name="ue_cut")
     resumed = go(method="ultraedit", name="ue_cut")
     assert [r["n_edits"] for r in resumed] == [r["n_edits"] for r in whole]
 
